@@ -1,0 +1,67 @@
+"""Backend registry: name -> runner class, imported only when picked (fast ``--help``)."""
+from __future__ import annotations
+
+import importlib
+
+from segengine.engine.backends.base import Backend, BackendUnavailable
+
+REGISTRY: dict[str, str] = {
+    "torch": "segengine.engine.backends.torch_backend:TorchBackend",
+    "onnxruntime": "segengine.engine.backends.onnxruntime_backend:OnnxRuntimeBackend",
+    "onnxruntime-int8": "segengine.engine.backends.onnxruntime_backend:OnnxRuntimeInt8Backend",
+    "tensorrt": "segengine.engine.backends.tensorrt_backend:TensorRTBackend",
+}
+NAMES = ["auto", *REGISTRY]
+# Fastest first, as measured by `segengine bench` on CPU (README); tensorrt wins where present.
+AUTO_ORDER = ["tensorrt", "onnxruntime-int8", "onnxruntime", "torch"]
+
+
+def backend_class(name: str) -> type[Backend]:
+    if name not in REGISTRY:
+        raise BackendUnavailable(f"unknown backend {name!r} (known: {', '.join(NAMES)})")
+    module, cls = REGISTRY[name].split(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as exc:
+        raise BackendUnavailable(f"backend {name!r} cannot be imported ({exc})") from None
+
+
+def why_unavailable(name: str, spec=None) -> str | None:
+    """None when ``name`` is usable here for ``spec``, else the reason."""
+    try:
+        return backend_class(name).availability(spec)
+    except BackendUnavailable as exc:
+        return str(exc)
+
+
+def availability(spec=None) -> dict[str, str | None]:
+    """name -> None if usable here for ``spec``, else why not."""
+    return {name: why_unavailable(name, spec) for name in REGISTRY}
+
+
+def validated(spec, name: str) -> bool:
+    """Whether ``segengine validate`` passed this backend for this model (recorded in its sidecar)."""
+    if name == "torch":
+        return True
+    kind = backend_class(name).export_kind
+    side = spec.sidecar(kind) or {}
+    record = side.get("validation") or {}
+    return bool(record.get("passed")) and side.get("source_sha256") == spec.sha256
+
+
+def resolve(name: str, spec) -> str:
+    """Turn ``auto`` into the fastest backend that is available and validated for ``spec``."""
+    if name != "auto":
+        why = why_unavailable(name, spec)
+        if why:
+            usable = [n for n, w in availability(spec).items() if w is None]
+            raise BackendUnavailable(f"backend {name!r} is not available: {why} (available: {', '.join(usable) or 'none'})")
+        return name
+    for candidate in AUTO_ORDER:
+        if why_unavailable(candidate, spec) is None and validated(spec, candidate):
+            return candidate
+    raise BackendUnavailable("no backend is available (install torch or onnxruntime)")
+
+
+def create(name: str, spec, threads: int | None = None) -> Backend:
+    return backend_class(resolve(name, spec))(spec, threads=threads)

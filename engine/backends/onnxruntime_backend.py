@@ -1,0 +1,67 @@
+"""ONNX Runtime: CPU, or the CUDA / TensorRT execution providers when installed."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+
+from segengine.engine.backends.base import Backend, BackendUnavailable
+from segengine.engine.model import check_export
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    export_kind = "onnx"
+    precision = "fp32"
+
+    @classmethod
+    def availability(cls, spec=None):
+        if not importlib.util.find_spec("onnxruntime"):
+            return "onnxruntime is not installed"
+        if spec is not None and not spec.export_path(cls.export_kind).exists():
+            return f"no {cls.export_kind} export beside {spec.weights.name} (run `segengine export`)"
+        return None
+
+    def providers(self) -> list[str]:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [p for p in wanted if p in available]
+
+    def load(self):
+        import onnxruntime as ort
+
+        path = check_export(self.spec, self.export_kind)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers())
+        except Exception as exc:  # noqa: BLE001
+            raise BackendUnavailable(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:160]})") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.loaded = True
+        return self
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        (prob,) = self.session.run(None, {self.input_name: batch})
+        return prob[:, 0]
+
+    def close(self):
+        self.session = None
+        super().close()
+
+
+class OnnxRuntimeInt8Backend(OnnxRuntimeBackend):
+    """Static INT8 (QDQ) model on the ONNX Runtime CPU provider."""
+
+    name = "onnxruntime-int8"
+    export_kind = "onnx-int8"
+    precision = "int8"
+
+    def providers(self) -> list[str]:
+        return ["CPUExecutionProvider"]

@@ -1,0 +1,283 @@
+"""The `segengine` command line. Heavy libraries load inside commands, so --help is instant."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+BACKEND_NAMES = ["auto", "torch", "onnxruntime", "onnxruntime-int8", "tensorrt"]
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    click.echo(f"segengine: error: {message}", err=True)
+    sys.exit(code)
+
+
+def user_errors(fn):
+    """Turn the typed errors of bad input, models and backends into one line and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from segengine.engine.backends.base import BackendUnavailable
+        from segengine.engine.io import DataError
+        from segengine.engine.model import ModelError
+        from segengine.engine.outputs import OutputError
+        from segengine.engine.preprocess import EmptyVolumeError
+
+        try:
+            return fn(*args, **kwargs)
+        except (DataError, ModelError, BackendUnavailable, OutputError, EmptyVolumeError) as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+    return wrapper
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, str(threads))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="segengine")
+def main() -> None:
+    """segengine: segment FLAIR abnormalities (lower-grade glioma) in brain MRI slices.
+
+    \b
+    Examples:
+      segengine run --patient kaggle_3m/TCGA_CS_4941_19960909 --out results
+      segengine run --patients kaggle_3m --out results --backend onnxruntime
+      segengine evaluate --model --data kaggle_3m --patients-file val.txt --protocol reference
+      segengine validate --data kaggle_3m --backend onnxruntime-int8
+      segengine bench --data kaggle_3m --patients 10 --json bench.json --plot bench.png
+    """
+
+
+# --------------------------------------------------------------------------- run
+def _load_spec(model: str | None):
+    from segengine.engine.model import load_model_spec
+
+    return load_model_spec(model or None)
+
+
+@main.command()
+@click.option("--patient", "patient_dir", type=click.Path(path_type=Path), help="one patient folder of <patient>_<n>.tif slices")
+@click.option("--patients", "patients_root", type=click.Path(path_type=Path), help="a folder of patient folders (kaggle_3m)")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="results go to OUT/<patient>/")
+@click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto", show_default=True,
+              help="auto = fastest backend available here that passed `segengine validate` for this model")
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="model .pt with its card (default: shipped)")
+@click.option("--batch-size", type=click.IntRange(1, 512), default=32, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="intra-op threads (default: all cores)")
+@click.option("--no-postprocess", is_flag=True, help="threshold only: keep every component")
+@click.option("--fill-holes", is_flag=True, help="also fill holes slice by slice after the largest-component step")
+@click.option("--gif", is_flag=True, help="also write slices.gif (all slices with outlines)")
+@click.option("--overwrite", is_flag=True, help="replace existing results in OUT")
+@user_errors
+def run(patient_dir, patients_root, out, backend, model, batch_size, threads, no_postprocess, fill_holes, gif, overwrite):
+    """Segment one patient (--patient) or every patient under a folder (--patients).
+
+    \b
+    Writes OUT/<patient>/: <patient>_<n>_mask.tif per input slice (uint8 0/255),
+    <patient>_mask.nii.gz, overlay.png, report.json (and slices.gif with --gif).
+    Each patient is written to a temporary folder and renamed when complete.
+
+    \b
+    Examples:
+      segengine run --patient kaggle_3m/TCGA_CS_4941_19960909 --out results
+      segengine run --patients kaggle_3m --out results --backend onnxruntime --threads 2
+    """
+    from segengine.engine.runner import run_patients
+
+    if (patient_dir is None) == (patients_root is None):
+        fail("give exactly one of --patient DIR or --patients ROOT")
+    _set_threads(threads)
+    code = run_patients(patient_dir=patient_dir, patients_root=patients_root, out=out, backend_name=backend,
+                        model=model, batch_size=batch_size, threads=threads, postprocess=not no_postprocess,
+                        fill_holes=fill_holes, gif=gif, overwrite=overwrite, echo=click.echo)
+    sys.exit(code)
+
+
+# --------------------------------------------------------------------------- evaluate
+@main.command()
+@click.option("--data", "data_root", required=True, type=click.Path(path_type=Path), help="ground truth: folder of patient folders")
+@click.option("--pred", "pred_root", type=click.Path(path_type=Path), help="predicted masks: PRED/<patient>/<patient>_<n>_mask.tif")
+@click.option("--model", is_flag=False, flag_value="", default=None, type=str,
+              help="evaluate a model instead of --pred (bare --model: the shipped one)")
+@click.option("--protocol", type=click.Choice(["reference", "native"]), default="native", show_default=True,
+              help="reference: course preprocessing, 256x256 grid, no first/last slice; native: every original slice")
+@click.option("--backend", type=click.Choice(BACKEND_NAMES), default="torch", show_default=True)
+@click.option("--patients-file", type=click.Path(), help="only these patients (one id per line)")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="write metrics.json and dsc.png here")
+@click.option("--threads", type=click.IntRange(1, 256), default=None)
+@user_errors
+def evaluate(data_root, pred_root, model, protocol, backend, patients_file, out_dir, threads):
+    """Score predicted masks (--pred) or a model (--model) per patient: DSC, HD95, precision, recall.
+
+    \b
+    Examples:
+      segengine evaluate --data kaggle_3m --pred results --patients-file val.txt --out eval
+      segengine evaluate --model --data kaggle_3m --patients-file val.txt --protocol reference
+    """
+    from segengine.engine.evaluate import format_table, score_predictions, write_result
+
+    if (pred_root is None) == (model is None):
+        fail("give exactly one of --pred PRED_ROOT or --model [PATH]")
+    _set_threads(threads)
+    if pred_root is not None:
+        if not pred_root.is_dir():
+            fail(f"{pred_root}: no such folder")
+        result = score_predictions(data_root, pred_root, patients_file)
+    else:
+        from segengine.engine.runner import evaluate_model
+
+        result = evaluate_model(data_root, model or None, protocol, backend, patients_file, threads)
+    click.echo(format_table(result))
+    s = result["summary"]["dsc"]
+    click.echo(f"\nDSC ({result['protocol']} protocol, {s['n']} patients): mean {s['mean']:.4f}  median {s['median']:.4f}")
+    if out_dir:
+        write_result(result, out_dir)
+        click.echo(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'dsc.png'}")
+
+
+# --------------------------------------------------------------------------- validate
+@main.command()
+@click.option("--data", "data_root", required=True, type=click.Path(path_type=Path))
+@click.option("--patients-file", type=click.Path(), help="only these patients (default: every patient under --data)")
+@click.option("--backend", required=True, type=click.Choice(BACKEND_NAMES[1:]))
+@click.option("--against", type=click.Choice(BACKEND_NAMES[1:]), default="torch", show_default=True)
+@click.option("--model", type=click.Path(path_type=Path), default=None)
+@click.option("--threads", type=click.IntRange(1, 256), default=None)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="write every figure here")
+@click.option("--record", is_flag=True, help="store the verdict in the export's sidecar (what --backend auto trusts)")
+@user_errors
+def validate(data_root, patients_file, backend, against, model, threads, json_path, record):
+    """Prove an exported backend segments like its source, patient by patient (native protocol).
+
+    \b
+    Tolerances: fp32 |dDSC| <= 0.001, agreement >= 0.999; fp16 |dDSC| <= 0.001,
+    agreement >= 0.995; int8 |dDSC| <= 0.005, agreement >= 0.98. Exit 1 on FAIL.
+
+    \b
+    Example:
+      segengine validate --data kaggle_3m --patients-file val.txt --backend onnxruntime-int8
+    """
+    from segengine.engine.validate import format_validation, validate_backends
+
+    _set_threads(threads)
+    spec = _load_spec(model)
+    result = validate_backends(spec, data_root, patients_file, backend, against, threads)
+    click.echo(format_validation(result))
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+    if record:
+        from segengine.export.api import update_validation
+
+        kind = result["export_kind"]
+        if kind is None:
+            fail(f"backend {backend} has no export file to record a verdict in")
+        update_validation(spec, kind, {k: result[k] for k in ("passed", "patients_count", "means", "tolerances", "against", "date")})
+        click.echo(f"recorded verdict in {spec.export_path(kind).name}.json")
+    sys.exit(0 if result["passed"] else 1)
+
+
+# --------------------------------------------------------------------------- export
+@main.command()
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="model .pt (default: shipped)")
+@click.option("--kinds", default="onnx,onnx-int8,tensorrt-fp16", show_default=True,
+              help="comma list of onnx, onnx-int8, tensorrt-fp16")
+@click.option("--data", "data_root", type=click.Path(path_type=Path), help="training patients for INT8 calibration")
+@click.option("--train-list", type=click.Path(), help="calibration patients (training split only)")
+@click.option("--calibration-slices", type=int, default=300, show_default=True)
+@click.option("--opset", type=int, default=17, show_default=True)
+@user_errors
+def export(model, kinds, data_root, train_list, calibration_slices, opset):
+    """Export to ONNX (fp32), ONNX INT8 (static QDQ) and a TensorRT FP16 engine, each verified.
+
+    \b
+    Files land beside the weights (<name>.onnx, <name>.int8.onnx, <name>.fp16.plan),
+    each with a sidecar <file>.json naming the weights' SHA-256 it came from.
+
+    \b
+    Example:
+      segengine export --data kaggle_3m --train-list ../shared/data/lgg/splits/train.txt
+    """
+    from segengine.export.api import export_model
+    from segengine.export.errors import ExportError
+
+    spec = _load_spec(model)
+    wanted = tuple(k.strip() for k in kinds.split(",") if k.strip())
+    try:
+        results = export_model(spec, kinds=wanted, data_root=data_root, train_list=train_list,
+                               calibration_slices_n=calibration_slices, opset=opset, log=click.echo)
+    except ExportError as exc:
+        fail(str(exc), 1)
+    for kind, res in results.items():
+        click.echo(f"{kind:>14}: " + (f"skipped ({res['skipped']})" if "skipped" in res else "ok"))
+
+
+# --------------------------------------------------------------------------- bench
+@main.command()
+@click.option("--data", "data_root", type=click.Path(path_type=Path), help="patients to time (default: synthetic slices, no end-to-end)")
+@click.option("--patients", "n_patients", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--backends", default="torch,onnxruntime,onnxruntime-int8,tensorrt", show_default=True)
+@click.option("--batch-sizes", default="1,8,32", show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=None)
+@click.option("--warmup", type=click.IntRange(0, 1000), default=3, show_default=True)
+@click.option("--iterations", type=click.IntRange(1, 100000), default=20, show_default=True)
+@click.option("--no-reference", is_flag=True, help="skip timing the course's reference pipeline")
+@click.option("--model", type=click.Path(path_type=Path), default=None)
+@click.option("--json", "json_path", type=click.Path(path_type=Path))
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path))
+@user_errors
+def bench(data_root, n_patients, backends, batch_sizes, threads, warmup, iterations, no_reference, model, json_path, plot_path):
+    """Latency and throughput per backend and batch size, end to end per patient, vs the reference.
+
+    \b
+    Example:
+      segengine bench --data kaggle_3m --patients 10 --json bench.json --plot bench.png
+    """
+    from segengine.bench.bench import format_table, plot, run_bench
+
+    _set_threads(threads)
+    spec = _load_spec(model)
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(","))
+    except ValueError:
+        fail(f"--batch-sizes {batch_sizes!r}: expected integers like 1,8,32")
+    result = run_bench(spec, data_root=data_root, patients=n_patients,
+                       backends=tuple(b.strip() for b in backends.split(",") if b.strip()), batch_sizes=sizes,
+                       threads=threads, warmup=warmup, iterations=iterations, reference=not no_reference, log=click.echo)
+    click.echo(format_table(result))
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+    if plot_path:
+        plot(result, plot_path)
+
+
+# --------------------------------------------------------------------------- train
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def train(ctx):
+    """Train a model (all options: segengine train --help-train).
+
+    \b
+    Example:
+      segengine train --data ../shared/data/lgg --out runs/resunet16 --steps 4000
+    """
+    from segengine.train.train import main as train_main
+
+    args = ["--help" if a == "--help-train" else a for a in ctx.args]
+    sys.exit(train_main(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

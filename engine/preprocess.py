@@ -1,0 +1,169 @@
+"""The one preprocessing path shared by training, export checks, evaluation and the engine.
+
+It reproduces the course's reference program step by step (threshold at 10% of the
+volume max, crop to the nonzero box in z/y/x, pad to square, resize with a 2nd-order
+spline, rescale between the 10th and 99th percentile, z-normalize per channel) and keeps
+the crop/pad/resize geometry so predictions can be mapped back onto the original slices.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import functools
+
+import numpy as np
+from scipy import ndimage as ndi
+
+REFERENCE_SIZE = 256
+
+
+class EmptyVolumeError(ValueError):
+    """The volume has no voxel above the 10% threshold, so there is nothing to crop to."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the model grid sits in the original volume (all indices into the original)."""
+
+    num_slices: int  # D of the original volume
+    height: int
+    width: int
+    z0: int  # kept slices z0:z1 (after dropping first/last and cropping)
+    z1: int
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    pad_y: tuple[int, int]
+    pad_x: tuple[int, int]
+    size: int  # model grid is size x size
+
+    @property
+    def side(self) -> int:
+        return (self.y1 - self.y0) + sum(self.pad_y)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Preprocessed:
+    images: np.ndarray  # (D', 3, S, S) float32, channels first, normalized
+    mask: np.ndarray | None  # (D', S, S) uint8 {0,1} on the model grid (nearest), or None
+    geometry: Geometry
+
+
+@functools.lru_cache(maxsize=128)
+def resize_matrix(n_in: int, n_out: int, order: int, mode: str = "grid-constant") -> np.ndarray:
+    """The (n_out, n_in) linear map of a 1D spline resize (prefilter included).
+
+    Spline resizing is separable and linear, so resizing a plane is ``Ry @ X @ Rx.T``:
+    identical to ``scipy.ndimage.zoom(..., grid_mode=True)`` (to 1e-15) and runs as
+    batched matrix products instead of per-pixel spline evaluation.
+    """
+    eye = np.eye(n_in)
+    m = ndi.zoom(eye, (n_out / n_in, 1), order=order, mode=mode, cval=0.0, grid_mode=True)
+    return np.ascontiguousarray(m, dtype=np.float32)
+
+
+def resize_slices(volume: np.ndarray, size: int, order: int) -> np.ndarray:
+    """Resize the last two axes of (..., H, W) to (size, size), float32.
+
+    Equals ``skimage.transform.resize(..., order, mode="constant", anti_aliasing=False)``
+    of the whole volume (the course's call: a spline along an axis of zoom 1 reproduces
+    it exactly). uint8 input is scaled to [0, 1] first, as skimage's ``img_as_float``.
+    """
+    h, w = volume.shape[-2:]
+    src = volume.astype(np.float32)
+    if volume.dtype == np.uint8:
+        src *= np.float32(1 / 255.0)
+    if (h, w) == (size, size):
+        return src
+    return resize_matrix(h, size, order) @ src @ resize_matrix(w, size, order).T
+
+
+def crop_box(volume: np.ndarray) -> tuple[int, int, int, int, int, int]:
+    """Smallest (z0, z1, y0, y1, x0, x1) box holding the nonzero voxels of a (D,H,W,C) volume."""
+    nz = (volume != 0).any(axis=-1)
+    zs = np.flatnonzero(nz.any(axis=(1, 2)))
+    ys = np.flatnonzero(nz.any(axis=(0, 2)))
+    xs = np.flatnonzero(nz.any(axis=(0, 1)))
+    if zs.size == 0:
+        raise EmptyVolumeError("volume is empty (no voxel above 10% of its maximum)")
+    return int(zs[0]), int(zs[-1]) + 1, int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+
+
+def normalize_volume(volume: np.ndarray) -> np.ndarray:
+    """Rescale (D, C, H, W) between its 10th and 99th percentile, clip, z-normalize per channel (in place)."""
+    p10, p99 = (float(v) for v in np.percentile(volume, (10, 99)))
+    volume -= p10
+    if p99 > p10:
+        volume /= p99 - p10
+    np.clip(volume, 0.0, 1.0, out=volume)
+    for c in range(volume.shape[1]):
+        ch = volume[:, c]
+        mean = float(ch.mean(dtype=np.float64))
+        std = float(ch.std(dtype=np.float64)) or 1.0
+        ch -= mean
+        ch /= std
+    return volume
+
+
+def preprocess_volume(
+    image: np.ndarray,
+    mask: np.ndarray | None = None,
+    size: int = REFERENCE_SIZE,
+    drop_ends: bool = True,
+) -> Preprocessed:
+    """Map a (D, H, W, 3) uint8 volume onto the model grid.
+
+    ``drop_ends=True`` is the reference protocol (first and last slice dropped);
+    ``drop_ends=False`` is the native protocol (every slice kept, mapped back later).
+    """
+    if image.ndim != 4 or image.shape[-1] != 3:
+        raise ValueError(f"expected a (D, H, W, 3) volume, got {image.shape}")
+    d, h, w = image.shape[:3]
+    lo, hi = (1, d - 1) if drop_ends else (0, d)
+    if hi - lo < 1:
+        raise EmptyVolumeError(f"volume has {d} slices, too few after dropping the first and last")
+    volume = image[lo:hi].copy()
+    volume[volume < volume.max() * 0.1] = 0
+    z0, z1, y0, y1, x0, x1 = crop_box(volume)
+    volume = volume[z0:z1, y0:y1, x0:x1]
+    m = None if mask is None else mask[lo:hi][z0:z1, y0:y1, x0:x1]
+    a, b = volume.shape[1], volume.shape[2]
+    diff = abs(a - b) / 2.0
+    pad_y = pad_x = (0, 0)
+    if a > b:
+        pad_x = (int(np.floor(diff)), int(np.ceil(diff)))
+    elif b > a:
+        pad_y = (int(np.floor(diff)), int(np.ceil(diff)))
+    volume = np.pad(volume.transpose(0, 3, 1, 2), ((0, 0), (0, 0), pad_y, pad_x))  # channels first
+    images = normalize_volume(resize_slices(volume, size, order=2))
+    grid_mask = None
+    if m is not None:
+        m = np.pad((m > 0).astype(np.float64), ((0, 0), pad_y, pad_x))
+        grid_mask = (resize_slices(m, size, order=0) > 0.5).astype(np.uint8)
+    geometry = Geometry(
+        num_slices=d, height=h, width=w, z0=lo + z0, z1=lo + z1, y0=y0, y1=y1, x0=x0, x1=x1,
+        pad_y=pad_y, pad_x=pad_x, size=size,
+    )
+    return Preprocessed(images=images, mask=grid_mask, geometry=geometry)
+
+
+def to_original_grid(prob: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Map (D', S, S) probabilities on the model grid back to (D, H, W) on the original slices.
+
+    Undoes resize (bilinear), pad and crop; slices and pixels outside the crop are 0.
+    """
+    g = geometry
+    if prob.shape != (g.z1 - g.z0, g.size, g.size):
+        raise ValueError(f"probabilities of shape {prob.shape} do not fit geometry {(g.z1 - g.z0, g.size, g.size)}")
+    side = g.side
+    out = np.zeros((g.num_slices, g.height, g.width), dtype=np.float32)
+    sq = prob.astype(np.float32, copy=False)
+    if side != g.size:  # bilinear, edges clamped
+        r = resize_matrix(g.size, side, 1, "nearest")
+        sq = r @ sq @ r.T
+    out[g.z0 : g.z1, g.y0 : g.y1, g.x0 : g.x1] = sq[:, g.pad_y[0] : side - g.pad_y[1], g.pad_x[0] : side - g.pad_x[1]]
+    return out

@@ -1,0 +1,167 @@
+"""`segengine export` and `segengine validate --record`: every export beside the weights, verified.
+
+``export_model`` writes ``<name>.onnx`` (fp32), ``<name>.int8.onnx`` (static QDQ, calibrated on
+training patients) and ``<name>.fp16.plan`` (TensorRT, where a GPU and TensorRT 10 exist),
+each with a sidecar ``<file>.json``. ``update_validation`` stores a `validate` verdict in a
+sidecar, which ``--backend auto`` trusts only while it matches the weights and the export.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from segengine.engine.model import ModelError, ModelSpec, check_export, sidecar_path
+from segengine.export.errors import ExportError, ExportToolMissing
+from segengine.export.onnx_export import now_iso, write_json_atomic
+
+KINDS = ("onnx", "onnx-int8", "tensorrt-fp16")
+N_VERIFY_INT8 = 32  # held-out slices (not used for calibration) to check INT8 against fp32
+N_VERIFY_ONNX = 8
+
+
+def _pick(images: np.ndarray, n: int) -> np.ndarray:
+    if len(images) <= n:
+        return images
+    return images[np.linspace(0, len(images) - 1, n).round().astype(int)]
+
+
+def _real_slices(data_root, train_list, n: int, log) -> tuple[np.ndarray | None, dict | None]:
+    """(slices, info) from the training patients; without a train list, from any non-validation
+    patients under ``data_root`` (fine for fp32/fp16 checks, never used to calibrate)."""
+    from segengine.engine.io import list_patients
+    from segengine.export.int8 import _resolve_root, calibration_slices, reference_validation_ids
+
+    if train_list is not None:
+        return calibration_slices(data_root, train_list, n_slices=n, return_info=True)
+    root = Path(data_root)
+    forbidden = reference_validation_ids()
+    try:
+        folders = list_patients(root if not (root / "kaggle_3m").is_dir() else root / "kaggle_3m")
+    except Exception as exc:  # noqa: BLE001 - a DataError: no real slices, synthetic ones then
+        log(f"no real slices for verification ({exc}); using synthetic ones")
+        return None, None
+    ids = [f.name for f in folders if f.name not in forbidden][:2]
+    if not ids:
+        return None, None
+    return calibration_slices(_resolve_root(root, ids), ids, n_slices=n, return_info=True)
+
+
+def export_model(
+    spec: ModelSpec,
+    kinds: Iterable[str] = KINDS,
+    data_root: str | os.PathLike | None = None,
+    train_list: str | os.PathLike | None = None,
+    calibration_slices_n: int = 300,
+    opset: int = 17,
+    log: Callable[[str], Any] | None = print,
+    *,
+    threads: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Export ``spec`` to each of ``kinds``; returns ``{kind: sidecar or {"skipped": reason}}``.
+
+    The fp32 ONNX file is made first (also when only INT8/TensorRT are asked for and no
+    current one exists: both are built from it). INT8 needs ``data_root`` and ``train_list``
+    (training patients; the reference validation patients are refused); TensorRT is skipped
+    with the reason where TensorRT 10 or a CUDA GPU is missing. Raises ExportError when an
+    export fails or does not verify.
+    """
+    say = log or (lambda *_: None)
+    kinds = tuple(dict.fromkeys(kinds))
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ExportError(f"unknown export kind(s) {', '.join(unknown)} (known: {', '.join(KINDS)})")
+    folder = spec.weights.parent
+    if not os.access(folder, os.W_OK):
+        raise ExportError(f"{folder}: not writable; copy {spec.weights.name} and its card elsewhere and export there")
+    results: dict[str, dict[str, Any]] = {}
+
+    calib = calib_info = verify = None
+    if data_root is not None:
+        want_int8 = "onnx-int8" in kinds and train_list is not None
+        n = calibration_slices_n + N_VERIFY_INT8 if want_int8 else N_VERIFY_ONNX
+        slices, info = _real_slices(data_root, train_list if want_int8 else None, n, say)
+        if slices is not None:
+            if want_int8:
+                held = np.zeros(len(slices), bool)
+                n_held = min(N_VERIFY_INT8, max(len(slices) - calibration_slices_n, len(slices) // 4))
+                held[np.linspace(0, len(slices) - 1, n_held).round().astype(int)] = True
+                calib, verify = slices[~held], (slices[held] if held.any() else None)
+                calib_info = dict(info, num_slices=int(len(calib)), requested=int(calibration_slices_n),
+                                  held_out_for_verification=int(held.sum()))
+                say(f"calibration: {len(calib)} slices of {info['num_patients']} training patients "
+                    f"(+{int(held.sum())} held out for verification)")
+            else:
+                verify = slices
+    onnx_verify = _pick(verify, N_VERIFY_ONNX) if verify is not None else None
+
+    # ---- fp32 ONNX: always first (the others are built from it)
+    from segengine.export.onnx_export import export_onnx
+
+    onnx_path = spec.export_path("onnx")
+    need_onnx = "onnx" in kinds
+    if not need_onnx:
+        try:
+            check_export(spec, "onnx")
+        except ModelError as exc:
+            say(f"onnx: no current fp32 ONNX to build from ({exc}); exporting it first")
+            need_onnx = True
+    if need_onnx:
+        results["onnx"] = export_onnx(spec, onnx_path, opset=opset, verify_images=onnx_verify, threads=threads, log=say)
+        say(f"onnx: wrote {onnx_path}")
+
+    # ---- INT8 (static QDQ) for the ONNX Runtime CPU provider
+    if "onnx-int8" in kinds:
+        if data_root is None or train_list is None:
+            results["onnx-int8"] = {"skipped": "INT8 calibration needs training patients: pass --data and --train-list"}
+        elif calib is None or len(calib) == 0:
+            results["onnx-int8"] = {"skipped": f"no calibration slices could be read under {data_root}"}
+        else:
+            from segengine.export.int8 import export_int8
+
+            out = spec.export_path("onnx-int8")
+            results["onnx-int8"] = export_int8(spec, onnx_path, out, calib, verify_images=verify,
+                                               calibration_info=calib_info, threads=threads, log=say)
+            say(f"onnx-int8: wrote {out}")
+
+    # ---- TensorRT FP16 (GPU only)
+    if "tensorrt-fp16" in kinds:
+        from segengine.export.tensorrt_build import build_tensorrt_engine
+
+        out = spec.export_path("tensorrt-fp16")
+        try:
+            results["tensorrt-fp16"] = build_tensorrt_engine(onnx_path, out, verify_images=onnx_verify, log=say)
+            say(f"tensorrt-fp16: wrote {out}")
+        except ExportToolMissing as exc:
+            results["tensorrt-fp16"] = {"skipped": str(exc)}
+            say(f"tensorrt-fp16: skipped ({exc})")
+
+    for kind, res in results.items():
+        if "skipped" in res and spec.export_path(kind).exists():
+            try:
+                check_export(spec, kind)
+            except ModelError:
+                say(f"{kind}: note: {spec.export_path(kind).name} beside the weights is stale and will be refused")
+    return results
+
+
+def update_validation(spec: ModelSpec, kind: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Store a `segengine validate` verdict under ``"validation"`` in the export's sidecar (atomically).
+
+    Refuses (ModelError) a missing, stale or corrupt export: a verdict belongs to one export
+    of one set of weights, and records both SHA-256s so a later re-export invalidates it.
+    """
+    if kind not in KINDS:
+        raise ExportError(f"unknown export kind {kind!r} (known: {', '.join(KINDS)})")
+    if "passed" not in record:
+        raise ExportError("validation record lacks 'passed'")
+    path = check_export(spec, kind)
+    side_p = sidecar_path(path)
+    side = json.loads(side_p.read_text())
+    side["validation"] = {**record, "passed": bool(record["passed"]), "source_sha256": spec.sha256,
+                          "export_sha256": side.get("sha256"), "recorded": now_iso()}
+    write_json_atomic(side_p, side)
+    return side

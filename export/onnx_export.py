@@ -1,0 +1,375 @@
+"""PyTorch -> ONNX (fp32 probabilities), BatchNorm folded, verified against PyTorch.
+
+The exported graph takes ``images`` (N, 3, S, S) float32 normalized slices and returns
+``probabilities`` (N, 1, S, S) float32 (the logits model wrapped in a sigmoid), with a
+dynamic batch axis. After export it is checked with ``onnx.checker``, folded by ONNX
+Runtime's offline *basic* optimizer (constant folding, Conv+BatchNorm fusion: standard
+ONNX operators only, so the saved file stays portable to TensorRT and other runtimes),
+checked again, and compared with PyTorch at batch sizes 1, 7 and 32 (Optimum-style
+``atol`` check). Files are written atomically (temporary file, then ``os.replace``).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from segengine.engine.model import ModelSpec, sha256_file, sidecar_path
+from segengine.export.errors import ExportError, ExportToolMissing, ShapeMismatchError, ToleranceExceededError
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "probabilities"
+DYNAMIC_AXES = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+VERIFY_BATCH_SIZES = (1, 7, 32)
+
+
+# --------------------------------------------------------------------------- small helpers
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def tool_versions(*names: str) -> dict[str, str]:
+    """``{"torch": "2.13.0", ...}`` for the importable ones among ``names``."""
+    import importlib
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = str(importlib.import_module(name).__version__)
+        except Exception:  # noqa: BLE001 - absent or broken tool: just not listed
+            continue
+    return out
+
+
+def temp_path_beside(path: Path, tag: str) -> Path:
+    """A fresh temporary file name in the same folder as ``path`` (so ``os.replace`` is atomic)."""
+    import secrets
+
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.{tag}.tmp")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = temp_path_beside(path, "write")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+
+
+def write_sidecar(export_file: Path, sidecar: dict[str, Any]) -> Path:
+    """Write ``<export_file>.json`` atomically; returns its path."""
+    p = sidecar_path(Path(export_file))
+    write_json_atomic(p, sidecar)
+    return p
+
+
+def synthetic_images(n: int = 8, size: int = 256, seed: int = 0) -> np.ndarray:
+    """A deterministic (n, 3, size, size) float32 batch shaped like z-normalized slices."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 3, size, size), dtype=np.float32)
+
+
+def repeat_to(images: np.ndarray, n: int) -> np.ndarray:
+    """``n`` slices taken cyclically from ``images`` (repeats them to reach ``n``)."""
+    if len(images) == 0:
+        raise ExportError("no images to verify with")
+    return np.ascontiguousarray(images[np.arange(n) % len(images)], dtype=np.float32)
+
+
+def compare_outputs(expected: np.ndarray, got: np.ndarray, atol: float, what: str = "export vs source") -> float:
+    """Max abs diff of two outputs; raises ShapeMismatchError / ToleranceExceededError."""
+    expected = np.asarray(expected)
+    got = np.asarray(got)
+    if expected.shape != got.shape:
+        raise ShapeMismatchError(what, expected.shape, got.shape)
+    if expected.size == 0:
+        return 0.0
+    diff = np.abs(expected.astype(np.float64) - got.astype(np.float64))
+    max_diff = float(np.max(diff)) if np.all(np.isfinite(diff)) else float("inf")
+    if not max_diff <= atol:
+        raise ToleranceExceededError(what, max_diff, atol)
+    return max_diff
+
+
+def ort_session(path: Path | str | bytes, threads: int | None = None, level: str = "all"):
+    """An ONNX Runtime CPU session (``threads`` intra-op threads; None = ORT default)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    source = str(path) if isinstance(path, (str, os.PathLike)) else path
+    return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def ort_run(session, images: np.ndarray) -> np.ndarray:
+    (out,) = session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})
+    return out
+
+
+def count_ops(model_or_path) -> dict[str, int]:
+    """``{op_type: count}`` over the main graph of an ONNX model (path or ModelProto)."""
+    import onnx
+
+    model = onnx.load(str(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def set_metadata(proto, values: dict[str, str]) -> None:
+    """Set ``metadata_props`` keys of an ONNX ModelProto (replacing existing ones)."""
+    kept = [p for p in proto.metadata_props if p.key not in values]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in values.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+
+
+def _check_images(images: np.ndarray, size: int) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1:] != (3, size, size):
+        raise ShapeMismatchError("verify_images", ("N", 3, size, size), images.shape)
+    return np.ascontiguousarray(images, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- exporters
+def _export_torchscript(model, example, path: Path, opset: int) -> None:
+    import torch
+
+    # Deliberately the legacy TorchScript exporter (dynamo=False): since torch 2.9 the default
+    # is dynamo=True (torch.export), which needs onnxscript (not a dependency, not installed
+    # here) and expresses the batch axis through `dynamic_shapes` / torch.export.Dim, with
+    # its own specialization rules; this plain conv net gains nothing from it. The TorchScript
+    # exporter with `dynamic_axes` gives a stable opset-17 graph with a symbolic "batch" dim,
+    # the form ORT quantization and TensorRT 10's ONNX parser are best tested with. It is
+    # deprecated (DeprecationWarning) but present and working in torch 2.13.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamic_axes=DYNAMIC_AXES,
+            do_constant_folding=True,
+            training=torch.onnx.TrainingMode.EVAL,
+            dynamo=False,
+        )
+
+
+def _export_dynamo(model, example, path: Path, opset: int) -> None:
+    """Fallback: the torch.export-based exporter with a dynamic batch via ``dynamic_shapes``."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("onnxscript") is None:
+        raise ExportToolMissing("the dynamo ONNX exporter needs onnxscript, which is not installed (pip install onnxscript)")
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.onnx.export(
+        model,
+        (example,),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        opset_version=opset,
+        dynamic_shapes=({0: batch},),
+        dynamo=True,
+        external_data=False,
+    )
+    program.optimize()
+    program.save(str(path), external_data=False)
+
+
+def _ort_fold(src: Path, dst: Path) -> None:
+    """ONNX Runtime offline optimization at ORT_ENABLE_BASIC (portable ONNX ops only)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(dst)
+    opts.intra_op_num_threads = 1
+    ort.InferenceSession(str(src), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+# --------------------------------------------------------------------------- the export
+def export_onnx(
+    spec: ModelSpec,
+    out_path: str | os.PathLike | None = None,
+    opset: int = 17,
+    verify_images: np.ndarray | None = None,
+    atol: float = 1e-4,
+    *,
+    batch_sizes: Iterable[int] = VERIFY_BATCH_SIZES,
+    exporter: str = "auto",
+    threads: int | None = None,
+    log=None,
+) -> dict[str, Any]:
+    """Export ``spec``'s weights to an fp32 ONNX file of probabilities; returns the sidecar.
+
+    ``verify_images``: (N, 3, S, S) float32 preprocessed slices to compare with PyTorch on
+    (repeated to reach each batch size); None uses a deterministic synthetic batch.
+    ``exporter``: "torchscript", "dynamo", or "auto" (TorchScript, dynamo if it is unavailable).
+    Raises ShapeMismatchError / ToleranceExceededError when the ONNX model disagrees.
+    """
+    import onnx
+    import torch
+
+    from segengine.engine.model import load_torch_model
+    from segengine.engine.network import ProbabilityModel
+
+    say = log or (lambda *_: None)
+    out_path = Path(out_path) if out_path is not None else spec.export_path("onnx")
+    size = spec.input_size
+    batch_sizes = sorted({int(b) for b in batch_sizes})
+    if not batch_sizes or batch_sizes[0] < 1:
+        raise ExportError(f"batch sizes must be >= 1, got {batch_sizes}")
+    if exporter not in ("auto", "torchscript", "dynamo"):
+        raise ExportError(f"unknown exporter {exporter!r} (expected auto, torchscript or dynamo)")
+    if verify_images is None:
+        images, image_source = synthetic_images(8, size), "synthetic"
+    else:
+        images, image_source = _check_images(verify_images, size), "real"
+
+    model = ProbabilityModel(load_torch_model(spec)).eval()
+    example = torch.from_numpy(repeat_to(images, 2))  # batch 2: nothing specializes on 1
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    raw = temp_path_beside(out_path, "raw")
+    folded = temp_path_beside(out_path, "folded")
+    try:
+        used = first_failure = None
+        if exporter in ("auto", "torchscript"):
+            try:
+                _export_torchscript(model, example, raw, opset)
+                used = "torch.onnx.export (TorchScript, dynamo=False, dynamic_axes)"
+            except (TypeError, AttributeError, ImportError, RuntimeError) as exc:
+                first_failure = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+                if exporter == "torchscript":
+                    raise ExportError(f"TorchScript ONNX export failed: {first_failure}") from exc
+                say(f"TorchScript exporter failed ({first_failure}); trying the dynamo exporter")
+        if used is None:
+            try:
+                _export_dynamo(model, example, raw, opset)
+            except ExportError as exc:
+                if first_failure is None:
+                    raise
+                raise ExportError(f"TorchScript ONNX export failed ({first_failure}) and the dynamo fallback too ({exc})") from None
+            except Exception as exc:  # noqa: BLE001 - torch.export raises many types
+                why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+                prefix = f"TorchScript ONNX export failed ({first_failure}); " if first_failure else ""
+                raise ExportError(f"{prefix}dynamo ONNX export failed: {why}") from exc
+            used = "torch.onnx.export (dynamo=True, dynamic_shapes)"
+        try:
+            onnx.checker.check_model(str(raw), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"exported ONNX fails onnx.checker: {str(exc).splitlines()[0][:200]}") from None
+
+        _ort_fold(raw, folded)
+        proto = onnx.load(str(folded))
+        ops = count_ops(proto)
+        if ops.get("BatchNormalization"):
+            raise ExportError(f"{ops['BatchNormalization']} BatchNormalization nodes left after folding; expected 0")
+        # ORT's writer lists every domain it knows (com.microsoft, ...); keep the ones used.
+        used_domains = {n.domain for n in proto.graph.node} | {""}
+        kept = [o for o in proto.opset_import if o.domain in used_domains or o.domain == "ai.onnx"]
+        del proto.opset_import[:]
+        proto.opset_import.extend(kept)
+        # The exporter names the output's channel/height/width symbolically (the bilinear head
+        # computes its size from Shape ops); declare (batch, 1, S, S), checked by the runs below.
+        out_dims = proto.graph.output[0].type.tensor_type.shape.dim
+        if len(out_dims) != 4:
+            raise ShapeMismatchError("ONNX output rank", (4,), (len(out_dims),))
+        for dim, value in zip(list(out_dims)[1:], (1, size, size)):
+            dim.dim_value = value
+        set_metadata(proto, {"segengine.model": spec.name, "segengine.source_sha256": spec.sha256})
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"folded ONNX fails onnx.checker: {str(exc).splitlines()[0][:200]}") from None
+        onnx.save(proto, str(folded))
+
+        # ---- verify against PyTorch (Optimum-style: same inputs, max abs diff <= atol)
+        big = repeat_to(images, max(batch_sizes))
+        with torch.inference_mode():
+            expected = model(torch.from_numpy(big)).numpy()
+        session = ort_session(folded, threads=threads)
+        if [d for d in session.get_inputs()[0].shape[1:]] != [3, size, size]:
+            raise ShapeMismatchError("ONNX input", (3, size, size), tuple(session.get_inputs()[0].shape[1:]))
+        per_batch = {}
+        for b in batch_sizes:
+            got = ort_run(session, big[:b])
+            per_batch[str(b)] = compare_outputs(expected[:b], got, atol, f"ONNX vs PyTorch at batch {b}")
+        del session
+        max_diff = max(per_batch.values())
+        say(f"onnx: verified against PyTorch at batch {', '.join(map(str, batch_sizes))}: max abs diff {max_diff:.2e} (<= {atol:g})")
+
+        os.replace(folded, out_path)
+    finally:
+        raw.unlink(missing_ok=True)
+        folded.unlink(missing_ok=True)
+
+    sidecar = {
+        "kind": "onnx",
+        "file": out_path.name,
+        "source_weights": spec.weights.name,
+        "source_sha256": spec.sha256,
+        "sha256": sha256_file(out_path),
+        "precision": "fp32",
+        "opset": int(opset),
+        "input_size": int(size),
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", 1, size, size], "dtype": "float32", "meaning": "sigmoid probabilities"},
+        "exporter": used,
+        "graph_optimization": "onnxruntime offline ORT_ENABLE_BASIC (constant folding, Conv+BatchNorm fusion)",
+        "ops": ops,
+        "versions": tool_versions("torch", "onnx", "onnxruntime"),
+        "verification": {
+            "against": "torch",
+            "images": image_source,
+            "num_images": int(len(images)),
+            "batch_sizes": batch_sizes,
+            "max_abs_diff": max_diff,
+            "max_abs_diff_per_batch": per_batch,
+            "tolerance": float(atol),
+        },
+        "created": now_iso(),
+    }
+    write_sidecar(out_path, sidecar)
+    return sidecar

@@ -1,0 +1,60 @@
+"""Shared fixtures: a few real patients unpacked from ../shared in the Kaggle layout."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+UNPACK = SHARED / "data" / "unpack_lgg.py"
+SPLITS = SHARED / "data" / "lgg" / "splits"
+# Two reference-validation patients (one with a small tumor that stresses post-processing)
+# and one training patient.
+VAL_PATIENTS = ["TCGA_CS_6668_20011025", "TCGA_DU_7014_19860618"]
+TRAIN_PATIENT = "TCGA_CS_4941_19960909"
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import tensorrt  # noqa: F401
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU with TensorRT; none here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def kaggle_root(tmp_path_factory) -> Path:
+    """DEST/kaggle_3m with three real patients as uncompressed .tif (what users have)."""
+    if not UNPACK.exists():
+        pytest.skip(f"shared data not found at {UNPACK}")
+    dest = tmp_path_factory.mktemp("lgg")
+    subprocess.run([sys.executable, str(UNPACK), str(dest), "--patients", ",".join(VAL_PATIENTS + [TRAIN_PATIENT])],
+                   check=True, capture_output=True)
+    return dest / "kaggle_3m"
+
+
+@pytest.fixture(scope="session")
+def val_patients_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("lists") / "val.txt"
+    p.write_text("\n".join(VAL_PATIENTS) + "\n")
+    return p
+
+
+@pytest.fixture()
+def patient_copy(kaggle_root, tmp_path) -> Path:
+    """A private copy of one validation patient, free to damage."""
+    dst = tmp_path / "in" / VAL_PATIENTS[0]
+    shutil.copytree(kaggle_root / VAL_PATIENTS[0], dst)
+    return dst

@@ -1,0 +1,297 @@
+"""Data layer, the shared preprocessing path, post-processing and metrics."""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+
+from conftest import VAL_PATIENTS
+from reference_impl import reference_preprocess
+from segengine.engine import io
+from segengine.engine.cli import main
+from segengine.engine.metrics import dsc, hd95, precision, recall, volume_metrics
+from segengine.engine.postprocess import PostprocessConfig, fill_holes_2d, fill_holes_3d, largest_component, postprocess, remove_small_components
+from segengine.engine.preprocess import EmptyVolumeError, preprocess_volume, to_original_grid
+
+
+@pytest.mark.parametrize("module", ["segengine.engine", "segengine.engine.cli", "segengine.engine.backends",
+                                    "segengine.train", "segengine.export", "segengine.bench", "segengine.models"])
+def test_every_stage_imports(module):
+    assert importlib.import_module(module) is not None
+
+
+def test_help_does_not_import_heavy_runtimes():
+    code = "import sys; from segengine.engine.cli import main; print(sorted(m for m in ('torch','onnxruntime','tensorrt') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", [[], ["evaluate"], ["run"], ["validate"], ["export"], ["bench"]])
+def test_help_shows_an_example(command):
+    res = CliRunner().invoke(main, command + ["--help"])
+    assert res.exit_code == 0
+    assert "segengine " in res.output and "Example" in res.output
+
+
+# ----------------------------------------------------------------- reading patient folders
+def test_reads_real_patient_in_numeric_order(kaggle_root):
+    vol = io.read_patient(kaggle_root / VAL_PATIENTS[0])
+    assert vol.patient_id == VAL_PATIENTS[0]
+    assert vol.slice_numbers == list(range(1, vol.num_slices + 1))
+    assert [p.name for p in vol.image_paths[8:11]] == [f"{VAL_PATIENTS[0]}_{n}.tif" for n in (9, 10, 11)]
+    assert vol.image.shape == (vol.num_slices, 256, 256, 3) and vol.image.dtype == np.uint8
+    assert vol.mask.shape == (vol.num_slices, 256, 256) and set(np.unique(vol.mask)) <= {0, 255}
+    direct = tifffile.imread(kaggle_root / VAL_PATIENTS[0] / f"{VAL_PATIENTS[0]}_10.tif")
+    np.testing.assert_array_equal(vol.image[9], direct)
+
+
+def test_dataset_root_ignores_files_beside_patients(kaggle_root):
+    assert (kaggle_root / "data.csv").exists()
+    names = [p.name for p in io.list_patients(kaggle_root)]
+    assert set(VAL_PATIENTS) <= set(names) and "data.csv" not in names
+
+
+def _write(folder, name, arr):
+    folder.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(folder / name, arr)
+
+
+def _synthetic_patient(folder, n=3, size=(32, 40)):
+    for i in range(1, n + 1):
+        _write(folder, f"P_{i}.tif", np.full(size + (3,), 40 * i, np.uint8))
+        _write(folder, f"P_{i}_mask.tif", np.zeros(size, np.uint8))
+    return folder
+
+
+def test_grayscale_slices_repeat_the_channel(tmp_path):
+    for i in (1, 2, 10):
+        _write(tmp_path, f"G_{i}.tif", np.full((16, 16), i, np.uint8))
+    with pytest.raises(io.SliceNumberingError):
+        io.read_patient(tmp_path)  # gap 3..9
+    for i in range(3, 10):
+        _write(tmp_path, f"G_{i}.tif", np.full((16, 16), i, np.uint8))
+    vol = io.read_patient(tmp_path)
+    assert vol.image.shape == (10, 16, 16, 3) and vol.mask is None
+    assert vol.image[9, 0, 0].tolist() == [10, 10, 10]
+
+
+def _rgba(f):
+    _write(f, "P_2.tif", np.zeros((32, 40, 4), np.uint8))
+
+
+def _sixteen_bit(f):
+    _write(f, "P_2.tif", np.zeros((32, 40, 3), np.uint16))
+
+
+def _mixed_sizes(f):
+    _write(f, "P_2.tif", np.zeros((30, 40, 3), np.uint8))
+
+
+def _gap(f):
+    (f / "P_2.tif").unlink()
+    (f / "P_2_mask.tif").unlink()
+
+
+def _duplicate(f):
+    _write(f, "P_02.tif", np.zeros((32, 40, 3), np.uint8))
+
+
+def _orphan_mask(f):
+    _write(f, "P_4_mask.tif", np.zeros((32, 40), np.uint8))
+
+
+def _truncated(f):
+    data = (f / "P_2.tif").read_bytes()
+    (f / "P_2.tif").write_bytes(data[: len(data) // 3])
+
+
+def _not_an_image(f):
+    (f / "P_2.tif").write_text("hello")
+
+
+def _empty(f):
+    for p in f.iterdir():
+        p.unlink()
+
+
+def _missing_mask(f):
+    (f / "P_3_mask.tif").unlink()
+
+
+ILL_FOLDERS = [
+    (_rgba, io.SliceFormatError, "RGBA"),
+    (_sixteen_bit, io.SliceFormatError, "uint16"),
+    (_mixed_sizes, io.SliceShapeError, "P_2.tif"),
+    (_gap, io.SliceNumberingError, "slice 2 is missing"),
+    (_duplicate, io.SliceNumberingError, "duplicate"),
+    (_orphan_mask, io.OrphanMaskError, "P_4_mask.tif"),
+    (_truncated, io.UnreadableSliceError, "P_2.tif"),
+    (_not_an_image, io.UnreadableSliceError, "P_2.tif"),
+    (_empty, io.NoSlicesError, "no image slices"),
+    (_missing_mask, io.OrphanMaskError, "P_3.tif"),
+]
+
+
+@pytest.mark.parametrize("damage, error, words", ILL_FOLDERS, ids=[d.__name__.strip("_") for d, _, _ in ILL_FOLDERS])
+def test_ill_patient_folders_raise_typed_one_line_errors(tmp_path, damage, error, words):
+    folder = _synthetic_patient(tmp_path / "P")
+    damage(folder)
+    with pytest.raises(error) as info:
+        io.read_patient(folder)
+    msg = str(info.value)
+    assert "\n" not in msg and words in msg
+
+
+@pytest.mark.parametrize("is_file", [False, True], ids=["missing", "a-file"])
+def test_patient_path_that_is_not_a_folder(tmp_path, is_file):
+    path = tmp_path / "nothing"
+    if is_file:
+        path.write_text("x")
+    with pytest.raises(io.NotAFolderError):
+        io.read_patient(path)
+
+
+# ----------------------------------------------------------------- preprocessing
+def test_reference_protocol_matches_the_course_program(kaggle_root):
+    vol = io.read_patient(kaggle_root / VAL_PATIENTS[0])
+    pre = preprocess_volume(vol.image, vol.mask)
+    ref_images, ref_mask = reference_preprocess(vol.image, vol.mask)
+    assert pre.images.shape == ref_images.shape == (vol.num_slices - 2 - (vol.num_slices - 2 - pre.images.shape[0]), 3, 256, 256)
+    assert pre.images.dtype == np.float32
+    np.testing.assert_allclose(pre.images, ref_images, atol=1e-5)
+    np.testing.assert_array_equal(pre.mask, ref_mask)
+    # z-normalized per channel, and the mask keeps its tumor
+    np.testing.assert_allclose(pre.images.mean(axis=(0, 2, 3)), 0, atol=1e-4)
+    np.testing.assert_allclose(pre.images.std(axis=(0, 2, 3)), 1, atol=1e-3)
+    assert pre.mask.sum() > 0 and set(np.unique(pre.mask)) <= {0, 1}
+
+
+@pytest.mark.parametrize("size", [256, 128, 160])
+def test_resolution_is_a_parameter(kaggle_root, size):
+    vol = io.read_patient(kaggle_root / VAL_PATIENTS[1])
+    pre = preprocess_volume(vol.image, vol.mask, size=size, drop_ends=False)
+    assert pre.images.shape[1:] == (3, size, size) and pre.mask.shape[1:] == (size, size)
+    assert pre.geometry.size == size
+
+
+@pytest.mark.parametrize("patient", VAL_PATIENTS)
+def test_inverse_mapping_round_trip_keeps_the_mask(kaggle_root, patient):
+    vol = io.read_patient(kaggle_root / patient)
+    pre = preprocess_volume(vol.image, vol.mask, drop_ends=False)
+    back = to_original_grid(pre.mask.astype(np.float32), pre.geometry) > 0.5
+    assert back.shape == vol.mask.shape
+    assert dsc(back, vol.mask > 0) >= 0.98
+
+
+def test_inverse_mapping_places_crop_and_drops(kaggle_root):
+    vol = io.read_patient(kaggle_root / VAL_PATIENTS[1])
+    pre = preprocess_volume(vol.image, vol.mask, drop_ends=True)
+    g = pre.geometry
+    back = to_original_grid(np.ones((g.z1 - g.z0, g.size, g.size), np.float32), g)
+    assert back[0].sum() == 0 and back[-1].sum() == 0  # dropped first/last slice
+    assert back[g.z0, g.y0:g.y1, g.x0:g.x1].min() == 1.0
+    assert back[g.z0].sum() == (g.y1 - g.y0) * (g.x1 - g.x0)
+    with pytest.raises(ValueError):
+        to_original_grid(np.ones((1, g.size, g.size), np.float32), g)
+
+
+def test_empty_volume_is_refused():
+    with pytest.raises(EmptyVolumeError):
+        preprocess_volume(np.zeros((5, 16, 16, 3), np.uint8))
+
+
+# ----------------------------------------------------------------- post-processing
+def test_largest_component_uses_face_connectivity():
+    m = np.zeros((3, 8, 8), bool)
+    m[1, 1:4, 1:4] = True  # 9 voxels
+    m[1, 6, 6] = True
+    m[0, 5, 5] = m[1, 4, 4] = False
+    m[2, 4, 4] = True  # touches the big blob only diagonally in 3D: separate with 6-connectivity
+    out = largest_component(m)
+    assert out.sum() == 9 and not out[1, 6, 6] and not out[2, 4, 4]
+    assert largest_component(np.zeros((2, 4, 4), bool)).sum() == 0
+
+
+def test_hole_filling_2d_and_3d():
+    enclosed = np.zeros((5, 7, 7), bool)
+    enclosed[1:4, 1:6, 1:6] = True
+    enclosed[2, 3, 3] = False  # a cavity closed in 3D and within its slice
+    assert fill_holes_3d(enclosed)[2, 3, 3] and fill_holes_2d(enclosed)[2, 3, 3]
+    tunnel = np.zeros((5, 7, 7), bool)
+    tunnel[:, 1:6, 1:6] = True
+    tunnel[:, 3, 3] = False  # a channel through every slice: a hole in 2D, open to the outside in 3D
+    assert fill_holes_2d(tunnel)[:, 3, 3].all()
+    assert not fill_holes_3d(tunnel)[:, 3, 3].any()
+
+
+def test_min_component_size_and_pipeline():
+    m = np.zeros((2, 10, 10), np.float32)
+    m[0, :4, :4] = 0.9
+    m[1, 8:, 8:] = 0.8  # 4 voxels
+    assert remove_small_components(m > 0.5, 5).sum() == 16
+    assert postprocess(m, PostprocessConfig()).sum() == 16
+    assert postprocess(m, PostprocessConfig.none()).sum() == 20
+    assert postprocess(m, PostprocessConfig(threshold=0.85, largest_component=False)).sum() == 16
+
+
+# ----------------------------------------------------------------- metrics
+def test_metrics_on_known_masks():
+    a = np.zeros((1, 10, 10), bool)
+    b = np.zeros((1, 10, 10), bool)
+    a[0, :4] = True  # 40
+    b[0, 2:6] = True  # 40, overlap 20
+    assert dsc(a, b) == pytest.approx(0.5)
+    assert precision(a, b) == pytest.approx(0.5) and recall(a, b) == pytest.approx(0.5)
+    assert hd95(a, a) == 0.0 and hd95(a, b) > 0
+
+
+@pytest.mark.parametrize("pred_empty, truth_empty, expected", [
+    (True, True, {"dsc": 1.0, "precision": 1.0, "recall": 1.0, "hd95": 0.0}),
+    (True, False, {"dsc": 0.0, "precision": 1.0, "recall": 0.0, "hd95": math.nan}),
+    (False, True, {"dsc": 0.0, "precision": 0.0, "recall": 1.0, "hd95": math.nan}),
+])
+def test_metrics_on_empty_masks(pred_empty, truth_empty, expected):
+    full = np.zeros((2, 6, 6), bool)
+    full[0, 1:3, 1:3] = True
+    empty = np.zeros_like(full)
+    got = volume_metrics(empty if pred_empty else full, empty if truth_empty else full)
+    for k, v in expected.items():
+        assert (math.isnan(got[k]) and math.isnan(v)) or got[k] == v, k
+
+
+def test_ground_truth_scores_one_against_itself(kaggle_root):
+    vol = io.read_patient(kaggle_root / VAL_PATIENTS[0])
+    assert dsc(vol.mask, vol.mask) == 1.0
+
+
+# ----------------------------------------------------------------- evaluate --pred
+def test_evaluate_ground_truth_against_itself(kaggle_root, val_patients_file, tmp_path):
+    pred = tmp_path / "pred"
+    for p in VAL_PATIENTS:
+        (pred / p).mkdir(parents=True)
+        for f in (kaggle_root / p).glob("*_mask.tif"):
+            shutil.copy(f, pred / p / f.name)
+    out = tmp_path / "eval"
+    res = CliRunner().invoke(main, ["evaluate", "--data", str(kaggle_root), "--pred", str(pred),
+                                    "--patients-file", str(val_patients_file), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["patient"] for r in metrics["patients"]] == VAL_PATIENTS
+    assert all(r["dsc"] == 1.0 and r["hd95"] == 0.0 for r in metrics["patients"])
+    assert metrics["summary"]["dsc"]["mean"] == 1.0 and (out / "dsc.png").stat().st_size > 1000
+
+
+def test_evaluate_reports_a_missing_prediction_in_one_line(kaggle_root, val_patients_file, tmp_path):
+    (tmp_path / "pred" / VAL_PATIENTS[0]).mkdir(parents=True)
+    res = CliRunner().invoke(main, ["evaluate", "--data", str(kaggle_root), "--pred", str(tmp_path / "pred"),
+                                    "--patients-file", str(val_patients_file)])
+    assert res.exit_code == 2
+    assert "predicted mask missing" in res.output and "Traceback" not in res.output

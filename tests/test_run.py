@@ -1,0 +1,246 @@
+"""`segengine run` end to end on real patients, and every bad input as a table."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+
+from conftest import VAL_PATIENTS
+from segengine.engine.cli import main
+from segengine.engine.model import shipped_model_path
+
+MODEL = Path(os.environ.get("SEGENGINE_TEST_MODEL", shipped_model_path()))
+
+
+def _run(args):
+    return CliRunner().invoke(main, ["run", "--model", str(MODEL), *args])
+
+
+def _dice(a, b):
+    a, b = a > 0, b > 0
+    s = a.sum() + b.sum()
+    return 1.0 if s == 0 else 2 * (a & b).sum() / s
+
+
+@pytest.fixture(scope="module")
+def run_out(kaggle_root, tmp_path_factory):
+    """One --patients run over the two validation patients (shared by the checks below)."""
+    root = tmp_path_factory.mktemp("runroot")
+    for p in VAL_PATIENTS:
+        shutil.copytree(kaggle_root / p, root / p)
+    out = tmp_path_factory.mktemp("runout") / "out"
+    res = _run(["--patients", str(root), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return root, out, res.output
+
+
+@pytest.mark.parametrize("patient", VAL_PATIENTS)
+def test_run_writes_every_output(run_out, patient):
+    root, out, _ = run_out
+    folder = out / patient
+    slices = sorted(p for p in (root / patient).glob("*.tif") if not p.name.endswith("_mask.tif"))
+    for s in slices:
+        m = tifffile.imread(folder / s.name.replace(".tif", "_mask.tif"))
+        assert m.dtype == np.uint8 and m.shape == tifffile.imread(s).shape[:2]
+        assert set(np.unique(m)) <= {0, 255}
+    nii = nib.load(str(folder / f"{patient}_mask.nii.gz")).get_fdata()
+    assert nii.shape == (256, 256, len(slices))
+    assert (folder / "overlay.png").stat().st_size > 1000
+    report = json.loads((folder / "report.json").read_text())
+    assert report["slices"] == len(slices) and report["model_sha256"]
+    assert set(report["timings_s"]) >= {"read", "preprocess", "infer", "postprocess", "write"}
+    assert sum(report["tumor_area_px_per_slice"].values()) == report["tumor_volume_px"]
+
+
+@pytest.mark.parametrize("patient", VAL_PATIENTS)
+def test_report_dsc_equals_an_independent_computation(run_out, patient):
+    root, out, _ = run_out
+    pred = np.stack([tifffile.imread(p) for p in sorted((out / patient).glob("*_mask.tif"), key=lambda p: int(p.stem.split("_")[-2]))])
+    truth = np.stack([tifffile.imread(p) for p in sorted((root / patient).glob("*_mask.tif"), key=lambda p: int(p.stem.split("_")[-2]))])
+    report = json.loads((out / patient / "report.json").read_text())
+    assert report["metrics"]["dsc"] == pytest.approx(_dice(pred, truth), abs=1e-9)
+    if MODEL == shipped_model_path():
+        assert report["metrics"]["dsc"] >= 0.8  # the shipped model segments real validation patients
+
+
+def test_inputs_are_never_modified(run_out, kaggle_root):
+    root, _, _ = run_out
+    for p in VAL_PATIENTS:
+        assert sorted(f.name for f in (root / p).iterdir()) == sorted(f.name for f in (kaggle_root / p).iterdir())
+
+
+def test_single_patient_and_overwrite(kaggle_root, tmp_path):
+    out = tmp_path / "out"
+    args = ["--patient", str(kaggle_root / VAL_PATIENTS[1]), "--out", str(out), "--gif"]
+    res = _run(args)
+    assert res.exit_code == 0, res.output
+    assert res.output.count("\n") == 1 and VAL_PATIENTS[1] in res.output and "DSC" in res.output
+    assert (out / VAL_PATIENTS[1] / "slices.gif").exists()
+    again = _run(args)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert _run(args + ["--overwrite"]).exit_code == 0
+    assert [p.name for p in out.iterdir()] == [VAL_PATIENTS[1]]  # no temp folders left
+
+
+# ------------------------------------------------------------------ bad input: one line, exit 2
+def _damage_rgba(d):
+    tifffile.imwrite(next(d.glob("*_5.tif")), np.zeros((256, 256, 4), np.uint8))
+
+
+def _damage_16bit(d):
+    tifffile.imwrite(next(d.glob("*_5.tif")), np.zeros((256, 256, 3), np.uint16))
+
+
+def _damage_size(d):
+    tifffile.imwrite(next(d.glob("*_5.tif")), np.zeros((200, 256, 3), np.uint8))
+
+
+def _damage_truncate(d):
+    f = next(d.glob("*_5.tif"))
+    f.write_bytes(f.read_bytes()[:1000])
+
+
+def _damage_text(d):
+    next(d.glob("*_5.tif")).write_text("not an image")
+
+
+def _damage_gap(d):
+    next(d.glob("*_5.tif")).unlink()
+    next(d.glob("*_5_mask.tif")).unlink()
+
+
+def _damage_duplicate(d):
+    src = next(d.glob("*_5.tif"))
+    shutil.copy(src, src.with_name(src.name.replace("_5.tif", "_05.tif")))
+
+
+def _damage_empty(d):
+    for f in d.iterdir():
+        f.unlink()
+
+
+BAD_PATIENTS = [
+    (_damage_rgba, "RGBA"), (_damage_16bit, "8-bit"), (_damage_size, "differs"), (_damage_truncate, "not a readable image"),
+    (_damage_text, "not a readable image"), (_damage_gap, "missing"), (_damage_duplicate, "duplicate"),
+    (_damage_empty, "no image slices"),
+]
+
+
+@pytest.mark.parametrize("damage, words", BAD_PATIENTS, ids=[d.__name__[8:] for d, _ in BAD_PATIENTS])
+def test_bad_patient_folder(patient_copy, tmp_path, damage, words):
+    damage(patient_copy)
+    res = _run(["--patient", str(patient_copy), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2
+    assert words in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def _model_copy(tmp_path, edit):
+    d = tmp_path / "model"
+    d.mkdir()
+    for f in MODEL.parent.glob(MODEL.stem + ".*"):
+        shutil.copy(f, d / f.name)
+    w = d / MODEL.name
+    edit(w)
+    return w
+
+
+def _corrupt_weights(w):
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    w.write_bytes(bytes(data))
+
+
+def _mismatched_card(w):
+    card = json.loads(w.with_suffix(".json").read_text())
+    card["sha256"] = "0" * 64
+    w.with_suffix(".json").write_text(json.dumps(card))
+
+
+def _truncated_weights(w):
+    w.write_bytes(w.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("edit", [_corrupt_weights, _mismatched_card, _truncated_weights])
+def test_bad_model_file(kaggle_root, tmp_path, edit):
+    weights = _model_copy(tmp_path, edit)
+    res = CliRunner().invoke(main, ["run", "--model", str(weights), "--patient", str(kaggle_root / VAL_PATIENTS[0]),
+                                    "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "SHA-256" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_missing_model_file(kaggle_root, tmp_path):
+    res = CliRunner().invoke(main, ["run", "--model", str(tmp_path / "none.pt"), "--patient",
+                                    str(kaggle_root / VAL_PATIENTS[0]), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "not found" in res.output
+
+
+@pytest.mark.parametrize("case", ["missing-dir", "dir-is-file", "out-not-writable", "out-inside-input", "backend-unavailable", "backend-unknown"])
+def test_bad_invocation(kaggle_root, patient_copy, tmp_path, case):
+    dirpath, out, extra = patient_copy, tmp_path / "out", []
+    if case == "missing-dir":
+        dirpath = tmp_path / "absent"
+    elif case == "dir-is-file":
+        dirpath = next(patient_copy.glob("*_1.tif"))
+    elif case == "out-not-writable":
+        blocker = tmp_path / "blocker"
+        blocker.write_text("a file where a folder should be")
+        out = blocker / "out"
+    elif case == "out-inside-input":
+        out = patient_copy / "results"
+    elif case == "backend-unavailable":
+        extra = ["--backend", "tensorrt"]
+    else:
+        extra = ["--backend", "magic"]
+    res = _run(["--patient", str(dirpath), "--out", str(out), *extra])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    expected = {"missing-dir": "no such folder", "dir-is-file": "not a folder", "out-not-writable": "not writable",
+                "out-inside-input": "inside the input", "backend-unavailable": "available:", "backend-unknown": "magic"}[case]
+    assert expected in res.output
+    assert sorted(p.name for p in patient_copy.iterdir()) == sorted(p.name for p in (kaggle_root / VAL_PATIENTS[0]).iterdir())
+
+
+def test_one_bad_patient_is_skipped_others_complete(kaggle_root, tmp_path):
+    root = tmp_path / "root"
+    for p in VAL_PATIENTS:
+        shutil.copytree(kaggle_root / p, root / p)
+    _damage_rgba(root / VAL_PATIENTS[0])
+    res = _run(["--patients", str(root), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 1
+    assert "failed 1" in res.output and "RGBA" in res.output
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [VAL_PATIENTS[1]]
+
+
+def test_interrupted_patient_leaves_nothing(kaggle_root, tmp_path, monkeypatch):
+    import segengine.engine.outputs as outputs
+
+    real = outputs.write_mask_slices
+
+    def write_some_then_die(folder, pid, numbers, mask):
+        real(folder, pid, numbers[:3], mask[:3])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs, "write_mask_slices", write_some_then_die)
+    out = tmp_path / "out"
+    res = _run(["--patient", str(kaggle_root / VAL_PATIENTS[0]), "--out", str(out)])
+    assert res.exit_code == 130
+    assert list(out.iterdir()) == []
+
+
+def test_main_command_as_a_subprocess(kaggle_root, tmp_path):
+    """The README's command, as a user types it: the console script, the shipped model."""
+    exe = Path(sys.executable).with_name("segengine")
+    res = subprocess.run([str(exe), "run", "--patient", str(kaggle_root / VAL_PATIENTS[0]), "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "o" / VAL_PATIENTS[0] / "report.json").exists()

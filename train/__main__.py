@@ -1,0 +1,3 @@
+from segengine.train.train import main
+
+raise SystemExit(main())

@@ -1,0 +1,231 @@
+"""Train segengine's U-Net on the CPU: resumable, deterministic given a seed, logged.
+
+    python -m segengine.train --data ../shared/data/lgg --out runs/resunet16
+
+Checkpoints (``last.pt``, every epoch) hold the model, optimizer, schedule and every
+random state, so an interrupted run resumed with ``--resume`` continues exactly. The
+shipped model is the last epoch: checkpoints are never chosen on the validation
+patients; their DSC is logged only to draw the learning curve.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segengine.engine.io import read_patient_list
+from segengine.engine.network import build_model, count_flops
+from segengine.engine.postprocess import largest_component
+from segengine.engine.metrics import dsc
+from segengine.train.data import VolumeSet, load_volume_set
+
+DEFAULT_SPLITS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "lgg" / "splits"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m segengine.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="dataset root: folders of <patient>_<n>.{tif,png,webp} slices with masks")
+    ap.add_argument("--train-list", default=None, help="patients to train on (default: splits/train.txt beside --data)")
+    ap.add_argument("--val-list", default=None, help="patients whose DSC is logged (default: splits/reference_validation.txt)")
+    ap.add_argument("--out", required=True, help="run folder: checkpoints, TensorBoard logs, config")
+    ap.add_argument("--arch", default="resunet", choices=["resunet", "reference_unet"])
+    ap.add_argument("--base-channels", type=int, default=16)
+    ap.add_argument("--no-deep-supervision", action="store_true")
+    ap.add_argument("--steps", type=int, default=5000)
+    ap.add_argument("--epoch-steps", type=int, default=250, help="steps between checkpoints/validation")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--weight-decay", type=float, default=1e-4)
+    ap.add_argument("--tumor-sampling", type=float, default=0.5,
+                    help="share of draws weighted by tumor area (the rest uniform over slices)")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    ap.add_argument("--cache-dir", default=".cache")
+    return ap.parse_args(argv)
+
+
+# ------------------------------------------------------------------ augmentation
+def augment(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched random flip, rotation (+-15 deg), scale (0.9-1.1), shift (+-5%), channel gain/bias."""
+    n = images.shape[0]
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=gen)  # noqa: E731
+    angle = u(-15, 15) * math.pi / 180
+    scale = u(0.9, 1.1)
+    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    tx, ty = u(-0.05, 0.05), u(-0.05, 0.05)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    gain = 1 + 0.1 * torch.randn(n, 3, 1, 1, generator=gen)
+    bias = 0.1 * torch.randn(n, 3, 1, 1, generator=gen)
+    return images * gain + bias, masks
+
+
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice over the whole batch (batch Dice is stable on tumor-free slices)."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum()
+    dice = 1 - (2 * inter + 1) / (p.sum() + target.sum() + 1)
+    return bce + dice
+
+
+# ------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def predict_volume(model: torch.nn.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.asarray(images[i : i + batch_size], dtype=np.float32))
+        out.append(torch.sigmoid(model(x))[:, 0].numpy())
+    return np.concatenate(out)
+
+
+def reference_protocol_dsc(model: torch.nn.Module, vs: VolumeSet) -> dict[str, float]:
+    """Per-patient DSC on the reference grid: sigmoid > 0.5, largest 3D component."""
+    scores = {}
+    for i, p in enumerate(vs.patients):
+        images, masks = vs.volume(i)
+        prob = predict_volume(model, images)
+        scores[p] = dsc(largest_component(prob > 0.5), masks > 0)
+    return scores
+
+
+def _overlay_grid(images: np.ndarray, masks: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """FLAIR with ground truth (green) and prediction (red) as one HWC uint8 strip."""
+    tiles = []
+    for img, m, p in zip(images, masks, probs):
+        flair = img[1].astype(np.float32)
+        flair = (flair - flair.min()) / (np.ptp(flair) + 1e-6)
+        rgb = np.repeat(flair[..., None], 3, axis=2)
+        rgb[..., 1] = np.where(m > 0, 0.5 * rgb[..., 1] + 0.5, rgb[..., 1])
+        rgb[..., 0] = np.where(p > 0.5, 0.5 * rgb[..., 0] + 0.5, rgb[..., 0])
+        tiles.append(rgb)
+    return (np.concatenate(tiles, axis=1) * 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------ main loop
+def slice_weights(masks: np.ndarray, tumor_share: float) -> np.ndarray:
+    area = masks.reshape(len(masks), -1).sum(axis=1).astype(np.float64)
+    uniform = np.full(len(masks), 1.0 / len(masks))
+    tumor = area / area.sum() if area.sum() > 0 else uniform
+    w = (1 - tumor_share) * uniform + tumor_share * tumor
+    return w / w.sum()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(args.data)
+    splits = data / "splits" if (data / "splits").is_dir() else DEFAULT_SPLITS
+    train_patients = read_patient_list(args.train_list or splits / "train.txt")
+    val_patients = read_patient_list(args.val_list or splits / "reference_validation.txt")
+    if set(train_patients) & set(val_patients):
+        raise SystemExit("train and validation patient lists overlap")
+
+    t0 = time.time()
+    train_set = load_volume_set(data, train_patients, cache_dir=args.cache_dir)
+    val_set = load_volume_set(data, val_patients, cache_dir=args.cache_dir)
+    print(f"data: {len(train_set.images)} train slices / {len(train_patients)} patients, "
+          f"{len(val_set.images)} val slices / {len(val_patients)} patients ({time.time() - t0:.0f} s)", flush=True)
+
+    arch = {"name": args.arch, "base_channels": args.base_channels}
+    if args.arch == "resunet":
+        arch["deep_supervision"] = not args.no_deep_supervision
+    model = build_model(arch)
+    flops = count_flops(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+    np_rng = np.random.default_rng(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    step, elapsed, history = 0, 0.0, []
+    ckpt_path = out / "last.pt"
+    if args.resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file: holds RNG states
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        np_rng.bit_generator.state = ck["numpy_rng"]
+        gen.set_state(ck["torch_gen"])
+        torch.set_rng_state(ck["torch_rng"])
+        step, elapsed, history = ck["step"], ck["elapsed_s"], ck["history"]
+        print(f"resumed at step {step}", flush=True)
+    config = {**vars(args), "architecture": arch, "flops_per_slice": flops,
+              "params": sum(p.numel() for p in model.parameters()),
+              "train_patients": train_patients, "val_patients": val_patients}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    writer = SummaryWriter(str(out / "tb"))
+    weights = slice_weights(train_set.masks, args.tumor_sampling)
+    ds_weights = [1.0, 0.5, 0.25]
+    bar = tqdm(total=args.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=5)
+    running = []
+    t_start = time.time() - elapsed
+    while step < args.steps:
+        model.train()
+        idx = np_rng.choice(len(weights), size=args.batch_size, p=weights)
+        x = torch.from_numpy(train_set.images[idx].astype(np.float32))
+        y = torch.from_numpy(train_set.masks[idx].astype(np.float32))[:, None]
+        x, y = augment(x, y, gen)
+        outputs = model(x)
+        outputs = outputs if isinstance(outputs, list) else [outputs]
+        loss = sum(w * dice_bce_loss(o, y) for w, o in zip(ds_weights, outputs))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        running.append(float(loss.detach()))
+        bar.update(1)
+        if step % 20 == 0:
+            writer.add_scalar("train/loss", np.mean(running[-20:]), step)
+            writer.add_scalar("train/lr", sched.get_last_lr()[0], step)
+            bar.set_postfix(loss=f"{np.mean(running[-20:]):.3f}")
+        if step % args.epoch_steps == 0 or step == args.steps:
+            scores = reference_protocol_dsc(model, val_set)
+            mean = float(np.mean(list(scores.values())))
+            elapsed = time.time() - t_start
+            history.append({"step": step, "elapsed_s": round(elapsed, 1), "loss": float(np.mean(running)),
+                            "val_dsc_reference": mean, "val_dsc_per_patient": scores})
+            running = []
+            writer.add_scalar("val/dsc_reference_protocol", mean, step)
+            i = int(np.argmax([vs.any() for vs in val_set.masks]))
+            sel = slice(max(0, i), i + 4)
+            probs = predict_volume(model, val_set.images[sel])
+            writer.add_image("val/overlay", _overlay_grid(val_set.images[sel], val_set.masks[sel], probs), step, dataformats="HWC")
+            tqdm.write(f"step {step}: loss {history[-1]['loss']:.4f}  val DSC (reference protocol, logged only) {mean:.4f}  "
+                       f"min {min(scores.values()):.3f}  {elapsed / 60:.1f} min")
+            ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                  "numpy_rng": np_rng.bit_generator.state, "torch_gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                  "step": step, "elapsed_s": elapsed, "history": history, "architecture": arch}
+            tmp = out / "last.pt.tmp"
+            torch.save(ck, tmp)
+            os.replace(tmp, ckpt_path)
+            (out / "history.json").write_text(json.dumps(history, indent=2))
+    bar.close()
+    writer.close()
+    torch.save({"architecture": arch, "state_dict": model.state_dict()}, out / "final_weights.pt")
+    print(f"done: {step} steps in {elapsed / 60:.1f} min -> {out / 'final_weights.pt'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
