@@ -118,8 +118,12 @@ def run(patient_dir, patients_root, out, backend, model, batch_size, threads, no
 @click.option("--patients-file", type=click.Path(), help="only these patients (one id per line)")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="write metrics.json and dsc.png here")
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="with --model")
+@click.option("--no-postprocess", is_flag=True, help="with --model: keep every component")
+@click.option("--fill-holes", is_flag=True, help="with --model: fill holes slice by slice")
 @user_errors
-def evaluate(data_root, pred_root, model, protocol, backend, patients_file, out_dir, threads):
+def evaluate(data_root, pred_root, model, protocol, backend, patients_file, out_dir, threads, threshold, no_postprocess,
+             fill_holes):
     """Score predicted masks (--pred) or a model (--model) per patient: DSC, HD95, precision, recall.
 
     \b
@@ -137,9 +141,11 @@ def evaluate(data_root, pred_root, model, protocol, backend, patients_file, out_
             fail(f"{pred_root}: no such folder")
         result = score_predictions(data_root, pred_root, patients_file)
     else:
+        from segengine.engine.postprocess import PostprocessConfig
         from segengine.engine.runner import evaluate_model
 
-        result = evaluate_model(data_root, model or None, protocol, backend, patients_file, threads)
+        post = PostprocessConfig(threshold=threshold, largest_component=not no_postprocess, fill_holes_2d=fill_holes)
+        result = evaluate_model(data_root, model or None, protocol, backend, patients_file, threads, post)
     click.echo(format_table(result))
     s = result["summary"]["dsc"]
     click.echo(f"\nDSC ({result['protocol']} protocol, {s['n']} patients): mean {s['mean']:.4f}  median {s['median']:.4f}")

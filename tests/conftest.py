@@ -1,6 +1,7 @@
 """Shared fixtures: a few real patients unpacked from ../shared in the Kaggle layout."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -58,3 +59,23 @@ def patient_copy(kaggle_root, tmp_path) -> Path:
     dst = tmp_path / "in" / VAL_PATIENTS[0]
     shutil.copytree(kaggle_root / VAL_PATIENTS[0], dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def random_model(tmp_path_factory) -> Path:
+    """A model with seeded random weights and a valid card: for export/bench mechanics,
+    where what is measured does not depend on what the weights learned."""
+    import torch
+
+    from segengine.engine.model import sha256_file
+    from segengine.engine.network import ResUNet
+
+    folder = tmp_path_factory.mktemp("random-model")
+    weights = folder / "resunet16.pt"
+    arch = {"name": "resunet", "base_channels": 16, "deep_supervision": False}
+    torch.manual_seed(0)
+    torch.save({"architecture": arch, "state_dict": ResUNet(base_channels=16, deep_supervision=False).state_dict()}, weights)
+    card = {"name": "resunet16", "architecture": arch, "input_size": 256, "sha256": sha256_file(weights),
+            "note": "random weights for tests"}
+    weights.with_suffix(".json").write_text(json.dumps(card))
+    return weights

@@ -3,45 +3,27 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-UNPACK = REPO.parent / "shared" / "data" / "unpack_lgg.py"
-PATIENT = "TCGA_CS_4941_19960909"
-DEV_MODEL = Path("/work/devmodel/resunet16.pt")
-SHIPPED_MODEL = REPO / "models" / "resunet16.pt"
+from conftest import TRAIN_PATIENT as PATIENT  # first folder of kaggle_root in sorted order
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
-    src = DEV_MODEL if DEV_MODEL.exists() else SHIPPED_MODEL
-    if not src.exists() or not src.with_suffix(".json").exists():
-        pytest.skip("no model (dev model or shipped model) to benchmark")
+def model_path(random_model, tmp_path_factory) -> Path:
     dst = tmp_path_factory.mktemp("model")
-    shutil.copy(src, dst / src.name)  # only the weights and card: exports stay behind
-    shutil.copy(src.with_suffix(".json"), dst / src.with_suffix(".json").name)
-    return dst / src.name
+    for f in (random_model, random_model.with_suffix(".json")):  # weights and card only: no exports
+        shutil.copy(f, dst / f.name)
+    return dst / random_model.name
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    if not UNPACK.exists():
-        pytest.skip(f"{UNPACK} not found")
-    dest = tmp_path_factory.mktemp("lgg")
-    subprocess.run([sys.executable, str(UNPACK), str(dest), "--patients", PATIENT], check=True, capture_output=True)
-    return dest / "kaggle_3m"
-
-
-@pytest.fixture(scope="module")
-def result(model_path, data_root) -> dict:
+def result(model_path, kaggle_root) -> dict:
     from segengine.bench.bench import run_bench
 
     lines: list[str] = []
-    res = run_bench(model_path, data_root=data_root, patients=1, backends=("torch", "tensorrt"), batch_sizes=(1,),
+    res = run_bench(model_path, data_root=kaggle_root, patients=1, backends=("torch", "tensorrt"), batch_sizes=(1,),
                     threads=1, warmup=0, iterations=1, end_to_end=True, reference="model",
                     reference_batch_size=1, reference_warmup=0, reference_iterations=1, log=lines.append)
     res["_log"] = lines

@@ -1,13 +1,12 @@
 """Exports: fp32 ONNX (checked, folded, verified vs PyTorch), static INT8 QDQ, TensorRT FP16 (GPU only).
 
-Every test works on a temporary copy of a development model (random weights, valid card):
-/work/devmodel/resunet16.pt when present, else one made here with a fixed seed.
+Every test works on a temporary copy of a model with seeded random weights (conftest's
+``random_model``): the mechanics of export do not depend on what the weights learned.
 """
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -18,10 +17,7 @@ import pytest
 from segengine.engine.model import ModelError, check_export, load_model_spec, sha256_file, sidecar_path
 from segengine.export.errors import ExportError, ExportToolMissing, ShapeMismatchError, ToleranceExceededError
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO / ".." / "shared"
-DEV_MODEL = Path("/work/devmodel/resunet16.pt")
-CALIBRATION_PATIENT = "TCGA_CS_4941_19960909"  # in splits/train.txt
+from conftest import TRAIN_PATIENT as CALIBRATION_PATIENT  # in splits/train.txt
 SIZE = 256
 
 
@@ -36,32 +32,19 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _make_dev_model(folder: Path) -> Path:
-    """Copy the development model, or make one (seeded random weights + a valid card)."""
+def _copy_model(src: Path, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / "resunet16.pt"
-    if DEV_MODEL.exists() and DEV_MODEL.with_suffix(".json").exists():
-        shutil.copy(DEV_MODEL, weights)
-        shutil.copy(DEV_MODEL.with_suffix(".json"), weights.with_suffix(".json"))
-        return weights
-    import torch
-
-    from segengine.engine.network import ResUNet
-
-    torch.manual_seed(0)
-    torch.save({"state_dict": ResUNet(base_channels=16, deep_supervision=False).state_dict()}, weights)
-    card = {"name": "resunet16", "architecture": {"name": "resunet", "base_channels": 16, "deep_supervision": False},
-            "input_size": SIZE, "sha256": sha256_file(weights), "note": "random weights for tests"}
-    weights.with_suffix(".json").write_text(json.dumps(card))
-    return weights
+    for f in (src, src.with_suffix(".json")):
+        shutil.copy(f, folder / f.name)
+    return folder / src.name
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, random_model):
     """A dev-model copy with its fp32 ONNX export (made once): (spec, sidecar)."""
     from segengine.export.onnx_export import export_onnx
 
-    weights = _make_dev_model(tmp_path_factory.mktemp("model"))
+    weights = _copy_model(random_model, tmp_path_factory.mktemp("model"))
     spec = load_model_spec(weights)
     side = export_onnx(spec, spec.export_path("onnx"), opset=17, threads=1)
     return load_model_spec(weights), side
@@ -74,18 +57,6 @@ def model_copy(exported, tmp_path):
     dst = tmp_path / "m"
     shutil.copytree(spec.weights.parent, dst)
     return load_model_spec(dst / spec.weights.name)
-
-
-@pytest.fixture(scope="session")
-def _export_patient_root(tmp_path_factory) -> Path:
-    """kaggle_3m with one training patient, unpacked from ../shared as uncompressed .tif."""
-    unpack = SHARED / "data" / "unpack_lgg.py"
-    if not unpack.exists():
-        pytest.skip(f"shared LGG data not found at {unpack.resolve()}")
-    dest = tmp_path_factory.mktemp("lgg-export")
-    subprocess.run([sys.executable, str(unpack), str(dest), "--patients", CALIBRATION_PATIENT],
-                   check=True, capture_output=True)
-    return dest / "kaggle_3m"
 
 
 @pytest.fixture(scope="module")
@@ -298,23 +269,23 @@ def test_calibration_refuses_reference_validation_patients(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def int8_export(exported, _export_patient_root):
+def int8_export(exported, kaggle_root):
     from segengine.export.int8 import calibration_slices, export_int8
 
     spec, _ = exported
-    calib, info = calibration_slices(_export_patient_root, [CALIBRATION_PATIENT], n_slices=16, seed=0, return_info=True)
-    check = calibration_slices(_export_patient_root, [CALIBRATION_PATIENT], n_slices=8, seed=1)
+    calib, info = calibration_slices(kaggle_root, [CALIBRATION_PATIENT], n_slices=16, seed=0, return_info=True)
+    check = calibration_slices(kaggle_root, [CALIBRATION_PATIENT], n_slices=8, seed=1)
     side = export_int8(spec, spec.export_path("onnx"), spec.export_path("onnx-int8"), calib, verify_images=check,
                        calibration_info=info, threads=1)
     return load_model_spec(spec.weights), side, calib, check
 
 
-def test_calibration_slices_are_deterministic_training_slices(_export_patient_root, int8_export):
+def test_calibration_slices_are_deterministic_training_slices(kaggle_root, int8_export):
     from segengine.export.int8 import calibration_slices
 
     _, side, calib, _ = int8_export
     assert calib.shape == (16, 3, SIZE, SIZE) and calib.dtype == np.float32
-    again = calibration_slices(_export_patient_root, [CALIBRATION_PATIENT], n_slices=16, seed=0)
+    again = calibration_slices(kaggle_root, [CALIBRATION_PATIENT], n_slices=16, seed=0)
     np.testing.assert_array_equal(again, calib)
     assert side["quantization"]["calibration"]["patients"] == [CALIBRATION_PATIENT]
 

@@ -1,0 +1,80 @@
+"""The shipped model: card, checksum, accuracy on a real validation patient, validated exports."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import VAL_PATIENTS
+from segengine.engine import backends as registry
+from segengine.engine.cli import main
+from segengine.engine.model import load_model_spec, sha256_file, shipped_model_path
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return load_model_spec()
+
+
+def test_shipped_model_card_and_checksum(spec):
+    card = spec.card
+    assert spec.weights == shipped_model_path() and sha256_file(spec.weights) == card["sha256"]
+    for key in ("architecture", "flops_per_slice", "params", "training", "validation", "input_size"):
+        assert key in card
+    assert card["flops_per_slice"] <= 24e9 / 10  # at most 1/10 of the reference U-Net
+    assert set(card["validation"]) == {"reference", "native"}
+    assert spec.weights.stat().st_size < 20e6
+
+
+def test_exports_are_current_and_validated(spec):
+    for kind in ("onnx", "onnx-int8"):
+        side = spec.sidecar(kind)
+        assert side["source_sha256"] == spec.sha256 and side["sha256"] == sha256_file(spec.export_path(kind))
+        assert side["validation"]["passed"] and side["validation"]["patients_count"] == 10
+    assert registry.resolve("auto", spec) in ("onnxruntime", "onnxruntime-int8", "tensorrt")
+
+
+def test_shipped_model_segments_a_validation_patient(kaggle_root, tmp_path):
+    plist = tmp_path / "one.txt"
+    plist.write_text(VAL_PATIENTS[1] + "\n")
+    res = CliRunner().invoke(main, ["evaluate", "--model", "--data", str(kaggle_root), "--patients-file", str(plist),
+                                    "--protocol", "reference", "--out", str(tmp_path / "e")])
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert result["protocol"] == "reference" and result["model_sha256"] == sha256_file(shipped_model_path())
+    assert result["patients"][0]["dsc"] >= 0.8
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-int8"])
+def test_validate_on_real_patients(kaggle_root, val_patients_file, tmp_path, backend):
+    out = tmp_path / "v.json"
+    res = CliRunner().invoke(main, ["validate", "--data", str(kaggle_root), "--patients-file", str(val_patients_file),
+                                    "--backend", backend, "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "PASS" in res.output
+    result = json.loads(out.read_text())
+    assert [r["patient"] for r in result["patients"]] == [p for p in VAL_PATIENTS]
+    assert result["passed"] and result["against"] == "torch"
+
+
+def test_validate_fails_on_a_mismatching_export(kaggle_root, val_patients_file, tmp_path, random_model):
+    """An export of other weights put beside the shipped ones must FAIL (exit 1), not pass."""
+    import shutil
+
+    from segengine.export.onnx_export import export_onnx
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for f in shipped_model_path().parent.glob("resunet16.*"):
+        shutil.copy(f, folder / f.name)
+    other = load_model_spec(random_model)
+    export_onnx(other, folder / "resunet16.onnx", threads=1)
+    sidecar = json.loads((folder / "resunet16.onnx.json").read_text())
+    sidecar["source_sha256"] = sha256_file(folder / "resunet16.pt")  # pretend it came from the shipped weights
+    (folder / "resunet16.onnx.json").write_text(json.dumps(sidecar))
+    plist = tmp_path / "one.txt"
+    plist.write_text(VAL_PATIENTS[1] + "\n")
+    res = CliRunner().invoke(main, ["validate", "--model", str(folder / "resunet16.pt"), "--data", str(kaggle_root),
+                                    "--patients-file", str(plist), "--backend", "onnxruntime"])
+    assert res.exit_code == 1 and "FAIL" in res.output
