@@ -33,16 +33,36 @@ def recall(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if n == 0 else int(np.logical_and(np.asarray(pred, dtype=bool), t).sum()) / n
 
 
+def _border(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage as ndi
+
+    return mask ^ ndi.binary_erosion(mask, structure=ndi.generate_binary_structure(mask.ndim, 1))
+
+
 def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...] | None = None) -> float:
+    """95th percentile of the border-to-border distances, both directions pooled.
+
+    Same definition as ``medpy.metric.binary.hd95`` (face-connected borders, Euclidean
+    distance transform; a test checks equality) computed on the bounding box of both
+    masks plus a zero margin, which gives the same distances far faster and without
+    medpy's scipy.stats import (1 s of a cold `segengine run`).
+    """
+    from scipy import ndimage as ndi
+
     p = np.asarray(pred, dtype=bool)
     t = np.asarray(truth, dtype=bool)
     if not p.any() and not t.any():
         return 0.0
     if not p.any() or not t.any():
         return math.nan
-    from medpy.metric.binary import hd95 as medpy_hd95
-
-    return float(medpy_hd95(p, t, voxelspacing=spacing))
+    union = p | t
+    box = tuple(slice(int(idx.min()), int(idx.max()) + 1) for idx in np.nonzero(union))
+    p = np.pad(p[box], 1)
+    t = np.pad(t[box], 1)
+    bp, bt = _border(p), _border(t)
+    d_pt = ndi.distance_transform_edt(~bt, sampling=spacing)[bp]
+    d_tp = ndi.distance_transform_edt(~bp, sampling=spacing)[bt]
+    return float(np.percentile(np.concatenate([d_pt, d_tp]), 95))
 
 
 def volume_metrics(pred: np.ndarray, truth: np.ndarray, with_hd95: bool = True) -> dict[str, float]:

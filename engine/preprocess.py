@@ -79,7 +79,10 @@ def resize_slices(volume: np.ndarray, size: int, order: int) -> np.ndarray:
         src *= np.float32(1 / 255.0)
     if (h, w) == (size, size):
         return src
-    return resize_matrix(h, size, order) @ src @ resize_matrix(w, size, order).T
+    lead = src.shape[:-2]
+    # along x as one large GEMM over all rows of all planes, then along y plane by plane
+    along_x = (src.reshape(-1, w) @ resize_matrix(w, size, order).T).reshape(lead + (h, size))
+    return np.matmul(resize_matrix(h, size, order), along_x)
 
 
 def crop_box(volume: np.ndarray) -> tuple[int, int, int, int, int, int]:

@@ -267,6 +267,17 @@ def test_metrics_on_empty_masks(pred_empty, truth_empty, expected):
         assert (math.isnan(got[k]) and math.isnan(v)) or got[k] == v, k
 
 
+@pytest.mark.parametrize("shift", [(0, 0, 0), (0, 3, -2), (1, 5, 7)])
+def test_hd95_equals_medpy_on_real_masks(kaggle_root, shift):
+    from medpy.metric.binary import hd95 as medpy_hd95
+
+    truth = io.read_patient(kaggle_root / VAL_PATIENTS[1]).mask > 0
+    pred = np.roll(truth, shift, axis=(0, 1, 2))
+    pred[:, :2] = True  # a blob touching the array edge
+    assert hd95(pred, truth) == pytest.approx(medpy_hd95(pred, truth), abs=1e-9)
+    assert hd95(pred, truth, (2.0, 1.0, 1.0)) == pytest.approx(medpy_hd95(pred, truth, voxelspacing=(2.0, 1.0, 1.0)), abs=1e-9)
+
+
 def test_ground_truth_scores_one_against_itself(kaggle_root):
     vol = io.read_patient(kaggle_root / VAL_PATIENTS[0])
     assert dsc(vol.mask, vol.mask) == 1.0
