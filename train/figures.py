@@ -43,7 +43,7 @@ def examples_figure(data: Path, patients_file: str | None, model: str | None, ou
     cases.sort(key=lambda c: -c["dsc"])
     cols = 5
     rows = int(np.ceil(len(cases) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), dpi=90)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.6 * rows), dpi=90)
     for ax in np.atleast_1d(axes).ravel():
         ax.axis("off")
     for ax, c in zip(np.atleast_1d(axes).ravel(), cases):
