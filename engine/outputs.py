@@ -16,6 +16,7 @@ import numpy as np
 from segengine.engine.io import PatientVolume, write_mask_slices
 from segengine.engine.metrics import volume_metrics
 from segengine.engine.pipeline import Segmentation
+from segengine.engine.postprocess import border
 
 
 class OutputError(OSError):
@@ -59,12 +60,6 @@ def atomic_patient_dir(out: Path, patient_id: str, overwrite: bool) -> Iterator[
         raise
 
 
-def _outline(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage as ndi
-
-    return mask & ~ndi.binary_erosion(mask)
-
-
 def flair_rgb(image_slice: np.ndarray) -> np.ndarray:
     """FLAIR channel (index 1) of an HxWx3 uint8 slice as a contrast-stretched gray RGB image."""
     f = image_slice[..., 1].astype(np.float32)
@@ -76,8 +71,8 @@ def flair_rgb(image_slice: np.ndarray) -> np.ndarray:
 def overlay_slice(image_slice: np.ndarray, pred: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
     rgb = flair_rgb(image_slice)
     if truth is not None:
-        rgb[_outline(truth)] = (0, 220, 0)
-    rgb[_outline(pred)] = (255, 40, 40)
+        rgb[border(truth)] = (0, 220, 0)
+    rgb[border(pred)] = (255, 40, 40)
     return rgb
 
 

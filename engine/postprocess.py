@@ -23,6 +23,12 @@ class PostprocessConfig:
         return cls(largest_component=False)
 
 
+def border(mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` with a face-neighbour outside it (voxels on the array edge included)."""
+    mask = np.asarray(mask, dtype=bool)
+    return mask ^ ndi.binary_erosion(mask, structure=ndi.generate_binary_structure(mask.ndim, 1))
+
+
 def largest_component(mask: np.ndarray, structure: np.ndarray = FACE_CONNECTIVITY_3D) -> np.ndarray:
     """Keep the largest connected component (an empty mask stays empty)."""
     labels, n = ndi.label(mask, structure=structure)

@@ -61,6 +61,15 @@ def patient_copy(kaggle_root, tmp_path) -> Path:
     return dst
 
 
+def copy_model(weights: Path, folder: Path, exports: bool = False) -> Path:
+    """Copy a model's weights and card (and with ``exports`` its ONNX files and sidecars)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = weights.parent.glob(weights.stem + ".*") if exports else (weights, weights.with_suffix(".json"))
+    for f in files:
+        shutil.copy(f, folder / f.name)
+    return folder / weights.name
+
+
 @pytest.fixture(scope="session")
 def random_model(tmp_path_factory) -> Path:
     """A model with seeded random weights and a valid card: for export/bench mechanics,

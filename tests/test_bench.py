@@ -2,20 +2,17 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from conftest import TRAIN_PATIENT as PATIENT  # first folder of kaggle_root in sorted order
+from conftest import copy_model
 
 
 @pytest.fixture(scope="module")
 def model_path(random_model, tmp_path_factory) -> Path:
-    dst = tmp_path_factory.mktemp("model")
-    for f in (random_model, random_model.with_suffix(".json")):  # weights and card only: no exports
-        shutil.copy(f, dst / f.name)
-    return dst / random_model.name
+    return copy_model(random_model, tmp_path_factory.mktemp("model"))  # weights and card only: no exports
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from segengine.engine.model import ModelError, check_export, load_model_spec, sh
 from segengine.export.errors import ExportError, ExportToolMissing, ShapeMismatchError, ToleranceExceededError
 
 from conftest import TRAIN_PATIENT as CALIBRATION_PATIENT  # in splits/train.txt
+from conftest import copy_model
 SIZE = 256
 
 
@@ -32,19 +33,12 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _copy_model(src: Path, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in (src, src.with_suffix(".json")):
-        shutil.copy(f, folder / f.name)
-    return folder / src.name
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, random_model):
     """A dev-model copy with its fp32 ONNX export (made once): (spec, sidecar)."""
     from segengine.export.onnx_export import export_onnx
 
-    weights = _copy_model(random_model, tmp_path_factory.mktemp("model"))
+    weights = copy_model(random_model, tmp_path_factory.mktemp("model"))
     spec = load_model_spec(weights)
     side = export_onnx(spec, spec.export_path("onnx"), opset=17, threads=1)
     return load_model_spec(weights), side

@@ -6,7 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from conftest import VAL_PATIENTS
+from conftest import VAL_PATIENTS, copy_model
 from segengine.engine import backends as registry
 from segengine.engine.cli import main
 from segengine.engine.model import load_model_spec, sha256_file, shipped_model_path
@@ -54,20 +54,15 @@ def test_validate_on_real_patients(kaggle_root, val_patients_file, tmp_path, bac
     assert res.exit_code == 0, res.output
     assert "PASS" in res.output
     result = json.loads(out.read_text())
-    assert [r["patient"] for r in result["patients"]] == [p for p in VAL_PATIENTS]
+    assert [r["patient"] for r in result["patients"]] == VAL_PATIENTS
     assert result["passed"] and result["against"] == "torch"
 
 
 def test_validate_fails_on_a_mismatching_export(kaggle_root, val_patients_file, tmp_path, random_model):
     """An export of other weights put beside the shipped ones must FAIL (exit 1), not pass."""
-    import shutil
-
     from segengine.export.onnx_export import export_onnx
 
-    folder = tmp_path / "m"
-    folder.mkdir()
-    for f in shipped_model_path().parent.glob("resunet16.*"):
-        shutil.copy(f, folder / f.name)
+    folder = copy_model(shipped_model_path(), tmp_path / "m", exports=True).parent
     other = load_model_spec(random_model)
     export_onnx(other, folder / "resunet16.onnx", threads=1)
     sidecar = json.loads((folder / "resunet16.onnx.json").read_text())

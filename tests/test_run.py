@@ -14,7 +14,7 @@ import pytest
 import tifffile
 from click.testing import CliRunner
 
-from conftest import VAL_PATIENTS
+from conftest import VAL_PATIENTS, copy_model
 from segengine.engine.cli import main
 from segengine.engine.model import shipped_model_path
 
@@ -146,11 +146,7 @@ def test_bad_patient_folder(patient_copy, tmp_path, damage, words):
 
 
 def _model_copy(tmp_path, edit):
-    d = tmp_path / "model"
-    d.mkdir()
-    for f in MODEL.parent.glob(MODEL.stem + ".*"):
-        shutil.copy(f, d / f.name)
-    w = d / MODEL.name
+    w = copy_model(MODEL, tmp_path / "model", exports=True)
     edit(w)
     return w
 
