@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-BACKEND_NAMES = ["auto", "torch", "onnxruntime", "onnxruntime-int8", "tensorrt"]
+BACKEND_NAMES = ["auto", "torch", "onnxruntime", "onnxruntime-int8", "tensorrt", "triton"]
 EXIT_BAD_INPUT = 2
 
 
@@ -73,7 +73,8 @@ def _load_spec(model: str | None):
 @click.option("--patients", "patients_root", type=click.Path(path_type=Path), help="a folder of patient folders (kaggle_3m)")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="results go to OUT/<patient>/")
 @click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto", show_default=True,
-              help="auto = fastest backend available here that passed `segengine validate` for this model")
+              help="auto = fastest backend available here that passed `segengine validate` for this model; "
+                   "triton = the model served by a Triton server at $SEGENGINE_TRITON_URL")
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="model .pt with its card (default: shipped)")
 @click.option("--batch-size", type=click.IntRange(1, 512), default=32, show_default=True)
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="intra-op threads (default: all cores)")
@@ -81,8 +82,14 @@ def _load_spec(model: str | None):
 @click.option("--fill-holes", is_flag=True, help="also fill holes slice by slice after the largest-component step")
 @click.option("--gif", is_flag=True, help="also write slices.gif (all slices with outlines)")
 @click.option("--overwrite", is_flag=True, help="replace existing results in OUT")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="with --patients: spread patients over a Ray cluster (bare --ray: a local Ray instance; "
+                   "ADDRESS: auto, ray://head:10001, ...)")
+@click.option("--workers", type=click.IntRange(1, 100000), default=None,
+              help="with --ray: worker actors (default: cluster CPUs / --threads)")
 @user_errors
-def run(patient_dir, patients_root, out, backend, model, batch_size, threads, no_postprocess, fill_holes, gif, overwrite):
+def run(patient_dir, patients_root, out, backend, model, batch_size, threads, no_postprocess, fill_holes, gif, overwrite,
+        ray_address, workers):
     """Segment one patient (--patient) or every patient under a folder (--patients).
 
     \b
@@ -94,11 +101,24 @@ def run(patient_dir, patients_root, out, backend, model, batch_size, threads, no
     Examples:
       segengine run --patient kaggle_3m/TCGA_CS_4941_19960909 --out results
       segengine run --patients kaggle_3m --out results --backend onnxruntime --threads 2
+      segengine run --patients kaggle_3m --out results --ray            (local Ray, 1 worker per CPU)
+      segengine run --patients /shared/kaggle_3m --out /shared/results --ray auto
     """
     from segengine.engine.runner import run_patients
 
     if (patient_dir is None) == (patients_root is None):
         fail("give exactly one of --patient DIR or --patients ROOT")
+    if ray_address is not None:
+        if patients_root is None:
+            fail("--ray distributes an archive: use it with --patients ROOT")
+        from segengine.engine.ray_runner import run_patients_ray
+
+        summary = run_patients_ray(patients_root, out, backend, model, address=ray_address or None, workers=workers,
+                                   threads=threads or 1, batch_size=batch_size, postprocess=not no_postprocess,
+                                   fill_holes=fill_holes, gif=gif, overwrite=overwrite, echo=click.echo)
+        sys.exit(1 if summary.failed else 0)
+    if workers is not None:
+        fail("--workers needs --ray")
     _set_threads(threads)
     code = run_patients(patient_dir=patient_dir, patients_root=patients_root, out=out, backend_name=backend,
                         model=model, batch_size=batch_size, threads=threads, postprocess=not no_postprocess,
@@ -204,23 +224,45 @@ def validate(data_root, patients_file, backend, against, model, threads, json_pa
 @click.option("--train-list", type=click.Path(), help="calibration patients (training split only)")
 @click.option("--calibration-slices", type=int, default=300, show_default=True)
 @click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--triton", "triton_repo", type=click.Path(path_type=Path),
+              help="instead of exporting, write a Triton model repository here from the current exports")
+@click.option("--triton-device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="instance group of the ONNX models (TensorRT plans are always GPU)")
+@click.option("--max-batch-size", type=click.IntRange(1, 1024), default=64, show_default=True, help="with --triton")
+@click.option("--bench-json", type=click.Path(path_type=Path), help="with --triton: `segengine bench --json` file "
+              "whose fastest batch sizes become Triton's preferred_batch_size (default 8, 32)")
+@click.option("--overwrite", is_flag=True, help="with --triton: replace model folders that exist")
 @user_errors
-def export(model, kinds, data_root, train_list, calibration_slices, opset):
+def export(model, kinds, data_root, train_list, calibration_slices, opset, triton_repo, triton_device, max_batch_size,
+           bench_json, overwrite):
     """Export to ONNX (fp32), ONNX INT8 (static QDQ) and a TensorRT FP16 engine, each verified.
 
     \b
     Files land beside the weights (<name>.onnx, <name>.int8.onnx, <name>.fp16.plan),
     each with a sidecar <file>.json naming the weights' SHA-256 it came from.
+    With --triton REPO, the current exports are laid out as a Triton Inference Server
+    model repository (REPO/<model>/config.pbtxt, REPO/<model>/1/model.onnx|model.plan),
+    each config checked against Triton's ModelConfig message.
 
     \b
-    Example:
+    Examples:
       segengine export --data kaggle_3m --train-list ../shared/data/lgg/splits/train.txt
+      segengine export --triton triton_repo --bench-json docs/bench.json
     """
     from segengine.export.api import export_model
     from segengine.export.errors import ExportError
 
     spec = _load_spec(model)
     wanted = tuple(k.strip() for k in kinds.split(",") if k.strip())
+    if triton_repo is not None:
+        from segengine.export.triton import write_repository
+
+        try:
+            write_repository(spec, triton_repo, device=triton_device, max_batch_size=max_batch_size,
+                             bench_json=bench_json, overwrite=overwrite, kinds=wanted, log=click.echo)
+        except ExportError as exc:
+            fail(str(exc))
+        return
     try:
         results = export_model(spec, kinds=wanted, data_root=data_root, train_list=train_list,
                                calibration_slices_n=calibration_slices, opset=opset, log=click.echo)

@@ -55,17 +55,29 @@ def run_patients(patient_dir: Path | None, patients_root: Path | None, out: Path
     try:
         if patient_dir is not None:
             t0 = time.perf_counter()
-            vol = read_patient(patient_dir)
-            read_s = time.perf_counter() - t0
-            seg = segment(vol, backend, "native", batch_size, post)
-            timings = {"model_load": load_s, "read": read_s, **seg.timings}
-            rep = report_dict(vol, seg, name, spec.sha256, spec.name, asdict(post), timings)
-            write_patient(out, vol, seg, rep, overwrite=overwrite, gif=gif)
+            rep = process_patient(patient_dir, out, backend, name, spec, post, batch_size, overwrite, gif,
+                                  extra_timings={"model_load": load_s})
             echo(_summary_line(rep, time.perf_counter() - t0))
             return 0
         return _run_many(patients_root, out, backend, name, spec, post, batch_size, overwrite, gif, load_s, echo)
     finally:
         backend.close()
+
+
+def process_patient(folder: Path, out: Path, backend, name: str, spec, post: PostprocessConfig, batch_size: int = 32,
+                    overwrite: bool = False, gif: bool = False, extra_timings: dict[str, float] | None = None) -> dict:
+    """Read, segment and atomically write one patient; returns its report.
+
+    The one-patient unit of work of `run --patient` and of each Ray worker.
+    """
+    t0 = time.perf_counter()
+    vol = read_patient(folder)
+    read_s = time.perf_counter() - t0
+    seg = segment(vol, backend, "native", batch_size, post)
+    timings = {**(extra_timings or {}), "read": read_s, **seg.timings}
+    rep = report_dict(vol, seg, name, spec.sha256, spec.name, asdict(post), timings)
+    write_patient(out, vol, seg, rep, overwrite=overwrite, gif=gif)
+    return rep
 
 
 def _run_many(root: Path, out: Path, backend, name: str, spec, post: PostprocessConfig, batch_size: int,

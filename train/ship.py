@@ -58,13 +58,16 @@ def main(argv=None) -> int:
             "steps": ck["step"], "batch_size": config["batch_size"], "optimizer": "AdamW",
             "lr": config["lr"], "weight_decay": config["weight_decay"], "schedule": "one-cycle (10% warm-up, cosine)",
             "loss": "BCE + batch soft Dice, deep supervision 1 / 0.5 / 0.25",
-            "augmentation": "flip, rotation +-15 deg, scale 0.9-1.1, shift +-5%, channel gain/bias",
+            "augmentation": "flip, rotation +-15 deg, scale 0.9-1.1, shift +-5%, channel gain/bias"
+                            + (f", random {config['crop']}x{config['crop']} windows" if config.get("crop") else ""),
             "sampling": f"{config['tumor_sampling']:.0%} of draws weighted by tumor area, rest uniform",
             "seed": config["seed"], "threads": config["threads"],
             "cpu_minutes": round(ck["elapsed_s"] / 60, 1),
             "machine": f"{platform.processor() or platform.machine()}, CPU only",
             "checkpoint": "last step (not selected on validation patients)",
-            "command": f"segengine train --data ../shared/data/lgg --out {run} --steps {config['steps']}",
+            "command": f"segengine train --data ../shared/data/lgg --out {run} --steps {config['steps']}"
+                       + (f" --crop {config['crop']}" if config.get("crop") else "")
+                       + (f" --epoch-steps {config['epoch_steps']}" if config.get("epoch_steps", 250) != 250 else ""),
         },
         "validation_history_reference_protocol": [{"step": h["step"], "dsc": round(h["val_dsc_reference"], 4)} for h in history],
         "sha256": sha256_file(out),

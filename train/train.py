@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--tumor-sampling", type=float, default=0.5,
                     help="share of draws weighted by tumor area (the rest uniform over slices)")
+    ap.add_argument("--crop", type=int, default=0,
+                    help="train on random CROPxCROP windows of the augmented 256 slices (0: whole slices); "
+                         "the network is fully convolutional, so it still runs on whole slices")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -70,6 +73,18 @@ def augment(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator) -> 
     gain = 1 + 0.1 * torch.randn(n, 3, 1, 1, generator=gen)
     bias = 0.1 * torch.randn(n, 3, 1, 1, generator=gen)
     return images * gain + bias, masks
+
+
+def random_crop(images: torch.Tensor, masks: torch.Tensor, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random size x size window per slice (a 192 crop halves a training step's cost)."""
+    n, (h, w) = images.shape[0], images.shape[-2:]
+    if not 0 < size < min(h, w):
+        return images, masks
+    tops = torch.randint(0, h - size + 1, (n,), generator=gen).tolist()
+    lefts = torch.randint(0, w - size + 1, (n,), generator=gen).tolist()
+    windows = [(slice(None), slice(t, t + size), slice(l, l + size)) for t, l in zip(tops, lefts)]
+    return (torch.stack([img[win] for img, win in zip(images, windows)]),
+            torch.stack([m[win] for m, win in zip(masks, windows)]))
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -185,6 +200,8 @@ def main(argv=None) -> int:
         x = torch.from_numpy(train_set.images[idx].astype(np.float32))
         y = torch.from_numpy(train_set.masks[idx].astype(np.float32))[:, None]
         x, y = augment(x, y, gen)
+        if args.crop:
+            x, y = random_crop(x, y, args.crop, gen)
         outputs = model(x)
         outputs = outputs if isinstance(outputs, list) else [outputs]
         loss = sum(w * dice_bce_loss(o, y) for w, o in zip(ds_weights, outputs))

@@ -10,6 +10,7 @@ REGISTRY: dict[str, str] = {
     "onnxruntime": "segengine.engine.backends.onnxruntime_backend:OnnxRuntimeBackend",
     "onnxruntime-int8": "segengine.engine.backends.onnxruntime_backend:OnnxRuntimeInt8Backend",
     "tensorrt": "segengine.engine.backends.tensorrt_backend:TensorRTBackend",
+    "triton": "segengine.engine.backends.triton_backend:TritonBackend",  # remote; never picked by auto
 }
 NAMES = ["auto", *REGISTRY]
 # Fastest first, as measured by `segengine bench` on CPU (README); tensorrt wins where present.
@@ -44,6 +45,8 @@ def validated(spec, name: str) -> bool:
     if name == "torch":
         return True
     kind = backend_class(name).export_kind
+    if kind is None:
+        return False
     side = spec.sidecar(kind) or {}
     record = side.get("validation") or {}
     return bool(record.get("passed")) and side.get("source_sha256") == spec.sha256

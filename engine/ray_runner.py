@@ -1,0 +1,208 @@
+"""`segengine run --patients ROOT --out OUT --ray [ADDRESS]`: an archive spread over a Ray cluster.
+
+Each worker is a long-lived Ray actor that loads the model once and segments one patient
+per call with the same code as a local run (``runner.process_patient``), writing
+``OUT/<patient>/`` with the same temp-folder-and-rename rule. The driver hands patients
+out one at a time (pull model), so a slow node never hoards work. A worker that dies
+mid-patient (node lost, OOM, killed) is replaced and its patient is put back at the front
+of the queue for the next free worker, up to ``max_attempts`` tries. Patients whose
+results already exist in OUT are skipped, so re-running a job resumes it.
+
+ROOT, OUT and a non-default ``--model`` must be reachable under the same paths from every
+node (a shared filesystem), and every node needs segengine installed.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from segengine.engine import backends as registry
+from segengine.engine.backends.base import BackendUnavailable
+from segengine.engine.io import NotAFolderError, list_patients
+from segengine.engine.model import load_model_spec
+from segengine.engine.outputs import check_out_dir
+from segengine.engine.postprocess import PostprocessConfig
+
+DEFAULT_MAX_ATTEMPTS = 3
+
+
+@dataclass
+class RayJobSummary:
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)
+    workers_lost: int = 0
+    workers: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def patients_per_s(self) -> float:
+        return len(self.done) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"done {len(self.done)}, skipped {len(self.skipped)} (results exist), failed {len(self.failed)}, "
+                f"retried {len(self.retried)} (workers lost {self.workers_lost}) in {self.elapsed_s:.2f} s "
+                f"({self.patients_per_s:.2f} patients/s, {self.workers} Ray workers)")
+
+
+class SegmentWorker:
+    """Ray actor body: one backend session for the actor's lifetime, one patient per call."""
+
+    def __init__(self, model: str | None, backend_name: str, threads: int, post: dict, batch_size: int,
+                 overwrite: bool, gif: bool):
+        t = time.perf_counter()
+        self.spec = load_model_spec(model)
+        self.name = backend_name
+        self.backend = registry.create(backend_name, self.spec, threads=threads).load()
+        self.load_s = time.perf_counter() - t
+        self.post = PostprocessConfig(**post)
+        self.batch_size, self.overwrite, self.gif = batch_size, overwrite, gif
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def process(self, folder: str, out: str) -> dict:
+        """{"patient", "status": "done"|"failed", "line"|"error"}; data errors are results, not crashes."""
+        from segengine.engine.io import DataError
+        from segengine.engine.outputs import OutputError
+        from segengine.engine.preprocess import EmptyVolumeError
+        from segengine.engine.runner import _summary_line, process_patient
+
+        t0 = time.perf_counter()
+        try:
+            rep = process_patient(Path(folder), Path(out), self.backend, self.name, self.spec, self.post,
+                                  self.batch_size, self.overwrite, self.gif)
+        except (DataError, EmptyVolumeError, OutputError, OSError) as exc:
+            return {"patient": Path(folder).name, "status": "failed", "error": str(exc)}
+        return {"patient": rep["patient"], "status": "done", "line": _summary_line(rep, time.perf_counter() - t0),
+                "pid": os.getpid()}
+
+
+def _remove_partials(out: Path, patients: list[str]) -> None:
+    """Temp folders left by workers that died while writing (the driver is the only one left)."""
+    for pid in patients:
+        for tmp in list(out.glob(f".{pid}.partial-*")) + list(out.glob(f".{pid}.old-*")):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: Path | None, address: str | None = None,
+                     workers: int | None = None, threads: int = 1, batch_size: int = 32, postprocess: bool = True,
+                     fill_holes: bool = False, gif: bool = False, overwrite: bool = False,
+                     max_attempts: int = DEFAULT_MAX_ATTEMPTS, echo: Callable[..., None] = print,
+                     on_submit: Callable[[str, int], None] | None = None) -> RayJobSummary:
+    """Segment every patient under ``patients_root`` on Ray; returns the job summary.
+
+    ``address`` None starts a local Ray instance (or reuses one already initialised in this
+    process); otherwise it is passed to ``ray.init`` ("auto", "ray://head:10001", ...).
+    ``on_submit(patient, worker_pid)`` is called as each patient is handed to a worker.
+    """
+    try:
+        import ray
+        from ray.exceptions import RayActorError
+    except ImportError:
+        raise BackendUnavailable("--ray needs Ray: pip install 'segengine[scale]'") from None
+    from tqdm import tqdm
+
+    if not patients_root.is_dir():
+        raise NotAFolderError(f"{patients_root}: no such folder")
+    check_out_dir(out, [patients_root])
+    spec = load_model_spec(model)
+    name = registry.resolve(backend_name, spec)
+    folders = list_patients(patients_root)
+    summary = RayJobSummary()
+    todo = []
+    for f in folders:
+        if (out / f.name).exists() and not overwrite:
+            summary.skipped.append(f.name)
+        else:
+            todo.append(f)
+    if not todo:
+        echo(summary.line())
+        return summary
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        kwargs = {"address": address} if address else {"num_cpus": os.cpu_count(), "object_store_memory": 200 * 2**20}
+        try:
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError...
+            raise BackendUnavailable(f"cannot start or reach Ray ({address or 'local'}): "
+                                     f"{str(exc).splitlines()[0][:200]}") from None
+    try:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        n_workers = max(1, min(workers or cpus // max(threads, 1), len(todo)))
+        summary.workers = n_workers
+        post = asdict(PostprocessConfig(largest_component=postprocess, fill_holes_2d=fill_holes))
+        model_arg = None if model is None else str(Path(model).resolve())
+        actor_cls = ray.remote(SegmentWorker).options(
+            num_cpus=threads, max_restarts=0, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
+
+        def new_worker():
+            actor = actor_cls.remote(model_arg, name, threads, post, batch_size, overwrite, gif)
+            return actor, ray.get(actor.pid.remote())
+
+        try:
+            idle = [new_worker() for _ in range(n_workers)]
+        except RayActorError as exc:
+            raise BackendUnavailable(f"Ray workers could not load the model: {str(exc).splitlines()[0][:200]}") from None
+        pending = deque(todo)
+        attempts: Counter[str] = Counter()
+        inflight = {}
+        t_start = time.perf_counter()
+        bar = tqdm(total=len(folders), initial=len(summary.skipped), desc="patients", unit="patient", file=sys.stderr,
+                   disable=None)
+        while pending or inflight:
+            while idle and pending:
+                (actor, pid), folder = idle.pop(), pending.popleft()
+                attempts[folder.name] += 1
+                inflight[actor.process.remote(str(folder.resolve()), str(out.resolve()))] = (actor, pid, folder)
+                if on_submit:
+                    on_submit(folder.name, pid)
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            actor, pid, folder = inflight.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except RayActorError:
+                summary.workers_lost += 1
+                if attempts[folder.name] < max_attempts:
+                    summary.retried.append(folder.name)
+                    pending.appendleft(folder)
+                    bar.write(f"segengine: worker {pid} died on {folder.name}; retrying it on another worker")
+                else:
+                    summary.failed.append((folder.name, f"worker died on each of {attempts[folder.name]} attempts"))
+                    bar.update(1)
+                try:
+                    idle.append(new_worker())
+                except RayActorError:
+                    bar.write("segengine: could not start a replacement worker")
+                if not idle and not inflight and pending:
+                    summary.failed.extend((f.name, "no Ray worker left") for f in pending)
+                    pending.clear()
+                continue
+            idle.append((actor, pid))
+            if result["status"] == "done":
+                summary.done.append(result["patient"])
+                bar.write(result["line"])
+            else:
+                summary.failed.append((result["patient"], result["error"]))
+                bar.write(f"segengine: failed {result['patient']}: {result['error']}")
+            bar.update(1)
+        bar.close()
+        summary.elapsed_s = time.perf_counter() - t_start
+        for actor, _ in idle:
+            ray.kill(actor)
+    finally:
+        if started_here:
+            ray.shutdown()
+    _remove_partials(out, [f.name for f in todo])
+    echo(summary.line())
+    for pid, why in summary.failed:
+        echo(f"  failed: {pid}: {why}")
+    return summary
