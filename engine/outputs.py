@@ -39,17 +39,33 @@ def check_out_dir(out: Path, inputs: list[Path]) -> None:
         raise OutputError(f"{out}: output folder is not writable ({exc.strerror or exc})") from None
 
 
+def _temp_prefixes(patient_id: str) -> tuple[str, str]:
+    """Names of atomic_patient_dir's temporary folders: (being written, being replaced)."""
+    return f".{patient_id}.partial-", f".{patient_id}.old-"
+
+
+def remove_leftover_temp_dirs(out: Path, patient_id: str) -> None:
+    """Remove temporary folders a killed writer of ``patient_id`` left in ``out``.
+
+    Only safe once no writer of that patient can still be running (e.g. at the end of a job).
+    """
+    for prefix in _temp_prefixes(patient_id):
+        for tmp in out.glob(prefix + "*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextmanager
 def atomic_patient_dir(out: Path, patient_id: str, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder renamed to ``out/patient_id`` only if the block completes."""
     final = out / patient_id
     if final.exists() and not overwrite:
         raise OutputError(f"{final}: results exist (use --overwrite to replace them)")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{patient_id}.partial-", dir=out))
+    partial, old = _temp_prefixes(patient_id)
+    tmp = Path(tempfile.mkdtemp(prefix=partial, dir=out))
     try:
         yield tmp
         if final.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{patient_id}.old-", dir=out))
+            trash = Path(tempfile.mkdtemp(prefix=old, dir=out))
             os.replace(final, trash / "old")
             os.replace(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)

@@ -14,7 +14,6 @@ node (a shared filesystem), and every node needs segengine installed.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from collections import Counter, deque
@@ -26,7 +25,7 @@ from segengine.engine import backends as registry
 from segengine.engine.backends.base import BackendUnavailable
 from segengine.engine.io import NotAFolderError, list_patients
 from segengine.engine.model import load_model_spec
-from segengine.engine.outputs import check_out_dir
+from segengine.engine.outputs import check_out_dir, remove_leftover_temp_dirs
 from segengine.engine.postprocess import PostprocessConfig
 
 DEFAULT_MAX_ATTEMPTS = 3
@@ -83,13 +82,6 @@ class SegmentWorker:
             return {"patient": Path(folder).name, "status": "failed", "error": str(exc)}
         return {"patient": rep["patient"], "status": "done", "line": _summary_line(rep, time.perf_counter() - t0),
                 "pid": os.getpid()}
-
-
-def _remove_partials(out: Path, patients: list[str]) -> None:
-    """Temp folders left by workers that died while writing (the driver is the only one left)."""
-    for pid in patients:
-        for tmp in list(out.glob(f".{pid}.partial-*")) + list(out.glob(f".{pid}.old-*")):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: Path | None, address: str | None = None,
@@ -201,7 +193,8 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
     finally:
         if started_here:
             ray.shutdown()
-    _remove_partials(out, [f.name for f in todo])
+    for folder in todo:  # temp folders of workers that died while writing; every worker is gone now
+        remove_leftover_temp_dirs(out, folder.name)
     echo(summary.line())
     for pid, why in summary.failed:
         echo(f"  failed: {pid}: {why}")
