@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -27,28 +27,9 @@ from segengine.engine.io import NotAFolderError, list_patients
 from segengine.engine.model import load_model_spec
 from segengine.engine.outputs import check_out_dir, remove_leftover_temp_dirs
 from segengine.engine.postprocess import PostprocessConfig
+from segengine.engine.runner import JobSummary
 
 DEFAULT_MAX_ATTEMPTS = 3
-
-
-@dataclass
-class RayJobSummary:
-    done: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    retried: list[str] = field(default_factory=list)
-    workers_lost: int = 0
-    workers: int = 0
-    elapsed_s: float = 0.0
-
-    @property
-    def patients_per_s(self) -> float:
-        return len(self.done) / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    def line(self) -> str:
-        return (f"done {len(self.done)}, skipped {len(self.skipped)} (results exist), failed {len(self.failed)}, "
-                f"retried {len(self.retried)} (workers lost {self.workers_lost}) in {self.elapsed_s:.2f} s "
-                f"({self.patients_per_s:.2f} patients/s, {self.workers} Ray workers)")
 
 
 class SegmentWorker:
@@ -88,7 +69,7 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
                      workers: int | None = None, threads: int = 1, batch_size: int = 32, postprocess: bool = True,
                      fill_holes: bool = False, gif: bool = False, overwrite: bool = False,
                      max_attempts: int = DEFAULT_MAX_ATTEMPTS, echo: Callable[..., None] = print,
-                     on_submit: Callable[[str, int], None] | None = None) -> RayJobSummary:
+                     on_submit: Callable[[str, int], None] | None = None) -> JobSummary:
     """Segment every patient under ``patients_root`` on Ray; returns the job summary.
 
     ``address`` None starts a local Ray instance (or reuses one already initialised in this
@@ -108,7 +89,7 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
     spec = load_model_spec(model)
     name = registry.resolve(backend_name, spec)
     folders = list_patients(patients_root)
-    summary = RayJobSummary()
+    summary = JobSummary()
     todo = []
     for f in folders:
         if (out / f.name).exists() and not overwrite:
@@ -116,7 +97,7 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
         else:
             todo.append(f)
     if not todo:
-        echo(summary.line())
+        summary.echo(echo)
         return summary
 
     started_here = not ray.is_initialized()
@@ -195,7 +176,5 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
             ray.shutdown()
     for folder in todo:  # temp folders of workers that died while writing; every worker is gone now
         remove_leftover_temp_dirs(out, folder.name)
-    echo(summary.line())
-    for pid, why in summary.failed:
-        echo(f"  failed: {pid}: {why}")
+    summary.echo(echo)
     return summary

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +21,40 @@ from segengine.engine.preprocess import EmptyVolumeError
 # Patients whose slices share inference batches in a --patients run: enough to fill
 # batches of 32 across patient boundaries, few enough to keep memory small.
 PATIENTS_PER_CHUNK = 4
+
+
+@dataclass
+class JobSummary:
+    """What a --patients job did, local or on Ray: one record, one closing line."""
+
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)
+    workers_lost: int = 0
+    workers: int = 0  # Ray workers; 0 for a local run
+    load_s: float | None = None  # model load of a local run
+    elapsed_s: float = 0.0
+
+    @property
+    def patients_per_s(self) -> float:
+        return len(self.done) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def line(self) -> str:
+        line = f"done {len(self.done)}, skipped {len(self.skipped)} (results exist), failed {len(self.failed)}"
+        if self.workers:
+            line += f", retried {len(self.retried)} (workers lost {self.workers_lost})"
+        line += f" in {self.elapsed_s:.2f} s ({self.patients_per_s:.2f} patients/s"
+        if self.workers:
+            line += f", {self.workers} Ray workers"
+        if self.load_s is not None:
+            line += f", model load {self.load_s:.2f} s"
+        return line + ")"
+
+    def echo(self, echo: Callable[..., None]) -> None:
+        echo(self.line())
+        for patient, why in self.failed:
+            echo(f"  failed: {patient}: {why}")
 
 
 def _summary_line(report: dict, total_s: float) -> str:
@@ -85,14 +119,14 @@ def _run_many(root: Path, out: Path, backend, name: str, spec, post: Postprocess
     from tqdm import tqdm
 
     folders = list_patients(root)
-    done, skipped, failed = [], [], []
+    summary = JobSummary(load_s=load_s)
     t_start = time.perf_counter()
     bar = tqdm(total=len(folders), desc="patients", unit="patient", file=sys.stderr, disable=None)
     for c in range(0, len(folders), PATIENTS_PER_CHUNK):
         chunk = []
         for folder in folders[c : c + PATIENTS_PER_CHUNK]:
             if (out / folder.name).exists() and not overwrite:
-                skipped.append(folder.name)
+                summary.skipped.append(folder.name)
                 bar.update(1)
                 continue
             try:
@@ -103,7 +137,7 @@ def _run_many(root: Path, out: Path, backend, name: str, spec, post: Postprocess
                 timings = {"read": t1 - t0, "preprocess": time.perf_counter() - t1}
                 chunk.append((vol, pre, timings))
             except (DataError, EmptyVolumeError, OSError) as exc:
-                failed.append((folder.name, str(exc)))
+                summary.failed.append((folder.name, str(exc)))
                 bar.write(f"segengine: skipped {folder.name}: {exc}")
                 bar.update(1)
         if not chunk:
@@ -121,21 +155,17 @@ def _run_many(root: Path, out: Path, backend, name: str, spec, post: Postprocess
                 seg = finish_patient(vol, pre, probs[offset : offset + n], "native", post, timings)
                 rep = report_dict(vol, seg, name, spec.sha256, spec.name, asdict(post), timings)
                 write_patient(out, vol, seg, rep, overwrite=overwrite, gif=gif)
-                done.append(vol.patient_id)
+                summary.done.append(vol.patient_id)
                 bar.write(_summary_line(rep, sum(rep["timings_s"].values())))
             except (OutputError, OSError) as exc:
-                failed.append((vol.patient_id, str(exc)))
+                summary.failed.append((vol.patient_id, str(exc)))
                 bar.write(f"segengine: failed {vol.patient_id}: {exc}")
             offset += n
             bar.update(1)
     bar.close()
-    elapsed = time.perf_counter() - t_start
-    rate = len(done) / elapsed if elapsed > 0 else 0.0
-    echo(f"done {len(done)}, skipped {len(skipped)} (results exist), failed {len(failed)} "
-         f"in {elapsed:.2f} s ({rate:.2f} patients/s, model load {load_s:.2f} s)")
-    for pid, why in failed:
-        echo(f"  failed: {pid}: {why}")
-    return 1 if failed else 0
+    summary.elapsed_s = time.perf_counter() - t_start
+    summary.echo(echo)
+    return 1 if summary.failed else 0
 
 
 def evaluate_model(data_root: Path, model: str | None, protocol: str, backend_name: str = "torch",
