@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"architecture": arch, "state_dict": model.state_dict()}, out)
     history = ck["history"]
+    refine = config.get("refine_channels", 0)
     card = {
         "name": out.stem,
         "task": "FLAIR abnormality (lower-grade glioma) segmentation, LGG kaggle_3m slices",
@@ -57,8 +58,10 @@ def main(argv=None) -> int:
             "data_split": {"train": "splits/train.txt (90 patients)", "validation": "splits/reference_validation.txt (10 patients, logged only)"},
             "steps": ck["step"], "batch_size": config["batch_size"], "optimizer": "AdamW",
             "lr": config["lr"], "weight_decay": config["weight_decay"], "schedule": "one-cycle (10% warm-up, cosine)",
-            "loss": "BCE + batch soft Dice, deep supervision 1 / 0.5 / 0.25",
+            "loss": "BCE + batch soft Dice, deep supervision "
+                    + ("1 (refined) / 0.5 (half resolution) / 0.5 / 0.25" if refine else "1 / 0.5 / 0.25"),
             "augmentation": "flip, rotation +-15 deg, scale 0.9-1.1, shift +-5%, channel gain/bias"
+                            + (", per-channel gamma 0.7-1.5 and contrast 0.75-1.25" if config.get("intensity_aug") else "")
                             + (f", random {config['crop']}x{config['crop']} windows" if config.get("crop") else ""),
             "sampling": f"{config['tumor_sampling']:.0%} of draws weighted by tumor area, rest uniform",
             "seed": config["seed"], "threads": config["threads"],
@@ -67,6 +70,8 @@ def main(argv=None) -> int:
             "checkpoint": "last step (not selected on validation patients)",
             "command": f"segengine train --data ../shared/data/lgg --out {run} --steps {config['steps']}"
                        + (f" --crop {config['crop']}" if config.get("crop") else "")
+                       + (f" --refine-channels {refine}" if refine else "")
+                       + (" --intensity-aug" if config.get("intensity_aug") else "")
                        + (f" --epoch-steps {config['epoch_steps']}" if config.get("epoch_steps", 250) != 250 else ""),
         },
         "validation_history_reference_protocol": [{"step": h["step"], "dsc": round(h["val_dsc_reference"], 4)} for h in history],

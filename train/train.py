@@ -39,6 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--arch", default="resunet", choices=["resunet", "reference_unet"])
     ap.add_argument("--base-channels", type=int, default=16)
     ap.add_argument("--no-deep-supervision", action="store_true")
+    ap.add_argument("--refine-channels", type=int, default=0,
+                    help="width of the full-resolution refinement branch (0: none; resunet only)")
+    ap.add_argument("--intensity-aug", action="store_true",
+                    help="add per-channel gamma (0.7-1.5) and contrast (0.75-1.25) to the augmentation")
     ap.add_argument("--steps", type=int, default=5000)
     ap.add_argument("--epoch-steps", type=int, default=250, help="steps between checkpoints/validation")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -52,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    ap.add_argument("--stop-after", type=int, default=0, metavar="STEP",
+                    help="exit after checkpointing at this step (a multiple of --epoch-steps) to split a run "
+                         "across sessions; --resume continues it exactly")
     ap.add_argument("--cache-dir", default=".cache")
     return ap.parse_args(argv)
 
@@ -73,6 +80,27 @@ def augment(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator) -> 
     gain = 1 + 0.1 * torch.randn(n, 3, 1, 1, generator=gen)
     bias = 0.1 * torch.randn(n, 3, 1, 1, generator=gen)
     return images * gain + bias, masks
+
+
+def intensity_augment(images: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """Per-slice, per-channel gamma and contrast changes (half the slices each).
+
+    The lesion rims that the model misses are less hyperintense than their cores; varying
+    the intensity curve teaches it not to rely on one brightness level. Gamma is applied
+    on each channel's [min, max] range so it works on the normalized (signed) values.
+    """
+    n, c = images.shape[:2]
+    lo = images.amin(dim=(2, 3), keepdim=True)
+    hi = images.amax(dim=(2, 3), keepdim=True)
+    unit = ((images - lo) / (hi - lo + 1e-6)).clamp(0, 1)
+    gamma = torch.exp(torch.empty(n, c, 1, 1).uniform_(math.log(0.7), math.log(1.5), generator=gen))
+    apply_gamma = torch.rand(n, c, 1, 1, generator=gen) < p
+    unit = torch.where(apply_gamma, unit.pow(gamma), unit)
+    out = lo + unit * (hi - lo)
+    mean = out.mean(dim=(2, 3), keepdim=True)
+    contrast = torch.empty(n, c, 1, 1).uniform_(0.75, 1.25, generator=gen)
+    apply_contrast = torch.rand(n, c, 1, 1, generator=gen) < p
+    return torch.where(apply_contrast, (out - mean) * contrast + mean, out)
 
 
 def random_crop(images: torch.Tensor, masks: torch.Tensor, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,6 +190,8 @@ def main(argv=None) -> int:
     arch = {"name": args.arch, "base_channels": args.base_channels}
     if args.arch == "resunet":
         arch["deep_supervision"] = not args.no_deep_supervision
+        if args.refine_channels:
+            arch["refine_channels"] = args.refine_channels
     model = build_model(arch)
     flops = count_flops(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -190,7 +220,8 @@ def main(argv=None) -> int:
 
     writer = SummaryWriter(str(out / "tb"))
     weights = slice_weights(train_set.masks, args.tumor_sampling)
-    ds_weights = [1.0, 0.5, 0.25]
+    # refined logits, then (with refinement) the half-resolution logits, then the two coarse decoder levels
+    ds_weights = [1.0, 0.5, 0.5, 0.25] if arch.get("refine_channels") else [1.0, 0.5, 0.25]
     bar = tqdm(total=args.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=5)
     running = []
     t_start = time.time() - elapsed
@@ -202,6 +233,8 @@ def main(argv=None) -> int:
         x, y = augment(x, y, gen)
         if args.crop:
             x, y = random_crop(x, y, args.crop, gen)
+        if args.intensity_aug:
+            x = intensity_augment(x, gen)
         outputs = model(x)
         outputs = outputs if isinstance(outputs, list) else [outputs]
         loss = sum(w * dice_bce_loss(o, y) for w, o in zip(ds_weights, outputs))
@@ -237,6 +270,11 @@ def main(argv=None) -> int:
             torch.save(ck, tmp)
             os.replace(tmp, ckpt_path)
             (out / "history.json").write_text(json.dumps(history, indent=2))
+            if args.stop_after and step >= args.stop_after and step < args.steps:
+                bar.close()
+                writer.close()
+                print(f"stopped at step {step} of {args.steps}; continue with --resume", flush=True)
+                return 0
     bar.close()
     writer.close()
     torch.save({"architecture": arch, "state_dict": model.state_dict()}, out / "final_weights.pt")

@@ -1,0 +1,123 @@
+"""Training: network shapes, augmentation, and a tiny real run that resumes exactly."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TRAIN_PATIENT, VAL_PATIENTS
+from segengine.engine.network import build_model, count_flops
+from segengine.train import train as train_mod
+
+ARCHS = [
+    {"name": "resunet", "base_channels": 4, "deep_supervision": True},
+    {"name": "resunet", "base_channels": 4, "deep_supervision": False},
+    {"name": "resunet", "base_channels": 4, "deep_supervision": True, "refine_channels": 4},
+    {"name": "resunet", "base_channels": 4, "deep_supervision": False, "refine_channels": 4},
+]
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"ds{int(a['deep_supervision'])}-refine{a.get('refine_channels', 0)}")
+@pytest.mark.parametrize("size", [256, 192, 64])
+def test_resunet_outputs_logits_on_the_input_grid(arch, size):
+    torch.manual_seed(0)
+    model = build_model(arch)
+    x = torch.randn(2, 3, size, size)
+    model.train()
+    out = model(x)
+    outputs = out if isinstance(out, list) else [out]
+    expected = (1 + 2 + ("refine_channels" in arch)) if arch["deep_supervision"] else 1
+    assert len(outputs) == expected
+    assert all(o.shape == (2, 1, size, size) for o in outputs)
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (2, 1, size, size)
+
+
+def test_refinement_branch_costs_what_the_card_says():
+    plain = count_flops(build_model({"name": "resunet", "base_channels": 16}))
+    refined = count_flops(build_model({"name": "resunet", "base_channels": 16, "refine_channels": 8}))
+    # the branch works on 256x256: (3->8) + (24->8) + (8->8) 3x3 convs and a 1x1 head
+    branch = 2 * 256 * 256 * (9 * 3 * 8 + 9 * 24 * 8 + 9 * 8 * 8 + 8)
+    assert refined - plain == pytest.approx(branch, rel=0.02)
+    assert refined <= 24e9 / 10
+
+
+def test_refinement_needs_the_stride_2_stem():
+    with pytest.raises(ValueError, match="stem_stride 2"):
+        build_model({"name": "resunet", "base_channels": 4, "stem_stride": 1, "refine_channels": 4})
+
+
+def test_intensity_augment_is_seeded_and_the_identity_at_probability_0():
+    x = torch.randn(8, 3, 32, 32)
+    a = train_mod.intensity_augment(x, torch.Generator().manual_seed(1))
+    b = train_mod.intensity_augment(x, torch.Generator().manual_seed(1))
+    c = train_mod.intensity_augment(x, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.isfinite(a).all() and a.shape == x.shape
+    g = train_mod.intensity_augment(x, torch.Generator().manual_seed(3), p=0.0)
+    assert torch.allclose(g, x, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_run_args(kaggle_root, tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    (d / "train.txt").write_text(TRAIN_PATIENT + "\n")
+    (d / "val.txt").write_text(VAL_PATIENTS[0] + "\n")
+
+    def args(out: str, *extra: str) -> list[str]:
+        return ["--data", str(kaggle_root), "--train-list", str(d / "train.txt"), "--val-list", str(d / "val.txt"),
+                "--out", str(d / out), "--base-channels", "4", "--refine-channels", "4", "--intensity-aug",
+                "--batch-size", "2", "--crop", "64", "--steps", "4", "--epoch-steps", "2", "--threads", "1",
+                "--cache-dir", str(d / "cache"), *extra]
+
+    return d, args
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_run_args):
+    d, args = tiny_run_args
+    assert train_mod.main(args("straight")) == 0
+    assert train_mod.main(args("split", "--stop-after", "2")) == 0
+    assert not (d / "split" / "final_weights.pt").exists()
+    assert json.loads((d / "split" / "history.json").read_text())[-1]["step"] == 2
+    assert train_mod.main(args("split", "--resume")) == 0
+
+    straight = torch.load(d / "straight" / "final_weights.pt", weights_only=True)
+    resumed = torch.load(d / "split" / "final_weights.pt", weights_only=True)
+    assert straight["architecture"] == resumed["architecture"]
+    assert straight["architecture"]["refine_channels"] == 4
+    for name, tensor in straight["state_dict"].items():
+        assert torch.equal(tensor, resumed["state_dict"][name]), name
+    history = json.loads((d / "split" / "history.json").read_text())
+    assert [h["step"] for h in history] == [2, 4]
+    assert 0.0 <= history[-1]["val_dsc_reference"] <= 1.0
+    assert (d / "split" / "tb").is_dir() and any((d / "split" / "tb").iterdir())
+
+
+def test_overlapping_train_and_validation_lists_are_refused(kaggle_root, tmp_path):
+    lst = tmp_path / "both.txt"
+    lst.write_text(VAL_PATIENTS[0] + "\n")
+    with pytest.raises(SystemExit, match="overlap"):
+        train_mod.main(["--data", str(kaggle_root), "--train-list", str(lst), "--val-list", str(lst),
+                        "--out", str(tmp_path / "run")])
+
+
+def test_slice_errors_counts_misses_and_their_flair():
+    from segengine.train.slice_errors import slice_errors
+
+    images = np.zeros((3, 3, 8, 8), np.float32)
+    images[:, 1, :4] = 2.0  # bright FLAIR on the top half
+    truth = np.zeros((3, 8, 8), np.uint8)
+    truth[1, :, :2] = 1  # 16 px: 8 bright (top), 8 dark (bottom)
+    prob = np.where(images[:, 1] > 1, 0.9, 0.1).astype(np.float32)
+    pred = prob > 0.5
+    pred[0] = False  # slice 0: nothing; slice 2: a false alarm only
+    rows = slice_errors(images, truth, prob, pred)
+    assert [r["slice"] for r in rows] == [1, 2]
+    hit = rows[0]
+    assert (hit["truth_px"], hit["pred_px"], hit["tp_px"]) == (16, 32, 8)
+    assert hit["p_on_missed"] == pytest.approx(0.1) and hit["flair_on_missed"] == 0.0
+    assert hit["flair_on_truth"] == pytest.approx(1.0)
+    assert rows[1]["truth_px"] == 0 and rows[1]["p_on_missed"] is None
