@@ -36,7 +36,7 @@ def test_resunet_outputs_logits_on_the_input_grid(arch, size):
         assert model(x).shape == (2, 1, size, size)
 
 
-def test_refinement_branch_costs_what_the_card_says():
+def test_refinement_branch_flops_match_its_convolutions():
     plain = count_flops(build_model({"name": "resunet", "base_channels": 16}))
     refined = count_flops(build_model({"name": "resunet", "base_channels": 16, "refine_channels": 8}))
     # the branch works on 256x256: (3->8) + (24->8) + (8->8) 3x3 convs and a 1x1 head
