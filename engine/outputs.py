@@ -39,9 +39,9 @@ def check_out_dir(out: Path, inputs: list[Path]) -> None:
         raise OutputError(f"{out}: output folder is not writable ({exc.strerror or exc})") from None
 
 
-def _temp_prefixes(patient_id: str) -> tuple[str, str]:
-    """Names of atomic_patient_dir's temporary folders: (being written, being replaced)."""
-    return f".{patient_id}.partial-", f".{patient_id}.old-"
+def _temp_prefixes(name: str) -> tuple[str, str]:
+    """Names of atomic_dir's temporary folders: (being written, being replaced)."""
+    return f".{name}.partial-", f".{name}.old-"
 
 
 def remove_leftover_temp_dirs(out: Path, patient_id: str) -> None:
@@ -55,12 +55,16 @@ def remove_leftover_temp_dirs(out: Path, patient_id: str) -> None:
 
 
 @contextmanager
-def atomic_patient_dir(out: Path, patient_id: str, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder renamed to ``out/patient_id`` only if the block completes."""
-    final = out / patient_id
+def atomic_dir(out: Path, name: str, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder renamed to ``out/name`` only if the block completes.
+
+    Patients' results and Triton model folders are written this way, so a reader never
+    sees a half-written folder and a failed write leaves the previous one in place.
+    """
+    final = out / name
     if final.exists() and not overwrite:
         raise OutputError(f"{final}: results exist (use --overwrite to replace them)")
-    partial, old = _temp_prefixes(patient_id)
+    partial, old = _temp_prefixes(name)
     tmp = Path(tempfile.mkdtemp(prefix=partial, dir=out))
     try:
         yield tmp
@@ -152,7 +156,7 @@ def write_patient(out: Path, volume: PatientVolume, seg: Segmentation, report: d
     from PIL import Image
 
     t = time.perf_counter()
-    with atomic_patient_dir(out, volume.patient_id, overwrite) as tmp:
+    with atomic_dir(out, volume.patient_id, overwrite) as tmp:
         mask_u8 = np.where(seg.mask, np.uint8(255), np.uint8(0))
         write_mask_slices(tmp, volume.patient_id, volume.slice_numbers, mask_u8)
         # NIfTI axes (x=column, y=row, z=slice); spacing unknown -> identity affine

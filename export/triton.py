@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from segengine.engine.model import ModelSpec
+from segengine.engine.outputs import atomic_dir
 from segengine.export.errors import ExportError
 from segengine.export.onnx_export import INPUT_NAME, OUTPUT_NAME
 
@@ -108,14 +108,19 @@ def parse_config(text: str):
         raise TritonRepositoryError(f"config.pbtxt does not parse as Triton's ModelConfig: {exc}") from None
 
 
-def check_model_dir(model_dir: Path) -> Any:
-    """Check one model folder against Triton's layout rules; returns the parsed ModelConfig."""
+def check_model_dir(model_dir: Path, name: str | None = None) -> Any:
+    """Check one model folder against Triton's layout rules; returns the parsed ModelConfig.
+
+    ``name`` is the folder's name in the repository (default: its current name; a folder
+    still being written under a temporary name passes the name it will get).
+    """
+    name = name or model_dir.name
     cfg_path = model_dir / "config.pbtxt"
     if not cfg_path.is_file():
         raise TritonRepositoryError(f"{model_dir}: no config.pbtxt")
     cfg = parse_config(cfg_path.read_text())
-    if cfg.name != model_dir.name:
-        raise TritonRepositoryError(f"{cfg_path}: name {cfg.name!r} differs from its folder {model_dir.name!r}")
+    if cfg.name != name:
+        raise TritonRepositoryError(f"{cfg_path}: name {cfg.name!r} differs from its folder {name!r}")
     if cfg.platform not in DEFAULT_FILENAMES:
         raise TritonRepositoryError(f"{cfg_path}: platform {cfg.platform!r} is not one segengine writes")
     versions = [p for p in model_dir.iterdir() if p.is_dir()]
@@ -197,19 +202,12 @@ def write_repository(spec: ModelSpec, repo: Path, device: str = "cpu", max_batch
     for m in models:
         if m.platform == "onnxruntime_onnx":
             _onnx_io_matches(m.export_file, m.input_size)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{m.name}.partial-", dir=repo))
-        try:
-            stage = tmp / m.name
-            (stage / "1").mkdir(parents=True)
+        # existing folders were refused above unless --overwrite
+        with atomic_dir(repo, m.name, overwrite=True) as stage:
+            (stage / "1").mkdir()
             shutil.copyfile(m.export_file, stage / "1" / m.filename)
             (stage / "config.pbtxt").write_text(m.config_text())
-            check_model_dir(stage)
-            final = repo / m.name
-            if final.exists():
-                shutil.rmtree(final)
-            stage.rename(final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            check_model_dir(stage, name=m.name)
         written.append(repo / m.name)
         if log:
             log(f"triton: {repo / m.name} ({m.platform}, {m.instance_kind}, preferred batch {m.preferred_batch_sizes})")
