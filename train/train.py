@@ -270,13 +270,13 @@ def main(argv=None) -> int:
             torch.save(ck, tmp)
             os.replace(tmp, ckpt_path)
             (out / "history.json").write_text(json.dumps(history, indent=2))
-            if args.stop_after and step >= args.stop_after and step < args.steps:
-                bar.close()
-                writer.close()
-                print(f"stopped at step {step} of {args.steps}; continue with --resume", flush=True)
-                return 0
+            if args.stop_after and args.stop_after <= step < args.steps:
+                break
     bar.close()
     writer.close()
+    if step < args.steps:
+        print(f"stopped at step {step} of {args.steps}; continue with --resume", flush=True)
+        return 0
     torch.save({"architecture": arch, "state_dict": model.state_dict()}, out / "final_weights.pt")
     print(f"done: {step} steps in {elapsed / 60:.1f} min -> {out / 'final_weights.pt'}", flush=True)
     return 0
