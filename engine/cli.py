@@ -327,5 +327,20 @@ def train(ctx):
     sys.exit(train_main(args))
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def cv(ctx):
+    """Cross-validate a training recipe over patient folds (all options: segengine cv --help-cv).
+
+    \b
+    Examples:
+      segengine cv --out runs/cv/a1 --folds 5 --record docs/cv/a1.json -- --steps 4000
+      segengine cv compare runs/cv/a1 runs/cv/b1
+    """
+    from segengine.train.cv import main as cv_main
+
+    sys.exit(cv_main(["--help" if a == "--help-cv" else a for a in ctx.args]))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -22,29 +22,26 @@ from segengine.engine.model import card_path, sha256_file
 from segengine.engine.network import build_model, count_flops
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, help="training run folder (last.pt, config.json, history.json)")
-    ap.add_argument("--out", required=True, help="weights file to write, e.g. models/resunet16.pt")
-    ap.add_argument("--data", help="Kaggle-layout root holding the validation patients (to score the card's DSC)")
-    ap.add_argument("--val-list", help="validation patients")
-    args = ap.parse_args(argv)
+def ship_run(run: Path, out: Path, data_split: dict | None = None) -> dict:
+    """Write ``out`` (inference-only weights) and return its card (not yet written).
 
-    run = Path(args.run)
+    Reads the run's ``final_weights.pt`` with ``weights_only=True`` plus its config and
+    history; auxiliary deep-supervision heads are dropped (inference never uses them).
+    """
     config = json.loads((run / "config.json").read_text())
-    ck = torch.load(run / "last.pt", map_location="cpu", weights_only=False)  # our own run file
-    arch = dict(ck["architecture"])
-    state = {k: v for k, v in ck["model"].items() if not k.startswith("aux_heads")}
+    history = json.loads((run / "history.json").read_text())
+    final = torch.load(run / "final_weights.pt", map_location="cpu", weights_only=True)
+    arch = dict(final["architecture"])
+    state = {k: v for k, v in final["state_dict"].items() if not k.startswith("aux_heads")}
     if arch["name"] == "resunet":
         arch["deep_supervision"] = False
     model = build_model(arch)
     model.load_state_dict(state)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"architecture": arch, "state_dict": model.state_dict()}, out)
-    history = ck["history"]
     refine = config.get("refine_channels", 0)
-    card = {
+    fold = f" --folds {config['folds']} --fold {config['fold']}" if config.get("folds") else ""
+    return {
         "name": out.stem,
         "task": "FLAIR abnormality (lower-grade glioma) segmentation, LGG kaggle_3m slices",
         "architecture": arch,
@@ -55,8 +52,9 @@ def main(argv=None) -> int:
         "flops_per_slice": count_flops(model),
         "params": sum(p.numel() for p in model.parameters()),
         "training": {
-            "data_split": {"train": "splits/train.txt (90 patients)", "validation": "splits/reference_validation.txt (10 patients, logged only)"},
-            "steps": ck["step"], "batch_size": config["batch_size"], "optimizer": "AdamW",
+            "data_split": data_split or {"train": "splits/train.txt (90 patients)",
+                                         "validation": "splits/reference_validation.txt (10 patients, logged only)"},
+            "steps": history[-1]["step"], "batch_size": config["batch_size"], "optimizer": "AdamW",
             "lr": config["lr"], "weight_decay": config["weight_decay"], "schedule": "one-cycle (10% warm-up, cosine)",
             "loss": "BCE + batch soft Dice, deep supervision "
                     + ("1 (refined) / 0.5 (half resolution) / 0.5 / 0.25" if refine else "1 / 0.5 / 0.25"),
@@ -65,10 +63,10 @@ def main(argv=None) -> int:
                             + (f", random {config['crop']}x{config['crop']} windows" if config.get("crop") else ""),
             "sampling": f"{config['tumor_sampling']:.0%} of draws weighted by tumor area, rest uniform",
             "seed": config["seed"], "threads": config["threads"],
-            "cpu_minutes": round(ck["elapsed_s"] / 60, 1),
+            "cpu_minutes": round(history[-1]["elapsed_s"] / 60, 1),
             "machine": f"{platform.processor() or platform.machine()}, CPU only",
             "checkpoint": "last step (not selected on validation patients)",
-            "command": f"segengine train --data ../shared/data/lgg --out {run} --steps {config['steps']}"
+            "command": f"segengine train --data ../shared/data/lgg --out {run} --steps {config['steps']}" + fold
                        + (f" --crop {config['crop']}" if config.get("crop") else "")
                        + (f" --refine-channels {refine}" if refine else "")
                        + (" --intensity-aug" if config.get("intensity_aug") else "")
@@ -78,6 +76,18 @@ def main(argv=None) -> int:
         "sha256": sha256_file(out),
         "created": _dt.date.today().isoformat(),
     }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="training run folder (final_weights.pt, config.json, history.json)")
+    ap.add_argument("--out", required=True, help="weights file to write, e.g. models/resunet16.pt")
+    ap.add_argument("--data", help="Kaggle-layout root holding the validation patients (to score the card's DSC)")
+    ap.add_argument("--val-list", help="validation patients")
+    args = ap.parse_args(argv)
+
+    out = Path(args.out)
+    card = ship_run(Path(args.run), out)
     if args.data:
         from segengine.engine.runner import evaluate_model
 

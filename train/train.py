@@ -25,6 +25,7 @@ from segengine.engine.network import build_model, count_flops
 from segengine.engine.postprocess import largest_component
 from segengine.engine.metrics import dsc
 from segengine.train.data import VolumeSet, load_volume_set
+from segengine.train.folds import split_for_fold
 
 DEFAULT_SPLITS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "lgg" / "splits"
 
@@ -36,6 +37,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--train-list", default=None, help="patients to train on (default: splits/train.txt beside --data)")
     ap.add_argument("--val-list", default=None, help="patients whose DSC is logged (default: splits/reference_validation.txt)")
     ap.add_argument("--out", required=True, help="run folder: checkpoints, TensorBoard logs, config")
+    ap.add_argument("--folds", type=int, default=0,
+                    help="patient-level cross-validation: split the train list into FOLDS (files in train/folds/)")
+    ap.add_argument("--fold", type=int, default=None,
+                    help="with --folds: train on the other folds; fold K's held-out patients are the logged validation")
+    ap.add_argument("--fold-seed", type=int, default=0, help="seed of the fold split")
     ap.add_argument("--arch", default="resunet", choices=["resunet", "reference_unet"])
     ap.add_argument("--base-channels", type=int, default=16)
     ap.add_argument("--no-deep-supervision", action="store_true")
@@ -176,8 +182,16 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data)
     splits = data / "splits" if (data / "splits").is_dir() else DEFAULT_SPLITS
-    train_patients = read_patient_list(args.train_list or splits / "train.txt")
-    val_patients = read_patient_list(args.val_list or splits / "reference_validation.txt")
+    if (args.fold is None) != (not args.folds):
+        raise SystemExit("give --folds N and --fold K together")
+    if args.folds:
+        if args.val_list:
+            raise SystemExit("--val-list and --fold exclude each other: the held-out fold is the validation")
+        train_patients, val_patients = split_for_fold(args.train_list or splits / "train.txt", args.folds, args.fold,
+                                                      args.fold_seed)
+    else:
+        train_patients = read_patient_list(args.train_list or splits / "train.txt")
+        val_patients = read_patient_list(args.val_list or splits / "reference_validation.txt")
     if set(train_patients) & set(val_patients):
         raise SystemExit("train and validation patient lists overlap")
 

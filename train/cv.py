@@ -1,0 +1,200 @@
+"""Patient-level cross-validation: train/resume every fold, score the out-of-fold patients.
+
+    python -m segengine.train.cv --data ../shared/data/lgg --out runs/cv/a1 --folds 5 -- --steps 4000
+    python -m segengine.train.cv --out runs/cv/a1 --folds 5 --only 0,1 --score-only
+    python -m segengine.train.cv compare runs/cv/a1 runs/cv/b0
+
+Each fold trains with ``segengine train --folds N --fold K`` (arguments after ``--`` are
+passed on; an interrupted fold resumes from its checkpoint, ``--stop-after`` splits it
+across sessions). A finished fold is shipped like a release model (weights + card) and
+scored with the engine's own pipeline and metrics on its held-out patients, in both
+protocols and with each post-processing variant, so every attempt is compared patient by
+patient (paired) with the same folds. Native out-of-fold probabilities are kept
+(float16) for post-processing, ensemble and review-flag studies without re-inference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from segengine.engine.io import read_patient, read_patient_list
+from segengine.engine.metrics import volume_metrics
+from segengine.engine.postprocess import PostprocessConfig, postprocess
+from segengine.engine.evaluate import summarize_rows
+from segengine.train.folds import DEFAULT_FOLD_SEED, fold_dir, load_or_write_folds
+
+# Post-processing variants scored on every out-of-fold patient (native protocol).
+POST_VARIANTS = {
+    "lcc": PostprocessConfig(),
+    "lcc_fill2d": PostprocessConfig(fill_holes_2d=True),
+    "none": PostprocessConfig.none(),
+}
+LOW_DSC = 0.70
+
+
+def fold_run(out: Path, k: int) -> Path:
+    return out / f"fold{k}"
+
+
+def train_fold(data: Path, out: Path, n_folds: int, k: int, seed: int, train_args: list[str]) -> bool:
+    """Train (or resume) fold ``k``; True when its final weights exist."""
+    from segengine.train.train import main as train_main
+
+    run = fold_run(out, k)
+    if (run / "final_weights.pt").exists():
+        return True
+    args = ["--data", str(data), "--out", str(run), "--folds", str(n_folds), "--fold", str(k),
+            "--fold-seed", str(seed), *train_args]
+    if (run / "last.pt").exists():
+        args.append("--resume")
+    train_main(args)
+    return (run / "final_weights.pt").exists()
+
+
+def score_fold(data: Path, out: Path, n_folds: int, k: int, seed: int, threads: int | None) -> dict:
+    """Ship fold ``k``'s model and score its held-out patients; cached in ``fold{k}/oof.json``."""
+    from segengine.engine import backends as registry
+    from segengine.engine.model import card_path, load_model_spec
+    from segengine.engine.pipeline import segment
+    from segengine.train.ship import ship_run
+
+    run = fold_run(out, k)
+    result_path = run / "oof.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    held_out = load_or_write_folds_for(data, n_folds, seed)[k]
+    weights = run / "model" / f"{out.name}_fold{k}.pt"
+    card = ship_run(run, weights, data_split={
+        "train": f"splits/train.txt minus fold {k} ({fold_dir(n_folds, seed).name}/fold{k}.txt)",
+        "held_out": f"{fold_dir(n_folds, seed).name}/fold{k}.txt ({len(held_out)} patients, scored out of fold)"})
+    card_path(weights).write_text(json.dumps(card, indent=2))
+    spec = load_model_spec(weights)
+    oof_dir = run / "oof"
+    oof_dir.mkdir(exist_ok=True)
+    rows: dict[str, list[dict]] = {f"native_{v}": [] for v in POST_VARIANTS} | {"reference_lcc": []}
+    with registry.create("torch", spec, threads=threads) as backend:
+        for patient in held_out:
+            vol = read_patient(data / patient)
+            seg = segment(vol, backend, "native", post=PostprocessConfig.none())
+            np.savez_compressed(oof_dir / f"{patient}.npz", prob=seg.prob.astype(np.float16))
+            for name, post in POST_VARIANTS.items():
+                rows[f"native_{name}"].append({"patient": patient, "fold": k,
+                                               **volume_metrics(postprocess(seg.prob, post), seg.truth)})
+            ref = segment(vol, backend, "reference")
+            rows["reference_lcc"].append({"patient": patient, "fold": k, **volume_metrics(ref.mask, ref.truth)})
+            print(f"fold {k} {patient}: native DSC {rows['native_lcc'][-1]['dsc']:.4f}", flush=True)
+    result = {"fold": k, "model_sha256": spec.sha256, "flops_per_slice": card["flops_per_slice"],
+              "cpu_minutes": card["training"]["cpu_minutes"], "command": card["training"]["command"],
+              "scores": {name: summarize_rows(r) for name, r in rows.items()}}
+    result_path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def load_or_write_folds_for(data: Path, n_folds: int, seed: int) -> list[list[str]]:
+    splits = data / "splits" if (data / "splits").is_dir() else Path(__file__).resolve().parents[2] / "shared/data/lgg/splits"
+    return load_or_write_folds(splits / "train.txt", n_folds, seed)
+
+
+def aggregate(fold_results: list[dict], name: str, n_folds: int, seed: int) -> dict:
+    """Every out-of-fold patient once, per scoring variant, with per-fold means."""
+    out = {"recipe": name, "folds": f"{fold_dir(n_folds, seed).name} ({len(fold_results)} of {n_folds} scored)",
+           "command": fold_results[0]["command"] if fold_results else None,
+           "flops_per_slice": fold_results[0]["flops_per_slice"] if fold_results else None,
+           "cpu_minutes_per_fold": [r["cpu_minutes"] for r in fold_results], "variants": {}}
+    for variant in fold_results[0]["scores"] if fold_results else []:
+        rows = [row for r in fold_results for row in r["scores"][variant]["patients"]]
+        dscs = np.array([row["dsc"] for row in rows], dtype=float)
+        out["variants"][variant] = {
+            "patients": len(rows), "mean": float(dscs.mean()), "median": float(np.median(dscs)),
+            "min": float(dscs.min()), f"below_{LOW_DSC:.2f}": int((dscs < LOW_DSC).sum()),
+            "per_fold_mean": {str(r["fold"]): r["scores"][variant]["summary"]["dsc"]["mean"] for r in fold_results},
+            "per_patient": {row["patient"]: {k: v for k, v in row.items() if k != "patient"} for row in rows},
+        }
+    return out
+
+
+def compare(a: dict, b: dict, variant: str = "native_lcc") -> str:
+    """Paired per-patient comparison of two CV results on the patients both scored."""
+    from scipy.stats import wilcoxon
+
+    pa, pb = a["variants"][variant]["per_patient"], b["variants"][variant]["per_patient"]
+    common = sorted(set(pa) & set(pb))
+    if not common:
+        return "no patients in common"
+    da = np.array([pa[p]["dsc"] for p in common])
+    db = np.array([pb[p]["dsc"] for p in common])
+    diff = db - da
+    lines = [f"{variant}: {len(common)} patients in common",
+             f"  {a['recipe']}: mean {da.mean():.4f} median {np.median(da):.4f} min {da.min():.4f}",
+             f"  {b['recipe']}: mean {db.mean():.4f} median {np.median(db):.4f} min {db.min():.4f}",
+             f"  {b['recipe']} - {a['recipe']}: mean {diff.mean():+.4f}, better on {(diff > 0).sum()}, "
+             f"worse on {(diff < 0).sum()}"]
+    if np.any(diff != 0):
+        lines[-1] += f", Wilcoxon p = {wilcoxon(db, da).pvalue:.3f}"
+    worst = np.argsort(diff)[:3]
+    lines.append("  largest losses: " + ", ".join(f"{common[i]} {diff[i]:+.3f}" for i in worst))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        ap = argparse.ArgumentParser(prog="python -m segengine.train.cv compare")
+        ap.add_argument("runs", nargs=2, help="two CV run folders (or their cv.json files)")
+        ap.add_argument("--variant", default="native_lcc")
+        args = ap.parse_args(argv[1:])
+        res = [json.loads((Path(r) / "cv.json" if Path(r).is_dir() else Path(r)).read_text()) for r in args.runs]
+        print(compare(res[0], res[1], args.variant))
+        return 0
+    train_args: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, train_args = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(prog="python -m segengine.train.cv", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/lgg"))
+    ap.add_argument("--out", required=True, help="CV run folder: fold0..foldN-1, cv.json")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--fold-seed", type=int, default=DEFAULT_FOLD_SEED)
+    ap.add_argument("--only", default=None, help="comma-separated folds to train/score (screening: 0 or 0,1)")
+    ap.add_argument("--score-only", action="store_true", help="score finished folds; train nothing")
+    ap.add_argument("--threads", type=int, default=None, help="scoring threads")
+    ap.add_argument("--record", default=None, help="also write the aggregate here (e.g. docs/cv/a1.json)")
+    args = ap.parse_args(argv)
+
+    data, out = Path(args.data), Path(args.out)
+    folds = [int(f) for f in args.only.split(",")] if args.only else list(range(args.folds))
+    load_or_write_folds_for(data, args.folds, args.fold_seed)
+    results = []
+    for k in folds:
+        done = (fold_run(out, k) / "final_weights.pt").exists()
+        if not done and not args.score_only:
+            done = train_fold(data, out, args.folds, k, args.fold_seed, train_args)
+            if not done:
+                print(f"fold {k} stopped before its last step; run the same command again to resume", flush=True)
+                break
+        if done:
+            results.append(score_fold(data, out, args.folds, k, args.fold_seed, args.threads))
+    if not results:
+        print("no finished fold to score")
+        return 1
+    agg = aggregate(results, out.name, args.folds, args.fold_seed)
+    text = json.dumps(agg, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
+    (out / "cv.json").write_text(text)
+    if args.record:
+        Path(args.record).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.record).write_text(text)
+    for variant, v in agg["variants"].items():
+        print(f"{variant:<16} {v['patients']:>3} patients  mean {v['mean']:.4f}  median {v['median']:.4f}  "
+              f"min {v['min']:.4f}  <{LOW_DSC:.2f}: {v[f'below_{LOW_DSC:.2f}']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
