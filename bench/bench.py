@@ -301,7 +301,7 @@ def _time_patient(folder: Path, backend, out_dir: Path, batch_size: int) -> dict
 def _time_amortized(folders: list[Path], backend, out_root: Path, batch_size: int, spec) -> dict:
     """The ``run --patients`` way: slices of a few patients share inference batches; total / N."""
     from segengine.engine.io import read_patient, write_mask_slices
-    from segengine.engine.pipeline import finish_patient, preprocess_patient
+    from segengine.engine.pipeline import finish_patient, model_input, preprocess_patient
     from segengine.engine.postprocess import PostprocessConfig
     from segengine.engine.runner import PATIENTS_PER_CHUNK
 
@@ -312,7 +312,7 @@ def _time_amortized(folders: list[Path], backend, out_root: Path, batch_size: in
         for folder in folders[c : c + PATIENTS_PER_CHUNK]:
             vol = read_patient(folder)
             chunk.append((vol, preprocess_patient(vol, "native", spec.input_size)))
-        probs = backend.predict(np.concatenate([p.images for _, p in chunk]), batch_size=batch_size)
+        probs = backend.predict(np.concatenate([model_input(p, backend.spec) for _, p in chunk]), batch_size=batch_size)
         offset = 0
         for vol, pre in chunk:
             n = len(pre.images)

@@ -63,6 +63,11 @@ class ModelSpec:
         return int(self.card.get("input_size", 256))
 
     @property
+    def context_slices(self) -> int:
+        """Neighbouring slices on each side fed as extra channels (0: plain 2D slices)."""
+        return int(self.card.get("context_slices", 0))
+
+    @property
     def architecture(self) -> dict[str, Any]:
         return dict(self.card["architecture"])
 

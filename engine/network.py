@@ -53,6 +53,7 @@ class ResUNet(nn.Module):
         c = base_channels
         widths = [c * 2**i for i in range(depth + 1)]
         self.stem_stride = stem_stride
+        self.in_channels = in_channels
         self.stem = _conv_bn_relu(in_channels, c, stride=stem_stride)
         self.encoders = nn.ModuleList([ResBlock(c, widths[0])] + [ResBlock(widths[i - 1], widths[i]) for i in range(1, depth + 1)])
         self.ups = nn.ModuleList([nn.ConvTranspose2d(widths[i], widths[i - 1], 2, stride=2) for i in range(depth, 0, -1)])
@@ -147,13 +148,13 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
 
 
 def count_flops(model: nn.Module, size: int = 256) -> int:
-    """FLOPs (2 x multiply-accumulates) of one eval forward on a (1, 3, size, size) slice."""
+    """FLOPs (2 x multiply-accumulates) of one eval forward on a (1, C, size, size) slice."""
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, size, size))
+        model(torch.zeros(1, getattr(model, "in_channels", 3), size, size))
     model.train(was_training)
     return int(counter.get_total_flops())
 

@@ -13,7 +13,7 @@ import numpy as np
 from segengine.engine.backends.base import Backend
 from segengine.engine.io import PatientVolume
 from segengine.engine.postprocess import PostprocessConfig, postprocess
-from segengine.engine.preprocess import Geometry, Preprocessed, preprocess_volume, to_original_grid
+from segengine.engine.preprocess import Geometry, Preprocessed, preprocess_volume, stack_context, to_original_grid
 
 
 @dataclass
@@ -31,6 +31,11 @@ class Segmentation:
 
 def preprocess_patient(volume: PatientVolume, protocol: str, size: int) -> Preprocessed:
     return preprocess_volume(volume.image, volume.mask, size=size, drop_ends=(protocol == "reference"))
+
+
+def model_input(pre: Preprocessed, spec) -> np.ndarray:
+    """What the network sees for one patient: its slices, with neighbours as channels for 2.5D models."""
+    return stack_context(pre.images, spec.context_slices)
 
 
 def finish_patient(volume: PatientVolume, pre: Preprocessed, grid_prob: np.ndarray, protocol: str,
@@ -58,6 +63,6 @@ def segment(volume: PatientVolume, backend: Backend, protocol: str = "native", b
     pre = preprocess_patient(volume, protocol, backend.spec.input_size)
     timings["preprocess"] = time.perf_counter() - t
     t = time.perf_counter()
-    grid_prob = backend.predict(pre.images, batch_size=batch_size)
+    grid_prob = backend.predict(model_input(pre, backend.spec), batch_size=batch_size)
     timings["infer"] = time.perf_counter() - t
     return finish_patient(volume, pre, grid_prob, protocol, post, timings)

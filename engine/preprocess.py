@@ -170,3 +170,16 @@ def to_original_grid(prob: np.ndarray, geometry: Geometry) -> np.ndarray:
         sq = r @ sq @ r.T
     out[g.z0 : g.z1, g.y0 : g.y1, g.x0 : g.x1] = sq[:, g.pad_y[0] : side - g.pad_y[1], g.pad_x[0] : side - g.pad_x[1]]
     return out
+
+
+def stack_context(images: np.ndarray, context: int) -> np.ndarray:
+    """(D, C, S, S) slices -> (D, C * (2 * context + 1), S, S): each slice with its ``context``
+    neighbours on either side as extra channels (2.5D input), nearest slice repeated at the ends.
+
+    Channel order is slice i-context, ..., i, ..., i+context, each with its C modalities.
+    """
+    if context <= 0:
+        return images
+    d = len(images)
+    idx = np.clip(np.arange(d)[:, None] + np.arange(-context, context + 1)[None, :], 0, d - 1)
+    return images[idx].reshape(d, -1, *images.shape[2:])

@@ -14,7 +14,7 @@ from segengine.engine.io import DataError, NotAFolderError, list_patients, list_
 from segengine.engine.metrics import volume_metrics
 from segengine.engine.model import load_model_spec
 from segengine.engine.outputs import OutputError, check_out_dir, report_dict, write_patient
-from segengine.engine.pipeline import finish_patient, preprocess_patient, segment
+from segengine.engine.pipeline import finish_patient, model_input, preprocess_patient, segment
 from segengine.engine.postprocess import PostprocessConfig
 from segengine.engine.preprocess import EmptyVolumeError
 
@@ -144,7 +144,7 @@ def _run_many(root: Path, out: Path, backend, name: str, spec, post: Postprocess
             continue
         # one inference stream over the slices of every patient in the chunk
         t = time.perf_counter()
-        probs = backend.predict(np.concatenate([p.images for _, p, _ in chunk]), batch_size=batch_size)
+        probs = backend.predict(np.concatenate([model_input(p, backend.spec) for _, p, _ in chunk]), batch_size=batch_size)
         infer_s = time.perf_counter() - t
         total_slices = sum(len(p.images) for _, p, _ in chunk)
         offset = 0

@@ -10,7 +10,7 @@ from segengine.engine import backends as registry
 from segengine.engine.evaluate import select_patients
 from segengine.engine.io import DataError, read_patient
 from segengine.engine.metrics import dsc
-from segengine.engine.pipeline import finish_patient, preprocess_patient
+from segengine.engine.pipeline import finish_patient, model_input, preprocess_patient
 from segengine.engine.postprocess import PostprocessConfig
 
 # Per precision: max |dDSC| against the ground truth, min DSC of one backend's mask vs the other's.
@@ -35,7 +35,8 @@ def validate_backends(spec, data_root: Path, patients_file: str | None, backend:
             if vol.mask is None:
                 raise DataError(f"{folder}: no ground-truth masks; validate needs them")
             pre = preprocess_patient(vol, "native", spec.input_size)
-            pa, pb = a.predict(pre.images), b.predict(pre.images)
+            x = model_input(pre, a.spec)
+            pa, pb = a.predict(x), b.predict(x)
             sa = finish_patient(vol, pre, pa, "native", post, {})
             sb = finish_patient(vol, pre, pb, "native", post, {})
             da, db = dsc(sa.mask, sa.truth), dsc(sb.mask, sb.truth)

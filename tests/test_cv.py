@@ -57,7 +57,7 @@ def test_fold_errors(case, tmp_path):
 
 
 def test_tiny_cv_run_trains_scores_out_of_fold_and_compares(kaggle_root, tmp_path, monkeypatch):
-    """Two folds of a 4-channel network on three real patients: every patient is scored
+    """Two folds of a tiny 2.5D network on three real patients: every patient is scored
     exactly once, by the model that did not train on it, with the engine's metrics."""
     data = tmp_path / "data"
     data.mkdir()
@@ -67,7 +67,7 @@ def test_tiny_cv_run_trains_scores_out_of_fold_and_compares(kaggle_root, tmp_pat
     (data / "splits").mkdir()
     (data / "splits" / "train.txt").write_text("\n".join(patients) + "\n")
     monkeypatch.setattr(folds, "FOLDS_DIR", tmp_path / "folds")
-    train_args = ["--steps", "2", "--epoch-steps", "2", "--batch-size", "2", "--base-channels", "4",
+    train_args = ["--steps", "2", "--epoch-steps", "2", "--batch-size", "2", "--base-channels", "4", "--context-slices", "1",
                   "--threads", "1", "--cache-dir", str(tmp_path / "cache")]
     out = tmp_path / "cv" / "tiny"
     assert cv.main(["--data", str(data), "--out", str(out), "--folds", "2", "--threads", "1",
@@ -91,8 +91,26 @@ def test_tiny_cv_run_trains_scores_out_of_fold_and_compares(kaggle_root, tmp_pat
     truth = read_patient(data / p).mask > 0
     assert dsc(postprocess(prob, PostprocessConfig()), truth) == pytest.approx(
         result["variants"]["native_lcc"]["per_patient"][p]["dsc"], abs=2e-3)  # float16 storage
-    # fold models carry cards that verify and name their held-out fold
+    # fold models carry cards that verify, name their held-out fold and the 2.5D input width
     card = json.loads((out / "fold1" / "model" / "tiny_fold1.json").read_text())
+    assert card["context_slices"] == 1 and card["architecture"]["in_channels"] == 9
     assert "fold 1" in card["training"]["data_split"]["held_out"] or "fold1" in card["training"]["data_split"]["held_out"]
     text = cv.compare(result, result)
     assert "mean +0.0000" in text and f"{len(patients)} patients in common" in text
+
+
+@pytest.mark.parametrize("context", [0, 1, 2])
+def test_training_neighbours_match_what_inference_stacks(context):
+    """train.context_index over concatenated patients == stack_context per patient."""
+    import numpy as np
+
+    from segengine.engine.preprocess import stack_context
+    from segengine.train.train import context_index
+
+    sizes = [1, 4, 2, 5]
+    patient_index = np.repeat(np.arange(len(sizes)), sizes)
+    images = np.random.default_rng(0).standard_normal((len(patient_index), 3, 4, 4)).astype(np.float32)
+    trained = images[context_index(patient_index, context)].reshape(len(images), -1, 4, 4)
+    inferred = np.concatenate([stack_context(images[patient_index == i], context) for i in range(len(sizes))])
+    assert trained.shape == (len(images), 3 * (2 * context + 1), 4, 4)
+    np.testing.assert_array_equal(trained, inferred)

@@ -40,13 +40,16 @@ def ship_run(run: Path, out: Path, data_split: dict | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"architecture": arch, "state_dict": model.state_dict()}, out)
     refine = config.get("refine_channels", 0)
+    context = int(config.get("context_slices", 0))
     fold = f" --folds {config['folds']} --fold {config['fold']}" if config.get("folds") else ""
     return {
         "name": out.stem,
         "task": "FLAIR abnormality (lower-grade glioma) segmentation, LGG kaggle_3m slices",
         "architecture": arch,
         "input_size": 256,
-        "input": "(N, 3, 256, 256) float32: pre-contrast, FLAIR, post-contrast after the reference preprocessing",
+        "context_slices": context,
+        "input": f"(N, {3 * (2 * context + 1)}, 256, 256) float32: pre-contrast, FLAIR, post-contrast after the reference "
+                 "preprocessing" + (f", slices i-{context}..i+{context} in order" if context else ""),
         "output": "(N, 1, 256, 256) logits (exports add the sigmoid: probabilities)",
         "internal_resolution": 256 // arch.get("stem_stride", 2) if arch["name"] == "resunet" else 256,
         "flops_per_slice": count_flops(model),
@@ -69,6 +72,7 @@ def ship_run(run: Path, out: Path, data_split: dict | None = None) -> dict:
             "command": f"segengine train --data ../shared/data/lgg --out {run} --steps {config['steps']}" + fold
                        + (f" --crop {config['crop']}" if config.get("crop") else "")
                        + (f" --refine-channels {refine}" if refine else "")
+                       + (f" --context-slices {context}" if context else "")
                        + (" --intensity-aug" if config.get("intensity_aug") else "")
                        + (f" --epoch-steps {config['epoch_steps']}" if config.get("epoch_steps", 250) != 250 else ""),
         },

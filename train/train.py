@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from segengine.engine.io import read_patient_list
 from segengine.engine.network import build_model, count_flops
 from segengine.engine.postprocess import largest_component
+from segengine.engine.preprocess import stack_context
 from segengine.engine.metrics import dsc
 from segengine.train.data import VolumeSet, load_volume_set
 from segengine.train.folds import split_for_fold
@@ -49,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="width of the full-resolution refinement branch (0: none; resunet only)")
     ap.add_argument("--intensity-aug", action="store_true",
                     help="add per-channel gamma (0.7-1.5) and contrast (0.75-1.25) to the augmentation")
+    ap.add_argument("--context-slices", type=int, default=0, metavar="K",
+                    help="2.5D input: K neighbouring slices on each side as extra channels (3 * (2K + 1) inputs)")
     ap.add_argument("--steps", type=int, default=5000)
     ap.add_argument("--epoch-steps", type=int, default=250, help="steps between checkpoints/validation")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -83,8 +86,8 @@ def augment(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator) -> 
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
     masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
-    gain = 1 + 0.1 * torch.randn(n, 3, 1, 1, generator=gen)
-    bias = 0.1 * torch.randn(n, 3, 1, 1, generator=gen)
+    gain = (1 + 0.1 * torch.randn(n, 3, 1, 1, generator=gen)).repeat(1, images.shape[1] // 3, 1, 1)
+    bias = (0.1 * torch.randn(n, 3, 1, 1, generator=gen)).repeat(1, images.shape[1] // 3, 1, 1)
     return images * gain + bias, masks
 
 
@@ -141,12 +144,12 @@ def predict_volume(model: torch.nn.Module, images: np.ndarray, batch_size: int =
     return np.concatenate(out)
 
 
-def reference_protocol_dsc(model: torch.nn.Module, vs: VolumeSet) -> dict[str, float]:
+def reference_protocol_dsc(model: torch.nn.Module, vs: VolumeSet, context: int = 0) -> dict[str, float]:
     """Per-patient DSC on the reference grid: sigmoid > 0.5, largest 3D component."""
     scores = {}
     for i, p in enumerate(vs.patients):
         images, masks = vs.volume(i)
-        prob = predict_volume(model, images)
+        prob = predict_volume(model, stack_context(images, context))
         scores[p] = dsc(largest_component(prob > 0.5), masks > 0)
     return scores
 
@@ -171,6 +174,21 @@ def slice_weights(masks: np.ndarray, tumor_share: float) -> np.ndarray:
     tumor = area / area.sum() if area.sum() > 0 else uniform
     w = (1 - tumor_share) * uniform + tumor_share * tumor
     return w / w.sum()
+
+
+def context_index(patient_index: np.ndarray, context: int) -> np.ndarray:
+    """(N, 2K+1) slice indices of each slice's neighbours within its own patient, as
+    ``stack_context`` takes them at inference (nearest slice repeated at the ends)."""
+    n = len(patient_index)
+    idx = np.arange(n)[:, None] + np.arange(-context, context + 1)[None, :]
+    idx = np.clip(idx, 0, n - 1)
+    for j in range(idx.shape[1]):  # never cross into the neighbouring patient: step back towards i
+        while True:
+            wrong = patient_index[idx[:, j]] != patient_index
+            if not wrong.any():
+                break
+            idx[wrong, j] += np.sign(np.arange(n)[wrong] - idx[wrong, j])
+    return idx
 
 
 def main(argv=None) -> int:
@@ -202,6 +220,8 @@ def main(argv=None) -> int:
           f"{len(val_set.images)} val slices / {len(val_patients)} patients ({time.time() - t0:.0f} s)", flush=True)
 
     arch = {"name": args.arch, "base_channels": args.base_channels}
+    if args.context_slices:
+        arch["in_channels"] = 3 * (2 * args.context_slices + 1)
     if args.arch == "resunet":
         arch["deep_supervision"] = not args.no_deep_supervision
         if args.refine_channels:
@@ -234,6 +254,7 @@ def main(argv=None) -> int:
 
     writer = SummaryWriter(str(out / "tb"))
     weights = slice_weights(train_set.masks, args.tumor_sampling)
+    neighbours = context_index(train_set.patient_index, args.context_slices)
     # refined logits, then (with refinement) the half-resolution logits, then the two coarse decoder levels
     ds_weights = [1.0, 0.5, 0.5, 0.25] if arch.get("refine_channels") else [1.0, 0.5, 0.25]
     bar = tqdm(total=args.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=5)
@@ -242,7 +263,7 @@ def main(argv=None) -> int:
     while step < args.steps:
         model.train()
         idx = np_rng.choice(len(weights), size=args.batch_size, p=weights)
-        x = torch.from_numpy(train_set.images[idx].astype(np.float32))
+        x = torch.from_numpy(train_set.images[neighbours[idx]].astype(np.float32).reshape(len(idx), -1, *train_set.images.shape[2:]))
         y = torch.from_numpy(train_set.masks[idx].astype(np.float32))[:, None]
         x, y = augment(x, y, gen)
         if args.crop:
@@ -264,7 +285,7 @@ def main(argv=None) -> int:
             writer.add_scalar("train/lr", sched.get_last_lr()[0], step)
             bar.set_postfix(loss=f"{np.mean(running[-20:]):.3f}")
         if step % args.epoch_steps == 0 or step == args.steps:
-            scores = reference_protocol_dsc(model, val_set)
+            scores = reference_protocol_dsc(model, val_set, args.context_slices)
             mean = float(np.mean(list(scores.values())))
             elapsed = time.time() - t_start
             history.append({"step": step, "elapsed_s": round(elapsed, 1), "loss": float(np.mean(running)),
@@ -273,7 +294,7 @@ def main(argv=None) -> int:
             writer.add_scalar("val/dsc_reference_protocol", mean, step)
             i = int(np.argmax([vs.any() for vs in val_set.masks]))
             sel = slice(max(0, i), i + 4)
-            probs = predict_volume(model, val_set.images[sel])
+            probs = predict_volume(model, stack_context(val_set.images[sel], args.context_slices))
             writer.add_image("val/overlay", _overlay_grid(val_set.images[sel], val_set.masks[sel], probs), step, dataformats="HWC")
             tqdm.write(f"step {step}: loss {history[-1]['loss']:.4f}  val DSC (reference protocol, logged only) {mean:.4f}  "
                        f"min {min(scores.values()):.3f}  {elapsed / 60:.1f} min")
