@@ -38,6 +38,11 @@ def model_input(pre: Preprocessed, spec) -> np.ndarray:
     return stack_context(pre.images, spec.context_slices)
 
 
+def predict_flipped(backend: Backend, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Probabilities of the left-right mirrored slices, mirrored back (flip test-time augmentation)."""
+    return backend.predict(np.ascontiguousarray(images[..., ::-1]), batch_size=batch_size)[..., ::-1]
+
+
 def finish_patient(volume: PatientVolume, pre: Preprocessed, grid_prob: np.ndarray, protocol: str,
                    post: PostprocessConfig, timings: dict[str, float]) -> Segmentation:
     """Post-process probabilities already predicted on the model grid."""

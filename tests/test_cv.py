@@ -74,7 +74,7 @@ def test_tiny_cv_run_trains_scores_out_of_fold_and_compares(kaggle_root, tmp_pat
                     "--record", str(tmp_path / "tiny.json"), "--", *train_args]) == 0
     result = json.loads((tmp_path / "tiny.json").read_text())
     split = folds.load_or_write_folds(data / "splits" / "train.txt", 2)
-    for variant in ("native_lcc", "native_lcc_fill2d", "native_none", "reference_lcc"):
+    for variant in ("native_lcc", "native_lcc_fill2d", "native_none", "native_lcc_tta", "reference_lcc"):
         per_patient = result["variants"][variant]["per_patient"]
         assert sorted(per_patient) == sorted(patients)
         for k, held_out in enumerate(split):

@@ -61,7 +61,8 @@ def score_fold(data: Path, out: Path, n_folds: int, k: int, seed: int, threads: 
     """Ship fold ``k``'s model and score its held-out patients; cached in ``fold{k}/oof.json``."""
     from segengine.engine import backends as registry
     from segengine.engine.model import card_path, load_model_spec
-    from segengine.engine.pipeline import segment
+    from segengine.engine.pipeline import finish_patient, model_input, predict_flipped, preprocess_patient, segment
+    from segengine.engine.review import review_features
     from segengine.train.ship import ship_run
 
     run = fold_run(out, k)
@@ -77,15 +78,28 @@ def score_fold(data: Path, out: Path, n_folds: int, k: int, seed: int, threads: 
     spec = load_model_spec(weights)
     oof_dir = run / "oof"
     oof_dir.mkdir(exist_ok=True)
-    rows: dict[str, list[dict]] = {f"native_{v}": [] for v in POST_VARIANTS} | {"reference_lcc": []}
+    rows: dict[str, list[dict]] = ({f"native_{v}": [] for v in POST_VARIANTS}
+                                   | {"native_lcc_tta": [], "reference_lcc": []})
+    none = PostprocessConfig.none()
     with registry.create("torch", spec, threads=threads) as backend:
         for patient in held_out:
             vol = read_patient(data / patient)
-            seg = segment(vol, backend, "native", post=PostprocessConfig.none())
-            np.savez_compressed(oof_dir / f"{patient}.npz", prob=seg.prob.astype(np.float16))
+            pre = preprocess_patient(vol, "native", spec.input_size)
+            x = model_input(pre, spec)
+            grid, grid_flipped = backend.predict(x), predict_flipped(backend, x)
+            seg = finish_patient(vol, pre, grid, "native", none, {})
+            flipped = finish_patient(vol, pre, grid_flipped, "native", none, {}).prob
+            np.savez_compressed(oof_dir / f"{patient}.npz", prob=seg.prob.astype(np.float16),
+                                prob_flipped=flipped.astype(np.float16))
+            lcc = postprocess(seg.prob, POST_VARIANTS["lcc"])
+            features = review_features(seg.prob, lcc, pre.geometry,
+                                       tta_mask=postprocess(flipped, POST_VARIANTS["lcc"]))
             for name, post in POST_VARIANTS.items():
                 rows[f"native_{name}"].append({"patient": patient, "fold": k,
                                                **volume_metrics(postprocess(seg.prob, post), seg.truth)})
+            rows["native_lcc"][-1]["review_features"] = features
+            tta = postprocess((seg.prob + flipped) / 2, POST_VARIANTS["lcc"])
+            rows["native_lcc_tta"].append({"patient": patient, "fold": k, **volume_metrics(tta, seg.truth)})
             ref = segment(vol, backend, "reference")
             rows["reference_lcc"].append({"patient": patient, "fold": k, **volume_metrics(ref.mask, ref.truth)})
             print(f"fold {k} {patient}: native DSC {rows['native_lcc'][-1]['dsc']:.4f}", flush=True)
