@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     step, elapsed, history = 0, 0.0, []
     ckpt_path = out / "last.pt"
     if args.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file: holds RNG states
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # RNG states are tensors and plain dicts
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
