@@ -91,10 +91,18 @@ class PatientVolume:
 
 
 # ---------------------------------------------------------------- readers by file ending
-def _read_tiff(path: Path) -> np.ndarray:
+def _quiet_tifffile():
+    """tifffile logs header oddities as warnings; our own error is the one line the user sees."""
+    import logging
+
     import tifffile
 
-    return tifffile.imread(path)
+    logging.getLogger("tifffile").setLevel(logging.ERROR)
+    return tifffile
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    return _quiet_tifffile().imread(path)
 
 
 def _read_pil(path: Path) -> np.ndarray:
@@ -109,9 +117,7 @@ READERS = {".tif": _read_tiff, ".tiff": _read_tiff, ".png": _read_pil, ".webp": 
 
 
 def _tiff_shape(path: Path) -> tuple[int, ...]:
-    import tifffile
-
-    with tifffile.TiffFile(path) as tf:
+    with _quiet_tifffile().TiffFile(path) as tf:
         return tuple(tf.pages[0].shape)
 
 
@@ -144,11 +150,16 @@ def slice_shape(path: Path) -> tuple[int, ...]:
         raise UnreadableSliceError(f"{path}: not a readable image ({first})") from None
 
 
-def check_slice_size(path: Path, limits: SliceLimits) -> tuple[int, ...]:
-    """The header's shape, refusing sides outside the limits (before any decoding)."""
+GRAYSCALE_MESSAGE = "grayscale slice, expected 3 color channels (pre-contrast, FLAIR, post-contrast)"
+
+
+def check_slice_size(path: Path, limits: SliceLimits, is_mask: bool = False) -> tuple[int, ...]:
+    """The header's shape, refusing sides outside the limits and one-channel images (before decoding)."""
     shape = slice_shape(path)
     if len(shape) < 2:
         raise SliceFormatError(f"{path}: array of shape {shape}, expected HxWx3")
+    if not is_mask and (len(shape) == 2 or shape[2] in (1, 2)):
+        raise SliceFormatError(f"{path}: {GRAYSCALE_MESSAGE}")
     h, w = shape[:2]
     if max(h, w) > limits.max_side:
         raise SliceLimitError(f"{path}: {w}x{h} pixels, larger than the limit of {limits.max_side} px a side")
@@ -175,7 +186,7 @@ def _as_rgb_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
     if arr.dtype != np.uint8:
         raise SliceFormatError(f"{path}: {arr.dtype} pixels, expected 8-bit (uint8) slices")
     if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 2)):
-        raise SliceFormatError(f"{path}: grayscale slice, expected 3 color channels (pre-contrast, FLAIR, post-contrast)")
+        raise SliceFormatError(f"{path}: {GRAYSCALE_MESSAGE}")
     if arr.ndim == 3 and arr.shape[2] == 3:
         return arr
     if arr.ndim == 3 and arr.shape[2] == 4:
@@ -262,15 +273,22 @@ def check_patient_id(patient_id: str, folder: Path) -> str:
     return patient_id
 
 
+def check_headers(folder: Path, images: dict[int, Path], masks: dict[int, Path], limits: SliceLimits) -> None:
+    """Slice count and every file header against the limits, before the first pixel is decoded."""
+    if len(images) > limits.max_slices:
+        raise SliceLimitError(f"{folder}: {len(images)} slices, more than the limit of {limits.max_slices}")
+    for n in sorted(images):
+        check_slice_size(images[n], limits)
+    for n in sorted(masks):
+        check_slice_size(masks[n], limits, is_mask=True)
+
+
 def read_patient(folder: str | os.PathLike, with_mask: bool = True, limits: SliceLimits = DEFAULT_LIMITS) -> PatientVolume:
     """Read a patient folder into a (D, H, W, 3) volume ordered by slice number."""
     folder = Path(folder)
     patient_id, images, masks = list_slices(folder)
     numbers = sorted(images)
-    if len(numbers) > limits.max_slices:
-        raise SliceLimitError(f"{folder}: {len(numbers)} slices, more than the limit of {limits.max_slices}")
-    for path in [images[n] for n in numbers] + ([masks[n] for n in numbers] if with_mask and masks else []):
-        check_slice_size(path, limits)  # every header before the first decode
+    check_headers(folder, images, masks if with_mask else {}, limits)
     slices = []
     shape = None
     for n in numbers:

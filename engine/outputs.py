@@ -59,7 +59,8 @@ def check_writable_file(path: Path, option: str) -> None:
     if path.is_dir():
         raise OutputError(f"{path}: {option} names a folder, expected a file path")
     if not parent.is_dir():
-        raise OutputError(f"{path}: {option}: folder {parent} does not exist")
+        why = "is not a folder" if parent.exists() else "does not exist"
+        raise OutputError(f"{path}: {option}: {parent} {why}")
     try:
         fd, probe = tempfile.mkstemp(prefix=".segengine-probe-", dir=parent)
         os.close(fd)

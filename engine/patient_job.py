@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from segengine.engine.io import DEFAULT_LIMITS, PatientVolume, SliceLimits, list_slices, read_patient
+from segengine.engine.io import DEFAULT_LIMITS, PatientVolume, SliceLimits, check_headers, list_slices, read_patient
 from segengine.engine.outputs import (DiskFullError, OutputError, ResourceError, ResultsExistError, recover_interrupted,
                                       report_dict, temp_entries, write_patient)
 from segengine.engine.pipeline import Segmentation, segment
@@ -122,6 +122,7 @@ class PatientJob:
     def __init__(self, folder: Path, out: Path, overwrite: bool = False, limits: SliceLimits = DEFAULT_LIMITS):
         self.folder, self.out, self.overwrite, self.limits = Path(folder), Path(out), overwrite, limits
         self.patient_id, images, masks = list_slices(self.folder)
+        check_headers(self.folder, images, masks, limits)  # bad sizes refused before a model is even loaded
         self.target = self.out / self.patient_id
         refuse_overlap(self.target, [self.folder, *images.values(), *masks.values()])
         self.lock = PatientLock(self.out, self.patient_id)
@@ -132,6 +133,8 @@ class PatientJob:
             raise ResultsExistError(f"{self.target}: results exist (use --overwrite to replace them)")
         try:
             self.lock.acquire()
+        except PatientBusyError:
+            raise
         except OSError as exc:
             raise self._output_error(exc, "taking the patient lock") from None
         try:

@@ -253,8 +253,9 @@ def main(argv=None) -> int:
             scores = reference_protocol_dsc(model, val_set)
             mean = float(np.mean(list(scores.values())))
             elapsed = time.time() - t_start
+            per_patient = {str(k): float(v) for k, v in scores.items()}  # plain types: resume loads weights_only
             history.append({"step": step, "elapsed_s": round(elapsed, 1), "loss": float(np.mean(running)),
-                            "val_dsc_reference": mean, "val_dsc_per_patient": scores})
+                            "val_dsc_reference": mean, "val_dsc_per_patient": per_patient})
             running = []
             writer.add_scalar("val/dsc_reference_protocol", mean, step)
             i = int(np.argmax([vs.any() for vs in val_set.masks]))
