@@ -136,18 +136,23 @@ def _pil_shape(path: Path) -> tuple[int, ...]:
 HEADER_READERS = {".tif": _tiff_shape, ".tiff": _tiff_shape, ".png": _pil_shape, ".webp": _pil_shape}
 
 
-def slice_shape(path: Path) -> tuple[int, ...]:
-    """(H, W[, C]) from the file header, no pixels decoded."""
-    reader = HEADER_READERS.get(path.suffix.lower())
+def _by_ending(readers: dict, path: Path):
+    """Call the reader picked by file ending; any decoder failure becomes :class:`UnreadableSliceError`."""
+    reader = readers.get(path.suffix.lower())
     if reader is None:
         raise SliceFormatError(f"{path}: unsupported file type (expected one of {', '.join(IMAGE_EXTENSIONS)})")
     try:
         return reader(path)
     except DataError:
         raise
-    except Exception as exc:  # noqa: BLE001 - decoders raise many types for truncated/corrupt headers
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types for truncated/corrupt files
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UnreadableSliceError(f"{path}: not a readable image ({first})") from None
+
+
+def slice_shape(path: Path) -> tuple[int, ...]:
+    """(H, W[, C]) from the file header, no pixels decoded."""
+    return _by_ending(HEADER_READERS, path)
 
 
 GRAYSCALE_MESSAGE = "grayscale slice, expected 3 color channels (pre-contrast, FLAIR, post-contrast)"
@@ -170,16 +175,7 @@ def check_slice_size(path: Path, limits: SliceLimits, is_mask: bool = False) -> 
 
 def read_slice(path: Path) -> np.ndarray:
     """Read one 2D slice; any decoder failure becomes :class:`UnreadableSliceError`."""
-    reader = READERS.get(path.suffix.lower())
-    if reader is None:
-        raise SliceFormatError(f"{path}: unsupported file type (expected one of {', '.join(IMAGE_EXTENSIONS)})")
-    try:
-        return reader(path)
-    except DataError:
-        raise
-    except Exception as exc:  # decoders raise many types for truncated/corrupt files
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UnreadableSliceError(f"{path}: not a readable image ({first})") from None
+    return _by_ending(READERS, path)
 
 
 def _as_rgb_uint8(arr: np.ndarray, path: Path) -> np.ndarray:

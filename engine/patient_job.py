@@ -6,7 +6,7 @@ through :class:`PatientJob`, which owns what must hold for every one of them:
 - the patient id: the slices' name prefix, checked by ``io.check_patient_id``; skip/resume,
   the results folder and the report all use it;
 - OUT/<id> never is, contains or lies inside an input (resolved, symlinks included);
-- a lock file ``OUT/.<id>.lock`` (``flock``): two processes never write one patient; the
+- a lock file ``OUT/.<id>.segengine-lock`` (``flock``): two processes never write one patient; the
   second is told who holds it and skips;
 - on taking the lock, a replace that a killed writer left half done is finished or undone and
   its temp folders are removed (``outputs.recover_interrupted``);
@@ -27,8 +27,9 @@ from segengine.engine.outputs import (DiskFullError, OutputError, ResourceError,
 from segengine.engine.pipeline import Segmentation, segment
 from segengine.engine.postprocess import PostprocessConfig
 
-LOCK_SUFFIX = ".lock"
+LOCK_SUFFIX = ".segengine-lock"
 DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+DISK_FULL_BYTES = 16 * 2**20  # less free space than this after a failed write: the disk is full
 
 
 class PatientBusyError(OutputError):
@@ -62,7 +63,7 @@ def refuse_overlap(target: Path, inputs: list[Path]) -> None:
 
 
 class PatientLock:
-    """``flock`` on OUT/.<id>.lock, removed on release (safely: a waiter re-checks the inode)."""
+    """``flock`` on OUT/.<id>.segengine-lock, removed on release (safely: a waiter re-checks the inode)."""
 
     def __init__(self, out: Path, patient_id: str):
         self.path = _lock_path(out, patient_id)
@@ -132,6 +133,7 @@ class PatientJob:
         if has_result(self.out, self.patient_id) and not self.overwrite:
             raise ResultsExistError(f"{self.target}: results exist (use --overwrite to replace them)")
         try:
+            self.out.mkdir(parents=True, exist_ok=True)
             self.lock.acquire()
         except PatientBusyError:
             raise
@@ -141,8 +143,10 @@ class PatientJob:
             recover_interrupted(self.out, self.patient_id)
             if has_result(self.out, self.patient_id) and not self.overwrite:  # finished meanwhile by another process
                 raise ResultsExistError(f"{self.target}: results exist (use --overwrite to replace them)")
-        except BaseException:
+        except BaseException as exc:
             self.lock.release()
+            if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+                raise self._output_error(exc, "repairing an interrupted write") from None
             raise
         return self
 
@@ -165,8 +169,18 @@ class PatientJob:
         except MemoryError:
             raise ResourceError(f"{self.out}: out of memory writing {self.patient_id}; nothing partial kept") from None
 
-    def _output_error(self, exc: OSError, doing: str) -> Exception:
+    def _disk_full(self, exc: OSError) -> bool:
+        """ENOSPC, or a short write without errno (numpy: "65536 requested and 28416 written") on a full disk."""
         if exc.errno in DISK_FULL_ERRNOS:
+            return True
+        try:
+            st = os.statvfs(self.out)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < DISK_FULL_BYTES
+
+    def _output_error(self, exc: OSError, doing: str) -> Exception:
+        if self._disk_full(exc):
             return DiskFullError(f"{self.out}: no space left on device while {doing} of {self.patient_id} "
                                  "(nothing partial kept; free space and re-run to resume)")
         return OutputError(f"{self.target}: cannot write ({exc.strerror or exc}) while {doing}")

@@ -67,13 +67,13 @@ def _mask(p: Path, n: int = 5) -> Path:
 
 
 def _out_is_the_input(p, out):  # the data-loss case: OUT/<id> == ROOT/<id>
-    return ["--patient", str(p), "--out", str(p.parent), "--overwrite"], None
+    return ["--patient", str(p), "--out", str(p.parent), "--overwrite"]
 
 
 def _out_entry_links_to_the_input(p, out):
     out.mkdir()
     (out / p.name).symlink_to(p, target_is_directory=True)
-    return ["--patient", str(p), "--out", str(out), "--overwrite"], None
+    return ["--patient", str(p), "--out", str(out), "--overwrite"]
 
 
 def _slice_links_into_out(p, out):  # replacing OUT/<id> would delete a file the input points at
@@ -81,13 +81,13 @@ def _slice_links_into_out(p, out):  # replacing OUT/<id> would delete a file the
     kept = out / p.name / "kept.tif"
     shutil.move(_slice(p), kept)
     _slice(p).symlink_to(kept)
-    return ["--patient", str(p), "--out", str(out), "--overwrite"], None
+    return ["--patient", str(p), "--out", str(out), "--overwrite"]
 
 
 def _dot_patient_id(p, out):
     for f in list(p.iterdir()):
         f.rename(p / f.name.replace(p.name, ".."))
-    return None, None
+    return []
 
 
 def _huge_header(p, out):  # 20000 x 20000 claimed by a 300-byte file: refused without decoding
@@ -95,25 +95,25 @@ def _huge_header(p, out):  # 20000 x 20000 claimed by a 300-byte file: refused w
     with tifffile.TiffFile(_slice(p), mode="r+b") as tf:
         tf.pages[0].tags["ImageWidth"].overwrite(20000)
         tf.pages[0].tags["ImageLength"].overwrite(20000)
-    return None, None
+    return []
 
 
 def _tiny_slice(p, out):
     tifffile.imwrite(_slice(p), tifffile.imread(_slice(p))[:3, :3])
-    return None, None
+    return []
 
 
 def _too_many_slices(p, out):
-    return ["--max-slices", "10"], None
+    return ["--max-slices", "10"]
 
 
 def _smaller_max_side(p, out):
-    return ["--max-side", "128"], None
+    return ["--max-side", "128"]
 
 
 def _grayscale(p, out):
     tifffile.imwrite(_slice(p), tifffile.imread(_slice(p))[..., 1])  # FLAIR only
-    return None, None
+    return []
 
 
 def _nonbinary_mask(p, out):
@@ -121,19 +121,19 @@ def _nonbinary_mask(p, out):
     m[:4, :4] = 128  # besides 0 and 255 below
     m[4:8, :4] = 255
     tifffile.imwrite(_mask(p), m)
-    return None, None
+    return []
 
 
 def _fifo_slice(p, out):
     _slice(p).unlink()
     os.mkfifo(_slice(p))
-    return None, None
+    return []
 
 
 def _dangling_link_slice(p, out):
     _slice(p).unlink()
     _slice(p).symlink_to(p / "gone.tif")
-    return None, None
+    return []
 
 
 def _model_edit(tmp_path: Path, edit) -> Path:
@@ -144,7 +144,21 @@ def _model_edit(tmp_path: Path, edit) -> Path:
 
 def _corrupt_sidecar(p, out):
     w = _model_edit(out.parent, lambda w: w.with_name(w.stem + ".onnx.json").write_text('{"kind": "onnx", '))
-    return ["--model", str(w), "--backend", "onnxruntime"], None
+    return ["--model", str(w), "--backend", "onnxruntime"]
+
+
+def _sidecar_wrong_types(p, out):
+    def edit(w):
+        side = w.with_name(w.stem + ".onnx.json")
+        side.write_text(json.dumps({**json.loads(side.read_text()), "source_sha256": 12345}))
+    return ["--model", str(_model_edit(out.parent, edit)), "--backend", "onnxruntime"]
+
+
+def _card_input_size(p, out):
+    def edit(w):
+        card = json.loads(w.with_suffix(".json").read_text())
+        w.with_suffix(".json").write_text(json.dumps({**card, "input_size": 100000}))
+    return ["--model", str(_model_edit(out.parent, edit)), "--backend", "torch"]
 
 
 def _card_edit(**arch):
@@ -153,43 +167,45 @@ def _card_edit(**arch):
             card = json.loads(w.with_suffix(".json").read_text())
             card["architecture"].update(arch)
             w.with_suffix(".json").write_text(json.dumps(card))
-        return ["--model", str(_model_edit(out.parent, change)), "--backend", "torch"], None
+        return ["--model", str(_model_edit(out.parent, change)), "--backend", "torch"]
     edit.__name__ = "_card_" + "_".join(f"{k}_{v}" for k, v in arch.items())
     return edit
 
 
-# (damage, words, exit code); each returns extra args (or a full argv) for `run`
+# (damage, words): each damages ROOT/<patient> (or OUT) and returns extra args, or a full argv, for `run`
 CASES = [
-    (_out_is_the_input, "is the input", 2),
-    (_out_entry_links_to_the_input, "is the input", 2),
-    (_slice_links_into_out, "contains the input", 2),
-    (_dot_patient_id, "starts with '.'", 2),
-    (_huge_header, "20000x20000 pixels, larger than the limit of 1024", 2),
-    (_tiny_slice, "3x3 pixels, smaller than the limit of 32", 2),
-    (_too_many_slices, "23 slices, more than the limit of 10", 2),
-    (_smaller_max_side, "larger than the limit of 128", 2),
-    (_grayscale, "grayscale slice, expected 3 color channels (pre-contrast, FLAIR, post-contrast)", 2),
-    (_nonbinary_mask, "expected a binary mask: 0 for background and one value", 2),
-    (_fifo_slice, "not a regular file (FIFO", 2),
-    (_dangling_link_slice, "dangling symbolic link", 2),
-    (_corrupt_sidecar, "unreadable sidecar", 2),
-    (_card_edit(base_channels=1000000), "base_channels = 1000000 is outside 1..256", 2),
-    (_card_edit(base_channels="16"), "base_channels is '16' (str), expected int", 2),
-    (_card_edit(deep_supervision=1), "deep_supervision is 1 (int), expected bool", 2),
-    (_card_edit(width=3), "has no parameter 'width'", 2),
+    (_out_is_the_input, "is the input"),
+    (_out_entry_links_to_the_input, "is the input"),
+    (_slice_links_into_out, "contains the input"),
+    (_dot_patient_id, "starts with '.'"),
+    (_huge_header, "20000x20000 pixels, larger than the limit of 1024"),
+    (_tiny_slice, "3x3 pixels, smaller than the limit of 32"),
+    (_too_many_slices, "23 slices, more than the limit of 10"),
+    (_smaller_max_side, "larger than the limit of 128"),
+    (_grayscale, "grayscale slice, expected 3 color channels (pre-contrast, FLAIR, post-contrast)"),
+    (_nonbinary_mask, "expected a binary mask: 0 for background and one value"),
+    (_fifo_slice, "not a regular file (FIFO"),
+    (_dangling_link_slice, "dangling symbolic link"),
+    (_corrupt_sidecar, "unreadable sidecar"),
+    (_sidecar_wrong_types, "source_sha256 must be a SHA-256"),
+    (_card_input_size, "input_size = 100000 is outside 32..1024"),
+    (_card_edit(base_channels=1000000), "base_channels = 1000000 is outside 1..256"),
+    (_card_edit(base_channels="16"), "base_channels is '16' (str), expected int"),
+    (_card_edit(deep_supervision=1), "deep_supervision is 1 (int), expected bool"),
+    (_card_edit(width=3), "has no parameter 'width'"),
 ]
 
 
-@pytest.mark.parametrize("damage, words, code", CASES, ids=[c[0].__name__.strip("_") for c in CASES])
-def test_ill_case_is_one_line_and_touches_nothing(root, kaggle_root, tmp_path, damage, words, code):
+@pytest.mark.parametrize("damage, words", CASES, ids=[c[0].__name__.strip("_") for c in CASES])
+def test_ill_case_is_one_line_and_touches_nothing(root, tmp_path, damage, words):
     patient = root / SMALL
     out = tmp_path / "out"
-    extra, _ = damage(patient, out)
-    argv = extra if extra and extra[0] == "--patient" else ["--patient", str(patient), "--out", str(out), *(extra or [])]
+    extra = damage(patient, out)
+    argv = extra if extra and extra[0] == "--patient" else ["--patient", str(patient), "--out", str(out), *extra]
     before = tree_hashes(root)
     out_before = tree_hashes(out) if out.exists() else {}
     res = _run(*argv) if "--model" not in argv else _cli("run", *argv)
-    assert res.exit_code == code, res.output
+    assert res.exit_code == 2, res.output
     _one_line(res, words)
     assert tree_hashes(root) == before  # every input byte-identical
     if out.exists() and out != root:
@@ -374,7 +390,7 @@ def test_sigterm_to_the_console_script(root, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([str(EXE), "run", "--model", str(MODEL), "--patient", str(root / SMALL), "--out", str(out),
                              "--gif"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lock = out / f".{SMALL}.lock"
+    lock = out / f".{SMALL}.segengine-lock"
     deadline = time.monotonic() + 60
     while not lock.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -512,3 +528,19 @@ def test_four_concurrent_runs_on_one_out(kaggle_root, tmp_path):
                  if any(line.startswith(f"{p}: ") and "slices, tumor" in line for line in (so + se).splitlines())]
         assert 1 <= len(wrote) and wrote.count(False) <= 1
     assert tree_hashes(root) == before
+
+
+# ------------------------------------------------------------------ CI never skips the real-data suite
+@pytest.mark.parametrize("ci, code, words", [("true", 1, "shared data not found"), ("", 0, "1 skipped")],
+                         ids=["ci-fails", "local-skips"])
+def test_missing_shared_data_fails_under_ci(tmp_path, ci, code, words):
+    """A clone without ../shared beside it: under CI=true the real-data tests must fail, not skip."""
+    tests = tmp_path / "clone" / "tests"
+    tests.mkdir(parents=True)
+    shutil.copy(Path(__file__).with_name("conftest.py"), tests / "conftest.py")
+    (tests / "test_uses_data.py").write_text("def test_real(kaggle_root):\n    assert kaggle_root.is_dir()\n")
+    env = {**os.environ, "CI": ci}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)], cwd=tests.parent,
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == code, res.stdout + res.stderr
+    assert words in res.stdout
