@@ -198,12 +198,11 @@ def validate(data_root, patients_file, backend, against, model, threads, json_pa
       segengine validate --data kaggle_3m --patients-file val.txt --backend onnxruntime-int8
     """
     from segengine.engine import verdict
-    from segengine.engine.backends import backend_class
 
     _set_threads(threads)
     spec = _load_spec(model)
     if record:
-        verdict.refuse_unrecordable(backend, against, getattr(backend_class(backend), "export_kind", None))
+        verdict.refuse_unrecordable(backend, against)
     result = verdict.compute(spec, data_root, patients_file, backend, against, threads)
     click.echo(verdict.format_result(result))
     if json_path:

@@ -47,8 +47,14 @@ def _export_sha256(spec: ModelSpec, kind: str | None) -> str | None:
     return sha256_file(path)
 
 
-def refuse_unrecordable(backend: str, against: str, export_kind: str | None) -> None:
+def refuse_unrecordable(backend: str, against: str) -> None:
     """Raise VerdictError, before any work, for a comparison whose verdict may not be recorded."""
+    from segengine.engine import backends as registry
+
+    _refuse(backend, against, getattr(registry.backend_class(backend), "export_kind", None))
+
+
+def _refuse(backend: str, against: str, export_kind: str | None) -> None:
     if against != REFERENCE:
         raise VerdictError(f"a verdict is recorded only against {REFERENCE} (this run compares {backend} with {against})")
     if backend == REFERENCE:
@@ -169,7 +175,7 @@ def record(spec: ModelSpec, result: dict[str, Any]) -> Path:
     from segengine.export.onnx_export import now_iso, write_json_atomic
 
     kind = result.get("export_kind")
-    refuse_unrecordable(result.get("backend", "?"), result.get("against", "?"), kind)
+    _refuse(result.get("backend", "?"), result.get("against", "?"), kind)
     if result.get("model_sha256") != spec.sha256:
         raise VerdictError(f"this verdict is for weights {str(result.get('model_sha256'))[:12]}..., "
                            f"not {spec.weights.name} ({spec.sha256[:12]}...)")

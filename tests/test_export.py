@@ -578,16 +578,23 @@ def test_auto_distrusts_a_forged_or_foreign_verdict(model_copy, onnx_verdict, fi
     assert registry.resolve("auto", model_copy) == "torch"
 
 
-def test_validate_cli_refuses_to_record_a_self_comparison_before_running(model_copy, kaggle_root, val_patients_file):
+@pytest.mark.parametrize("backend, against, words", [
+    ("onnxruntime", "onnxruntime", "recorded only against torch"),
+    ("onnxruntime-int8", "onnxruntime", "recorded only against torch"),
+    ("torch", "torch", "torch is the reference"),
+    ("triton", "torch", "no export file"),
+])
+def test_validate_cli_refuses_an_unrecordable_comparison_before_running(model_copy, kaggle_root, val_patients_file,
+                                                                       backend, against, words):
     from click.testing import CliRunner
 
     from segengine.engine.cli import main
 
     before = sidecar_path(model_copy.export_path("onnx")).read_bytes()
     res = CliRunner().invoke(main, ["validate", "--model", str(model_copy.weights), "--data", str(kaggle_root),
-                                    "--patients-file", str(val_patients_file), "--backend", "onnxruntime",
-                                    "--against", "onnxruntime", "--record"])
-    assert res.exit_code == 2 and "recorded only against torch" in res.output and "Traceback" not in res.output
+                                    "--patients-file", str(val_patients_file), "--backend", backend,
+                                    "--against", against, "--record"])
+    assert res.exit_code == 2 and words in res.output and "Traceback" not in res.output and "PASS" not in res.output
     assert sidecar_path(model_copy.export_path("onnx")).read_bytes() == before
 
 
