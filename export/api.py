@@ -143,6 +143,8 @@ def export_model(
         out = spec.export_path("tensorrt-fp16")
         fp16_side = results.get("onnx-fp16") or spec.sidecar("onnx-fp16") or {}
         keep = fp16_side.get("conversion", {}).get("fp32_nodes", []) if fp16_side.get("source_sha256") == spec.sha256 else []
+        if not fp16_side.get("conversion"):
+            say("tensorrt-fp16: no current onnx-fp16 export, so no range-derived float32 layers (export onnx-fp16 first)")
         try:
             results["tensorrt-fp16"] = build_tensorrt_engine(onnx_path, out, verify_images=onnx_verify, fp32_layers=keep,
                                                              log=say)
