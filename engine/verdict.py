@@ -71,7 +71,7 @@ def compute(spec: ModelSpec, data_root: Path, patients_file: str | None, backend
     from segengine.engine.evaluate import select_patients
     from segengine.engine.io import DataError, read_patient
     from segengine.engine.metrics import dsc
-    from segengine.engine.pipeline import finish_patient, preprocess_patient
+    from segengine.engine.pipeline import finish_patient, model_input, preprocess_patient
     from segengine.engine.postprocess import PostprocessConfig
 
     post = post or PostprocessConfig()
@@ -91,9 +91,10 @@ def compute(spec: ModelSpec, data_root: Path, patients_file: str | None, backend
             if vol.mask is None:
                 raise DataError(f"{folder}: no ground-truth masks; validate needs them")
             pre = preprocess_patient(vol, "native", spec.input_size)
-            pa, pb = a.predict(pre.images), b.predict(pre.images)
+            x = model_input(pre, spec)  # with neighbouring slices as channels for 2.5D models
+            pa, pb = a.predict(x), b.predict(x)
             if ranges is not None:
-                ranges.add(pre.images)
+                ranges.add(x)
             sa = finish_patient(vol, pre, pa, "native", post, {})
             sb = finish_patient(vol, pre, pb, "native", post, {})
             da, db = dsc(sa.mask, sa.truth), dsc(sb.mask, sb.truth)
