@@ -2,7 +2,7 @@
 
 A model is a PyTorch weights file ``<name>.pt`` with a card ``<name>.json`` beside it
 (architecture, training split, DSC, SHA-256 of the weights). Exports live beside it as
-``<name>.onnx`` / ``<name>.int8.onnx`` / ``<name>.fp16.plan``, each with a sidecar
+``<name>.onnx`` / ``<name>.int8.onnx`` / ``<name>.fp16.onnx`` / ``<name>.fp16.plan``, each with a sidecar
 ``<file>.json`` naming the SHA-256 of the weights it came from.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 SHIPPED_MODEL_NAME = "resunet16"
+# export kind -> file suffix beside the weights (every kind has a sidecar ``<file>.json``)
+EXPORT_SUFFIXES = {"onnx": ".onnx", "onnx-int8": ".int8.onnx", "onnx-fp16": ".fp16.onnx", "tensorrt-fp16": ".fp16.plan"}
 
 
 class ModelError(ValueError):
@@ -133,7 +135,7 @@ class ModelSpec:
     weights: Path
     card: dict[str, Any]
     sha256: str
-    exports: dict[str, Path] = field(default_factory=dict)  # "onnx" / "onnx-int8" / "tensorrt-fp16" -> path
+    exports: dict[str, Path] = field(default_factory=dict)  # export kind (EXPORT_SUFFIXES) -> path
 
     @property
     def name(self) -> str:
@@ -153,8 +155,7 @@ class ModelSpec:
         return dict(self.card["architecture"])
 
     def export_path(self, kind: str) -> Path:
-        suffix = {"onnx": ".onnx", "onnx-int8": ".int8.onnx", "tensorrt-fp16": ".fp16.plan"}[kind]
-        return self.weights.with_name(self.name + suffix)
+        return self.weights.with_name(self.name + EXPORT_SUFFIXES[kind])
 
     def sidecar(self, kind: str) -> dict[str, Any] | None:
         p = sidecar_path(self.export_path(kind))
@@ -182,7 +183,7 @@ def load_model_spec(path: str | os.PathLike | None = None, verify: bool = True) 
         raise ModelError(f"{weights}: SHA-256 {digest[:12]}... does not match its card ({card['sha256'][:12]}...): "
                          "corrupt or replaced model file")
     spec = ModelSpec(weights=weights, card=card, sha256=digest)
-    for kind in ("onnx", "onnx-int8", "tensorrt-fp16"):
+    for kind in EXPORT_SUFFIXES:
         if spec.export_path(kind).exists():
             spec.exports[kind] = spec.export_path(kind)
     return spec
