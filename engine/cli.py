@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import click
+
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
                    "VECLIB_MAXIMUM_THREADS")
 
@@ -29,9 +31,13 @@ def _bound_thread_pools(threads: str | None) -> None:
             os.environ[var] = threads
 
 
-_bound_thread_pools(_threads_from_argv(sys.argv[1:]))  # before click (and anything it pulls in) loads numpy
+class SegengineGroup(click.Group):
+    """Sets the thread variables from --threads before any command runs, hence before numpy loads."""
 
-import click  # noqa: E402
+    def main(self, args=None, *rest, **kwargs):
+        _bound_thread_pools(_threads_from_argv(list(sys.argv[1:] if args is None else args)))
+        return super().main(args, *rest, **kwargs)
+
 
 from segengine.engine.backends import NAMES as BACKEND_NAMES
 EXIT_BAD_INPUT = 2
@@ -90,7 +96,7 @@ def user_errors(fn):
 
 
 def _set_threads(threads: int | None) -> None:
-    """Thread env for libraries not loaded yet (the console script already did this from argv)."""
+    """Thread env for libraries not loaded yet (SegengineGroup.main already did this from the arguments)."""
     if threads:
         _bound_thread_pools(str(threads))
 
@@ -107,7 +113,7 @@ def _check_paths(files: dict[str, Path | None] | None = None, folders: dict[str,
             check_writable_dir(path, option)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=SegengineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="segengine")
 def main() -> None:
     """segengine: segment FLAIR abnormalities (lower-grade glioma) in brain MRI slices.

@@ -29,7 +29,7 @@ def select_patients(data_root: Path, patients_file: str | None) -> list[Path]:
 
 def read_prediction(pred_folder: Path, patient_id: str, slice_numbers: list[int], shape: tuple[int, int]) -> np.ndarray:
     """Predicted masks ``<patient>_<n>_mask.*`` for exactly the ground truth's slices."""
-    from segengine.engine.io import _as_mask, read_slice
+    from segengine.engine.io import _as_mask, read_slice, slice_shape
 
     if not pred_folder.is_dir():
         raise DataError(f"{pred_folder}: no predictions for patient {patient_id}")
@@ -39,6 +39,9 @@ def read_prediction(pred_folder: Path, patient_id: str, slice_numbers: list[int]
         path = next((c for c in cands if c.exists()), None)
         if path is None:
             raise DataError(f"{cands[0]}: predicted mask missing")
+        header = slice_shape(path)[:2]  # a wrong (e.g. huge) size is refused before decoding
+        if header != shape:
+            raise DataError(f"{path}: size {header[1]}x{header[0]} differs from the ground truth {shape[1]}x{shape[0]}")
         m = _as_mask(read_slice(path), path)
         if m.shape != shape:
             raise DataError(f"{path}: size {m.shape[1]}x{m.shape[0]} differs from the ground truth {shape[1]}x{shape[0]}")

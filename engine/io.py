@@ -279,7 +279,8 @@ def check_headers(folder: Path, images: dict[int, Path], masks: dict[int, Path],
         check_slice_size(masks[n], limits, is_mask=True)
 
 
-def read_patient(folder: str | os.PathLike, with_mask: bool = True, limits: SliceLimits = DEFAULT_LIMITS) -> PatientVolume:
+def read_patient(folder: str | os.PathLike, with_mask: bool = True,
+                 limits: SliceLimits = DEFAULT_LIMITS) -> PatientVolume:
     """Read a patient folder into a (D, H, W, 3) volume ordered by slice number."""
     folder = Path(folder)
     patient_id, images, masks = list_slices(folder)

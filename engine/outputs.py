@@ -6,7 +6,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -119,6 +121,33 @@ def _fsync_tree(folder: Path) -> None:
         _fsync_path(Path(root))
 
 
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends, for steps that must not be split (a temp folder
+    created and recorded, a lock taken and recorded, the two renames of a replace).
+
+    Python-level: the handlers are swapped for a recorder and the signals replayed on exit
+    (a signal mask would not do: any of the runtimes' threads may receive a process signal).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            handler = previous[s]
+            if callable(handler):
+                handler(s, None)  # e.g. raises KeyboardInterrupt / the CLI's Terminated
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(s)
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -166,22 +195,26 @@ def atomic_dir(out: Path, name: str, overwrite: bool) -> Iterator[Path]:
     if final.exists() and not overwrite:
         raise ResultsExistError(f"{final}: results exist (use --overwrite to replace them)")
     partial, old = _temp_prefixes(name)
-    tmp = Path(tempfile.mkdtemp(prefix=partial, dir=out))
+    tmp = None
     try:
+        with deferred_signals():
+            tmp = Path(tempfile.mkdtemp(prefix=partial, dir=out))
         yield tmp
         _fsync_tree(tmp)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; results follow the umask like any folder
-        if final.exists() or final.is_symlink():
-            trash = Path(tempfile.mkdtemp(prefix=old, dir=out))
-            os.replace(final, trash / "old")
-            os.replace(tmp, final)
-            _fsync_path(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-            _fsync_path(out)
+        with deferred_signals():  # Ctrl-C/SIGTERM never split a replace; SIGKILL is undone by recover_interrupted
+            if final.exists() or final.is_symlink():
+                trash = Path(tempfile.mkdtemp(prefix=old, dir=out))
+                os.replace(final, trash / "old")
+                os.replace(tmp, final)
+                _fsync_path(out)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+                _fsync_path(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         try:
             recover_interrupted(out, name)  # put a result set aside back if the new one is not in
         except OSError:

@@ -6,8 +6,8 @@ through :class:`PatientJob`, which owns what must hold for every one of them:
 - the patient id: the slices' name prefix, checked by ``io.check_patient_id``; skip/resume,
   the results folder and the report all use it;
 - OUT/<id> never is, contains or lies inside an input (resolved, symlinks included);
-- a lock file ``OUT/.<id>.segengine-lock`` (``flock``): two processes never write one patient; the
-  second is told who holds it and skips;
+- a lock file ``OUT/.<id>.segengine-lock`` (``flock``): two processes never write one
+  patient; the second is told who holds it and skips;
 - on taking the lock, a replace that a killed writer left half done is finished or undone and
   its temp folders are removed (``outputs.recover_interrupted``);
 - the atomic write (``outputs.write_patient``), with a full disk reported as one line.
@@ -22,8 +22,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from segengine.engine.io import DEFAULT_LIMITS, PatientVolume, SliceLimits, check_headers, list_slices, read_patient
-from segengine.engine.outputs import (DiskFullError, OutputError, ResourceError, ResultsExistError, recover_interrupted,
-                                      report_dict, temp_entries, write_patient)
+from segengine.engine.outputs import (DiskFullError, OutputError, ResourceError, ResultsExistError, deferred_signals,
+                                      recover_interrupted, report_dict, temp_entries, write_patient)
 from segengine.engine.pipeline import Segmentation, segment
 from segengine.engine.postprocess import PostprocessConfig
 
@@ -71,6 +71,10 @@ class PatientLock:
         self.fd: int | None = None
 
     def acquire(self) -> "PatientLock":
+        with deferred_signals():  # a lock file is never created without being recorded for release
+            return self._acquire()
+
+    def _acquire(self) -> "PatientLock":
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
@@ -94,15 +98,20 @@ class PatientLock:
     def release(self) -> None:
         if self.fd is None:
             return
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        os.close(self.fd)
-        self.fd = None
+        with deferred_signals():
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+            self.fd = None
 
     def __enter__(self) -> "PatientLock":
-        return self.acquire()
+        try:
+            return self.acquire()
+        except BaseException:  # a signal raised after the lock was taken, before `with` owns it
+            self.release()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.release()
@@ -135,18 +144,13 @@ class PatientJob:
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             self.lock.acquire()
-        except PatientBusyError:
-            raise
-        except OSError as exc:
-            raise self._output_error(exc, "taking the patient lock") from None
-        try:
             recover_interrupted(self.out, self.patient_id)
             if has_result(self.out, self.patient_id) and not self.overwrite:  # finished meanwhile by another process
                 raise ResultsExistError(f"{self.target}: results exist (use --overwrite to replace them)")
         except BaseException as exc:
             self.lock.release()
             if isinstance(exc, OSError) and not isinstance(exc, OutputError):
-                raise self._output_error(exc, "repairing an interrupted write") from None
+                raise self._output_error(exc, "taking the patient lock or repairing an interrupted write") from None
             raise
         return self
 
@@ -154,7 +158,8 @@ class PatientJob:
         try:
             return read_patient(self.folder, limits=self.limits)
         except MemoryError:
-            raise ResourceError(f"{self.folder}: out of memory reading the slices; nothing written to {self.out}") from None
+            raise ResourceError(f"{self.folder}: out of memory reading the slices; "
+                                f"nothing written to {self.out}") from None
 
     def write(self, volume: PatientVolume, seg: Segmentation, report: dict, gif: bool = False) -> Path:
         """All outputs into OUT/<id> at once; a full disk leaves nothing partial and says so."""
@@ -193,7 +198,11 @@ class PatientJob:
         self.lock.release()
 
     def __enter__(self) -> "PatientJob":
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # a signal raised after start() took the lock, before `with` owns it
+            self.close()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.close()

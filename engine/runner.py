@@ -131,11 +131,12 @@ def _run_many(root: Path, out: Path, backend, name: str, spec, post: Postprocess
 
     disk_full = False
     for c in range(0, len(folders), PATIENTS_PER_CHUNK):
-        chunk = []
+        chunk, held = [], []  # held: every started job, released whatever happens
         try:
             for folder in folders[c : c + PATIENTS_PER_CHUNK]:
                 try:
                     job = PatientJob(folder, out, overwrite, limits)
+                    held.append(job)
                     job.start()
                 except ResultsExistError:
                     summary.skipped.append(patient_id_of(folder))
@@ -202,7 +203,7 @@ def _run_many(root: Path, out: Path, backend, name: str, spec, post: Postprocess
                     job.close()
                 offset += n
         finally:
-            for job, *_ in chunk:
+            for job in held:
                 job.close()
         if disk_full:
             summary.not_started += [f.name for f in folders[c + PATIENTS_PER_CHUNK :]]

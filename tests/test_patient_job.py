@@ -193,7 +193,6 @@ CASES = [
     (_card_edit(base_channels="16"), "base_channels is '16' (str), expected int"),
     (_card_edit(deep_supervision=1), "deep_supervision is 1 (int), expected bool"),
     (_card_edit(width=3), "has no parameter 'width'"),
-    (_card_edit(in_channels=9), "in_channels = 9 does not fit context_slices = 0 (expected 3)"),
 ]
 
 
@@ -327,6 +326,29 @@ def test_full_disk_single_patient_is_one_line(root, tmp_path, monkeypatch):
     assert list(out.iterdir()) == []
 
 
+@pytest.fixture()
+def tiny_disk(tmp_path):
+    """A real 3 MB tmpfs: room for one patient's results, not for two."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): {res.stderr.strip()[:80]}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_replace_on_a_really_full_disk_keeps_the_old_result(root, tiny_disk):
+    out = tiny_disk / "out"
+    first = _run("--patient", str(root / SMALL), "--out", str(out))
+    assert first.exit_code == 0, first.output
+    kept = tree_hashes(out / SMALL)
+    res = _run("--patient", str(root / SMALL), "--out", str(out), "--overwrite")  # old + new do not fit
+    assert res.exit_code == 1
+    _one_line(res, f"{out}: no space left on device")
+    assert tree_hashes(out / SMALL) == kept and [p.name for p in out.iterdir()] == [SMALL]
+
+
 def test_memory_error_is_one_line_and_the_batch_goes_on(kaggle_root, tmp_path, monkeypatch):
     import segengine.engine.runner as runner
 
@@ -428,12 +450,13 @@ def test_result_folders_follow_the_umask(tmp_path, umask, mode):
 
 
 def test_threads_are_bounded_before_numpy_loads():
-    code = ("import sys; sys.argv = ['segengine', 'run', '--threads', '3']; import segengine.engine.cli; import os; "
+    code = ("import os, sys\nfrom segengine.engine.cli import main\n"
+            "try:\n    main(['run', '--threads', '3', '--help'])\nexcept SystemExit:\n    pass\n"
             "print([os.environ[v] for v in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS')], "
             "'numpy' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
-    assert out.strip() == "['3', '3', '3'] False"
+    assert out.strip().splitlines()[-1] == "['3', '3', '3'] False"
 
 
 # ------------------------------------------------------------------ interrupted replaces
@@ -545,3 +568,17 @@ def test_missing_shared_data_fails_under_ci(tmp_path, ci, code, words):
                          capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == code, res.stdout + res.stderr
     assert words in res.stdout
+
+
+def test_evaluate_refuses_a_huge_prediction_before_decoding(root, tmp_path):
+    pred = tmp_path / "pred" / SMALL
+    pred.mkdir(parents=True)
+    for m in (root / SMALL).glob("*_mask.tif"):
+        shutil.copy(m, pred / m.name)
+    ok = _cli("evaluate", "--data", str(root), "--pred", str(pred.parent))
+    assert ok.exit_code == 0 and "1.0000" in ok.output, ok.output  # ground truth scored against itself
+    _huge_header(pred, None)
+    (pred / f"{SMALL}_5.tif").rename(pred / f"{SMALL}_5_mask.tif")
+    res = _cli("evaluate", "--data", str(root), "--pred", str(pred.parent))
+    assert res.exit_code == 2
+    _one_line(res, "20000x20000 differs from the ground truth 256x256")
