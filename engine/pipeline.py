@@ -30,7 +30,10 @@ class Segmentation:
 
 
 def preprocess_patient(volume: PatientVolume, protocol: str, size: int) -> Preprocessed:
-    return preprocess_volume(volume.image, volume.mask, size=size, drop_ends=(protocol == "reference"))
+    """The model-grid slices; the ground truth is resized too only in the reference protocol,
+    the one protocol that scores on the grid (native scores on the original slices)."""
+    reference = protocol == "reference"
+    return preprocess_volume(volume.image, volume.mask if reference else None, size=size, drop_ends=reference)
 
 
 def model_input(pre: Preprocessed, spec) -> np.ndarray:
