@@ -112,6 +112,43 @@ def crop_box(nonzero: np.ndarray) -> tuple[int, int, int, int, int, int]:
     return int(zs[0]), int(zs[-1]) + 1, int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
 
 
+def percentiles(values: np.ndarray, qs: tuple[float, ...], sample_size: int = 20_000) -> list[float]:
+    """``np.percentile(values, qs)`` (linear method) to the bit, without partitioning all of ``values``.
+
+    A strided sample brackets each needed order statistic; one pass counts the values below
+    the bracket and gathers those inside it, and only those are partitioned (about 3% of a
+    volume instead of all of it). A bracket that misses falls back to ``np.percentile``, so
+    the sample only decides the speed, never the result. ``values`` must be finite.
+    """
+    flat = values.reshape(-1)
+    n = flat.size
+    if n < 10 * sample_size:
+        return [float(v) for v in np.percentile(flat, qs)]
+    sample = np.sort(flat[:: n // sample_size])
+    m = sample.size
+    out = []
+    for q in qs:
+        p = q / 100
+        virtual = (n - 1) * p  # numpy's "linear" method: order statistics k and k + 1, weight gamma
+        k = min(int(math.floor(virtual)), n - 1)
+        k1 = min(k + 1, n - 1)
+        gamma = virtual - k
+        at = p * (m - 1)
+        margin = 6 * math.sqrt(m * p * (1 - p)) + 0.002 * m + 8
+        lo = sample[int(at - margin)] if at - margin >= 0 else -np.inf
+        hi = sample[int(at + margin) + 1] if at + margin + 1 <= m - 1 else np.inf
+        below = int(np.count_nonzero(flat < lo))
+        inside = flat[(flat >= lo) & (flat <= hi)]
+        if not below <= k <= k1 < below + inside.size:
+            return [float(v) for v in np.percentile(flat, qs)]
+        inside.partition((k - below, k1 - below))
+        a, b = inside[k - below], inside[k1 - below]
+        diff = b - a  # in the input's precision, then the weighting in float64, as numpy's _lerp
+        out.append(float(np.float64(a) + np.float64(diff) * gamma if gamma < 0.5
+                         else np.float64(b) - np.float64(diff) * (1 - gamma)))
+    return out
+
+
 def normalize_volume(volume: np.ndarray) -> np.ndarray:
     """Rescale (D, C, H, W) between its 10th and 99th percentile, clip, z-normalize per channel (in place).
 
@@ -119,7 +156,7 @@ def normalize_volume(volume: np.ndarray) -> np.ndarray:
     [p10, p99] and z-normalizing with that channel's own mean and std gives the same
     values in two passes instead of five. Means and variances come from sums in float64.
     """
-    p10, p99 = (float(v) for v in np.percentile(volume, (10, 99)))
+    p10, p99 = percentiles(volume, (10, 99))
     span = p99 - p10 if p99 > p10 else 1.0  # the reference divides only by a positive range
     np.clip(volume, p10, p10 + span, out=volume)
     n = volume.size // volume.shape[1]
