@@ -96,9 +96,28 @@ def resize_slices(volume: np.ndarray, size: int, order: int, pad_y: tuple[int, i
     ry = np.ascontiguousarray(resize_matrix(hp, size, order)[:, pad_y[0] : pad_y[0] + h])
     rx = resize_matrix(wp, size, order)[:, pad_x[0] : pad_x[0] + w] * (scale if scale is not None else np.float32(1))
     lead = src.shape[:-2]
-    # along x as one large GEMM over all rows of all planes, then along y plane by plane
-    along_x = (src.reshape(-1, w) @ rx.T).reshape(lead + (h, size))
-    return np.matmul(ry, along_x)
+    # along x as large GEMMs over all rows of all planes, then along y plane by plane; each
+    # block of output rows only multiplies the input band its spline weights reach
+    along_x = np.empty((src.size // w, size), dtype=np.float32)
+    rows = src.reshape(-1, w)
+    for o0, o1, c0, c1 in _bands(rx):
+        np.matmul(rows[:, c0:c1], rx[o0:o1, c0:c1].T, out=along_x[:, o0:o1])
+    along_x = along_x.reshape(-1, h, size)
+    out = np.empty((along_x.shape[0], size, size), dtype=np.float32)
+    for o0, o1, c0, c1 in _bands(ry):
+        np.matmul(ry[o0:o1, c0:c1], along_x[:, c0:c1], out=out[:, o0:o1])
+    return out.reshape(lead + (size, size))
+
+
+def _bands(matrix: np.ndarray, block: int = 64) -> list[tuple[int, int, int, int]]:
+    """(o0, o1, c0, c1): output rows o0:o1 of a banded resize matrix use only input columns c0:c1."""
+    bands = []
+    for o0 in range(0, matrix.shape[0], block):
+        o1 = min(o0 + block, matrix.shape[0])
+        used = np.flatnonzero(matrix[o0:o1].any(axis=0))
+        c0, c1 = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 1)
+        bands.append((o0, o1, c0, c1))
+    return bands
 
 
 def crop_box(nonzero: np.ndarray) -> tuple[int, int, int, int, int, int]:
