@@ -206,6 +206,22 @@ def time_amortized(folders: list[Path], backend, spec, out_root: Path, batch_siz
             "overlapped_stages": True}
 
 
+def time_infer_alone(folders: list[Path], backend, spec, batch_size: int = E2E_BATCH_SIZE) -> dict:
+    """Inference alone: ``predict_patient`` per patient with nothing else running (inputs read and
+    preprocessed first, one warm-up call): the floor the end-to-end figures are compared with."""
+    from segengine.engine.io import read_patient
+    from segengine.engine.pipeline import predict_patient, preprocess_patient
+
+    inputs = [preprocess_patient(read_patient(f, with_mask=False), "native", spec.input_size) for f in folders]
+    predict_patient(backend, inputs[0], batch_size)
+    times = []
+    for pre in inputs:
+        t = time.perf_counter()
+        predict_patient(backend, pre, batch_size)
+        times.append(time.perf_counter() - t)
+    return {"per_patient_s": float(np.mean(times)), "slices_mean": float(np.mean([len(p.images) for p in inputs]))}
+
+
 def end_to_end_row(name: str, spec, folders: list[Path], threads, log) -> dict:
     """One backend through the engine's patient job on every folder, then the --patients loop."""
     row = {"backend": name, "precision": _precision(name), "batch_size": E2E_BATCH_SIZE, "protocol": "native",
@@ -222,8 +238,10 @@ def end_to_end_row(name: str, spec, folders: list[Path], threads, log) -> dict:
             tmp = Path(tmp)
             per = time_end_to_end(engine_patient_job(backend, spec), folders, tmp / "single", log, f"{name} ")
             amortized = time_amortized(folders, backend, spec, tmp / "amortized")
+        infer_alone = time_infer_alone(folders, backend, spec)
+        amortized["vs_infer_alone"] = amortized["per_patient_s"] / infer_alone["per_patient_s"]
     except Exception as exc:  # noqa: BLE001
         return {**row, "status": _failure_status(exc), "load_s": load_s}
     finally:
         backend.close()
-    return {**row, "status": "ok", "load_s": load_s, **per, "amortized": amortized}
+    return {**row, "status": "ok", "load_s": load_s, **per, "amortized": amortized, "infer_alone": infer_alone}

@@ -71,13 +71,14 @@ def format_table(result: dict) -> str:
         rows = []
         for r in result["end_to_end"]:
             if r.get("status") != "ok":
-                rows.append([r["backend"]] + ["-"] * 10 + [r["status"]])
+                rows.append([r["backend"]] + ["-"] * 12 + [r["status"]])
                 continue
             st = r["stages_s"]
             sp = r.get("speedup_vs_reference")
             am = r["amortized"]
             rows.append([r["backend"], _fmt(r["per_patient_s"], ".2f")] + [_fmt(st[k], ".3f") for k in STAGES]
-                        + [_fmt(am["per_patient_s"], ".2f"), _fmt(r["load_s"], ".2f"),
+                        + [_fmt(am["per_patient_s"], ".2f"), _fmt(r["infer_alone"]["per_patient_s"], ".3f"),
+                           _fmt(am["vs_infer_alone"], ".2f") + "x", _fmt(r["load_s"], ".2f"),
                            (_fmt(sp, ".1f") + "x") if sp else "-",
                            (_fmt(am.get("speedup_vs_reference"), ".1f") + "x") if am.get("speedup_vs_reference") else "-",
                            "ok"])
@@ -85,13 +86,14 @@ def format_table(result: dict) -> str:
         if re2e:
             st = re2e["stages_s"]
             rows.append(["reference", _fmt(re2e["per_patient_s"], ".2f")] + [_fmt(st[k], ".3f") for k in STAGES]
-                        + ["-", _fmt(ref["load_s"], ".2f"), "1.0x", "-", "ok"])
-        out.append(_table(["backend", "per patient", *STAGES, "amortized", "load", "vs ref", "amort. vs ref",
-                           "status"], rows))
+                        + ["-", "-", "-", _fmt(ref["load_s"], ".2f"), "1.0x", "-", "ok"])
+        out.append(_table(["backend", "per patient", *STAGES, "amortized", "infer alone", "amort./infer", "load",
+                           "vs ref", "amort. vs ref", "status"], rows))
         if result["end_to_end"]:
             pts = next((r["patients"] for r in result["end_to_end"] if r.get("status") == "ok"), s["patients"])
             out.append(f"patients: {', '.join(pts)}; amortized = total wall / N of the run --patients loop "
-                       "(read, infer and write stages overlapped)")
+                       "(read, infer and write stages overlapped); infer alone = predict_patient per patient with "
+                       "nothing else running")
     if result.get("notes"):
         out += ["", "notes:"] + [f"  - {n}" for n in result["notes"]]
     return "\n".join(out)

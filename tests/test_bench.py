@@ -57,6 +57,7 @@ def test_result_structure(result):
     assert set(e2e["stages_s"]) == {"read", "preprocess", "infer", "postprocess", "write"}
     assert e2e["per_patient_s"] >= sum(e2e["stages_s"].values()) * 0.99
     assert e2e["amortized"]["per_patient_s"] > 0 and e2e["load_s"] >= 0 and e2e["amortized"]["overlapped_stages"]
+    assert e2e["infer_alone"]["per_patient_s"] > 0 and e2e["amortized"]["vs_infer_alone"] > 0
 
     ref = result["reference"]
     assert 20e9 < ref["flops_per_slice"] < 28e9  # the 32-channel reference U-Net: ~24 GFLOP per slice
