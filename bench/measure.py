@@ -186,7 +186,7 @@ def time_end_to_end(process_one: ProcessPatient, folders: list[Path], out_root: 
 def engine_patient_job(backend, spec, batch_size: int = E2E_BATCH_SIZE) -> ProcessPatient:
     """The engine's one-patient unit of work (what `run --patient` and each Ray worker run)."""
     from segengine.engine.postprocess import PostprocessConfig
-    from segengine.engine.runner import process_patient
+    from segengine.engine.patient_job import process_patient
 
     post = PostprocessConfig()
     return lambda folder, out: process_patient(folder, out, backend, backend.name, spec, post, batch_size)
