@@ -157,13 +157,6 @@ def reference_patient(folder: str | os.PathLike, model, out_dir: str | os.PathLi
 
 
 # ------------------------------------------------------------------ timing, as bench times ours
-def _stats_ms(times_s: list[float]) -> dict[str, float]:
-    ms = np.asarray(times_s, dtype=np.float64) * 1e3
-    return {"p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
-            "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean()), "min": float(ms.min()),
-            "max": float(ms.max())}
-
-
 def time_reference(batch: np.ndarray | None, folders: list[Path], threads: int | None = None, warmup: int = 3,
                    iterations: int = 20, batch_size: int = BATCH_SIZE, end_to_end: bool = True,
                    log=print) -> dict:
@@ -177,6 +170,7 @@ def time_reference(batch: np.ndarray | None, folders: list[Path], threads: int |
 
     import torch
 
+    from segengine.bench.measure import stats_ms, time_end_to_end
     from segengine.engine.network import count_flops
 
     t = time.perf_counter()
@@ -194,7 +188,7 @@ def time_reference(batch: np.ndarray | None, folders: list[Path], threads: int |
         t = time.perf_counter()
         reference_infer(model, x)
         times.append(time.perf_counter() - t)
-    lat = _stats_ms(times)
+    lat = stats_ms(times)
     per_slice_ms = lat["p50"] / batch_size
     slices_s = batch_size / (lat["mean"] / 1e3)
     result = {
@@ -215,19 +209,14 @@ def time_reference(batch: np.ndarray | None, folders: list[Path], threads: int |
     }
     if end_to_end and folders:
         log(f"reference: end to end on {len(folders)} patient(s) after 1 warm-up patient")
+
+        def process_one(folder: Path, out: Path) -> dict:
+            timings = reference_patient(folder, model, out, batch_size=BATCH_SIZE)
+            return {"timings_s": timings, "slices": timings["slices"]}
+
         with tempfile.TemporaryDirectory(prefix="segengine-bench-ref-") as tmp:
-            reference_patient(folders[0], model, Path(tmp) / "warmup", batch_size=BATCH_SIZE)
-            per = []
-            for i, folder in enumerate(folders):
-                per.append(reference_patient(folder, model, Path(tmp) / f"p{i}", batch_size=BATCH_SIZE))
-                log(f"reference: {Path(folder).name}: {per[-1]['total']:.2f} s")
-        stages = {k: float(np.mean([p[k] for p in per])) for k in ("read", "preprocess", "infer", "postprocess", "write")}
-        totals = [p["total"] for p in per]
+            per = time_end_to_end(process_one, folders, Path(tmp), log, "reference ")
         result["end_to_end"] = {
-            "batch_size": BATCH_SIZE, "protocol": "reference (first and last slice dropped, 256x256 grid)",
-            "patients": [Path(f).name for f in folders], "warmup_patients": 1,
-            "per_patient_s": float(np.mean(totals)), "per_patient_s_each": [float(v) for v in totals],
-            "slices_mean": float(np.mean([p["slices"] for p in per])),
-            "stages_s": stages,
+            "batch_size": BATCH_SIZE, "protocol": "reference (first and last slice dropped, 256x256 grid)", **per,
         }
     return result

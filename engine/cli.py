@@ -11,8 +11,12 @@ from pathlib import Path
 
 import click
 
-THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
-                   "VECLIB_MAXIMUM_THREADS")
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+# numpy's BLAS runs the engine's small resize products on one thread whatever --threads says:
+# more threads only contend with ONNX Runtime's and PyTorch's own pools and spin-wait against
+# them (preprocess and map-back 3-10x slower in `run --patients` under load). An explicit
+# setting in the environment is kept.
+BLAS_ENV_VARS = ("OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 
 
 def _threads_from_argv(argv: list[str]) -> str | None:
@@ -25,7 +29,7 @@ def _threads_from_argv(argv: list[str]) -> str | None:
 
 
 def _bound_thread_pools(threads: str | None) -> None:
-    """--threads bounds numpy's BLAS and OpenMP pools too: they read these once, when first loaded."""
+    """--threads bounds the OpenMP/MKL pools too: they read these once, when first loaded."""
     if threads and threads.isdigit() and int(threads) > 0:
         for var in THREAD_ENV_VARS:
             os.environ[var] = threads
@@ -36,6 +40,8 @@ class SegengineGroup(click.Group):
 
     def main(self, args=None, *rest, **kwargs):
         _bound_thread_pools(_threads_from_argv(list(sys.argv[1:] if args is None else args)))
+        for var in BLAS_ENV_VARS:
+            os.environ.setdefault(var, "1")
         return super().main(args, *rest, **kwargs)
 
 

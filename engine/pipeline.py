@@ -5,6 +5,7 @@ they print comes from the same code path.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -30,7 +31,10 @@ class Segmentation:
 
 
 def preprocess_patient(volume: PatientVolume, protocol: str, size: int) -> Preprocessed:
-    return preprocess_volume(volume.image, volume.mask, size=size, drop_ends=(protocol == "reference"))
+    """The model-grid slices; the ground truth is resized too only in the reference protocol,
+    the one protocol that scores on the grid (native scores on the original slices)."""
+    reference = protocol == "reference"
+    return preprocess_volume(volume.image, volume.mask if reference else None, size=size, drop_ends=reference)
 
 
 def model_input(pre: Preprocessed, spec) -> np.ndarray:
@@ -41,6 +45,19 @@ def model_input(pre: Preprocessed, spec) -> np.ndarray:
 def predict_flipped(backend: Backend, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Probabilities of the left-right mirrored slices, mirrored back (flip test-time augmentation)."""
     return backend.predict(np.ascontiguousarray(images[..., ::-1]), batch_size=batch_size)[..., ::-1]
+
+
+def balanced_batch_size(slices: int, batch_size: int) -> int:
+    """The batch size that splits ``slices`` into as few batches as ``batch_size`` does, evenly
+    (35 slices at 32: 18 + 17, not 32 + 3), so no batch is a small, inefficient remainder."""
+    batches = max(1, math.ceil(slices / batch_size))
+    return max(1, math.ceil(slices / batches))
+
+
+def predict_patient(backend: Backend, pre: Preprocessed, batch_size: int = 32) -> np.ndarray:
+    """Grid probabilities of one patient. `run --patient`, `--patients`, Ray workers and bench batch
+    a patient's slices by this one rule, so the same backend and threads give the same masks."""
+    return backend.predict(model_input(pre, backend.spec), batch_size=balanced_batch_size(len(pre.images), batch_size))
 
 
 def finish_patient(volume: PatientVolume, pre: Preprocessed, grid_prob: np.ndarray, protocol: str,
@@ -68,6 +85,6 @@ def segment(volume: PatientVolume, backend: Backend, protocol: str = "native", b
     pre = preprocess_patient(volume, protocol, backend.spec.input_size)
     timings["preprocess"] = time.perf_counter() - t
     t = time.perf_counter()
-    grid_prob = backend.predict(model_input(pre, backend.spec), batch_size=batch_size)
+    grid_prob = predict_patient(backend, pre, batch_size)
     timings["infer"] = time.perf_counter() - t
     return finish_patient(volume, pre, grid_prob, protocol, post, timings)

@@ -23,10 +23,20 @@ class PostprocessConfig:
         return cls(largest_component=False)
 
 
-def border(mask: np.ndarray) -> np.ndarray:
-    """Voxels of ``mask`` with a face-neighbour outside it (voxels on the array edge included)."""
+def border(mask: np.ndarray, per_slice: bool = False) -> np.ndarray:
+    """Voxels of ``mask`` with a face-neighbour outside it (voxels on the array edge included).
+
+    ``per_slice=True``: the outline of each 2D slice of a (..., H, W) stack, neighbours in
+    the slice plane only (what overlays draw), in one erosion instead of one per slice.
+    """
     mask = np.asarray(mask, dtype=bool)
-    return mask ^ ndi.binary_erosion(mask, structure=ndi.generate_binary_structure(mask.ndim, 1))
+    if per_slice and mask.ndim > 2:
+        plane = ndi.generate_binary_structure(2, 1)
+        structure = np.zeros((3,) * mask.ndim, dtype=bool)
+        structure[(1,) * (mask.ndim - 2)] = plane
+    else:
+        structure = ndi.generate_binary_structure(mask.ndim, 1)
+    return mask ^ ndi.binary_erosion(mask, structure=structure)
 
 
 def largest_component(mask: np.ndarray, structure: np.ndarray = FACE_CONNECTIVITY_3D) -> np.ndarray:

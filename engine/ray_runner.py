@@ -23,7 +23,7 @@ from typing import Callable
 
 from segengine.engine import backends as registry
 from segengine.engine.backends.base import BackendUnavailable
-from segengine.engine.cli import THREAD_ENV_VARS
+from segengine.engine.cli import BLAS_ENV_VARS, THREAD_ENV_VARS
 from segengine.engine.io import DEFAULT_LIMITS, DataError, NotAFolderError, SliceLimits, list_patients
 from segengine.engine.model import load_model_spec
 from segengine.engine.outputs import check_out_dir
@@ -130,7 +130,8 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
         post = asdict(PostprocessConfig(largest_component=postprocess, fill_holes_2d=fill_holes))
         model_arg = None if model is None else str(Path(model).resolve())
         actor_cls = ray.remote(SegmentWorker).options(
-            num_cpus=threads, max_restarts=0, runtime_env={"env_vars": {var: str(threads) for var in THREAD_ENV_VARS}})
+            num_cpus=threads, max_restarts=0, runtime_env={"env_vars": {**{var: str(threads) for var in THREAD_ENV_VARS},
+                                                         **{var: "1" for var in BLAS_ENV_VARS}}})
 
         def new_worker():
             actor = actor_cls.remote(model_arg, name, threads, post, batch_size, overwrite, gif, asdict(limits))

@@ -1,9 +1,11 @@
-"""`segengine run` and `segengine evaluate --model`: patients through the pipeline, in batches."""
+"""`segengine run` and `segengine evaluate --model`: patients through the pipeline, stages overlapped."""
 from __future__ import annotations
 
+import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import closing
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -17,13 +19,16 @@ from segengine.engine.outputs import (DiskFullError, OutputError, ResourceError,
                                       report_dict)
 from segengine.engine.patient_job import (PatientBusyError, PatientJob, has_result, patient_id_of, process_patient,
                                           tidy_out)
-from segengine.engine.pipeline import finish_patient, model_input, preprocess_patient, segment
+from segengine.engine.pipeline import finish_patient, predict_patient, preprocess_patient, segment
 from segengine.engine.postprocess import PostprocessConfig
 from segengine.engine.preprocess import EmptyVolumeError
+from segengine.engine.stages import run_stages
 
-# Patients whose slices share inference batches in a --patients run: enough to fill
-# batches of 32 across patient boundaries, few enough to keep memory small.
-PATIENTS_PER_CHUNK = 4
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MiB (Linux reports KiB, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 @dataclass
@@ -40,6 +45,7 @@ class JobSummary:
     workers: int = 0  # Ray workers; 0 for a local run
     load_s: float | None = None  # model load of a local run
     elapsed_s: float = 0.0
+    peak_rss_mb: float | None = None  # of the driver process (a local run: the whole job)
 
     @property
     def patients_per_s(self) -> float:
@@ -58,6 +64,8 @@ class JobSummary:
             line += f", {self.workers} Ray workers"
         if self.load_s is not None:
             line += f", model load {self.load_s:.2f} s"
+        if self.peak_rss_mb is not None:
+            line += f", peak RSS {self.peak_rss_mb:.0f} MiB"
         return line + ")"
 
     def echo(self, echo: Callable[..., None]) -> None:
@@ -116,103 +124,101 @@ def run_patients(patient_dir: Path | None, patients_root: Path | None, out: Path
 
 def _run_many(root: Path, out: Path, backend, name: str, spec, post: PostprocessConfig, batch_size: int,
               overwrite: bool, gif: bool, load_s: float, echo, limits: SliceLimits = DEFAULT_LIMITS) -> int:
-    """Patients in chunks whose slices share inference batches; each patient is one PatientJob."""
     from tqdm import tqdm
 
     folders = list_patients(root)
-    summary = JobSummary(load_s=load_s)
-    t_start = time.perf_counter()
     bar = tqdm(total=len(folders), desc="patients", unit="patient", file=sys.stderr, disable=None)
-
-    def failed(patient: str, exc: BaseException) -> None:
-        summary.failed.append((patient, str(exc)))
-        bar.write(f"segengine: failed {patient}: {exc}")
-        bar.update(1)
-
-    disk_full = False
-    for c in range(0, len(folders), PATIENTS_PER_CHUNK):
-        chunk, held = [], []  # held: every started job, released whatever happens
-        try:
-            for folder in folders[c : c + PATIENTS_PER_CHUNK]:
-                try:
-                    job = PatientJob(folder, out, overwrite, limits)
-                    held.append(job)
-                    job.start()
-                except ResultsExistError:
-                    summary.skipped.append(patient_id_of(folder))
-                    bar.update(1)
-                    continue
-                except PatientBusyError as exc:
-                    summary.busy.append(patient_id_of(folder))
-                    bar.write(f"segengine: {exc}")
-                    bar.update(1)
-                    continue
-                except DiskFullError as exc:
-                    failed(folder.name, exc)
-                    disk_full = True
-                    break
-                except (DataError, OutputError) as exc:
-                    failed(folder.name, exc)
-                    continue
-                try:
-                    t0 = time.perf_counter()
-                    vol = job.read()
-                    t1 = time.perf_counter()
-                    try:
-                        pre = preprocess_patient(vol, "native", spec.input_size)
-                    except MemoryError:
-                        raise job.out_of_memory(vol) from None
-                    chunk.append((job, vol, pre, {"read": t1 - t0, "preprocess": time.perf_counter() - t1}))
-                except (DataError, EmptyVolumeError, OSError, ResourceError) as exc:
-                    job.close()
-                    failed(job.patient_id, exc)
-            if not chunk or disk_full:
-                continue
-            # one inference stream over the slices of every patient in the chunk
-            t = time.perf_counter()
-            try:
-                probs = backend.predict(np.concatenate([model_input(p, backend.spec) for _, _, p, _ in chunk]),
-                                        batch_size=batch_size)
-            except MemoryError:
-                for job, vol, _, _ in chunk:
-                    failed(job.patient_id, job.out_of_memory(vol))
-                continue
-            infer_s = time.perf_counter() - t
-            total_slices = sum(len(p.images) for _, _, p, _ in chunk)
-            offset = 0
-            for k, (job, vol, pre, timings) in enumerate(chunk):
-                n = len(pre.images)
-                timings["infer"] = infer_s * n / total_slices
-                try:
-                    seg = finish_patient(vol, pre, probs[offset : offset + n], "native", post, timings)
-                    rep = report_dict(vol, seg, name, spec.sha256, spec.name, asdict(post), timings)
-                    job.write(vol, seg, rep, gif)
-                    summary.done.append(vol.patient_id)
-                    bar.write(_summary_line(rep, sum(rep["timings_s"].values())))
-                    bar.update(1)
-                except DiskFullError as exc:  # stop cleanly: keep what is complete, start nothing more
-                    failed(vol.patient_id, exc)
-                    summary.not_started = [j.patient_id for j, *_ in chunk[k + 1 :]]
-                    disk_full = True
-                    break
-                except MemoryError:
-                    failed(vol.patient_id, job.out_of_memory(vol))
-                except (OutputError, OSError, ResourceError) as exc:
-                    failed(vol.patient_id, exc)
-                finally:
-                    job.close()
-                offset += n
-        finally:
-            for job in held:
-                job.close()
-        if disk_full:
-            summary.not_started += [f.name for f in folders[c + PATIENTS_PER_CHUNK :]]
-            bar.update(len(summary.not_started))
-            break
+    summary = segment_patients(folders, out, backend, name, spec, post, batch_size, overwrite, gif,
+                               JobSummary(load_s=load_s), log=bar.write, progress=bar.update, limits=limits)
     bar.close()
-    summary.elapsed_s = time.perf_counter() - t_start
     summary.echo(echo)
     return 1 if summary.failed or summary.not_started else 0
+
+
+def segment_patients(folders: list[Path], out: Path, backend, name: str, spec, post: PostprocessConfig,
+                     batch_size: int = 32, overwrite: bool = False, gif: bool = False,
+                     summary: JobSummary | None = None, log: Callable[[str], None] = print,
+                     progress: Callable[[int], None] = lambda n: None,
+                     limits: SliceLimits = DEFAULT_LIMITS) -> JobSummary:
+    """The --patients loop: each patient is one PatientJob, run as overlapped stages
+    (engine.stages): patient i+1 is locked, read and preprocessed and patient i-1 post-processed
+    and written while patient i is inferred; at most one patient waits between stages.
+
+    A bad patient is reported and the others go on; a full disk stops the job cleanly (what
+    is complete is kept, nothing more is started).
+    """
+    summary = summary or JobSummary()
+    t_start = time.perf_counter()
+    jobs: dict[Path, PatientJob] = {}  # locked patients not yet reported; their locks are released here
+
+    def read(folder: Path):
+        job = PatientJob(folder, out, overwrite, limits)
+        jobs[folder] = job  # released whatever happens, even if start() is interrupted
+        job.start()
+        t0 = time.perf_counter()
+        vol = job.read()
+        t1 = time.perf_counter()
+        try:
+            pre = preprocess_patient(vol, "native", spec.input_size)
+        except MemoryError:
+            raise job.out_of_memory(vol) from None
+        return job, vol, pre, {"read": t1 - t0, "preprocess": time.perf_counter() - t1}
+
+    def infer(work):
+        job, vol, pre, timings = work
+        t = time.perf_counter()
+        try:
+            probs = predict_patient(backend, pre, batch_size)
+        except MemoryError:
+            raise job.out_of_memory(vol) from None
+        timings["infer"] = time.perf_counter() - t
+        # the write stage needs the geometry, not the model input (30-70 MB): free it while it waits
+        pre = replace(pre, images=np.empty((0,) + pre.images.shape[1:], dtype=np.float32))
+        return job, vol, pre, probs, timings
+
+    def write(work) -> dict:
+        job, vol, pre, probs, timings = work
+        try:
+            seg = finish_patient(vol, pre, probs, "native", post, timings)
+            rep = report_dict(vol, seg, name, spec.sha256, spec.name, asdict(post), timings)
+        except MemoryError:
+            raise job.out_of_memory(vol) from None
+        job.write(vol, seg, rep, gif)
+        return rep
+
+    stages = [("read", read), ("infer", infer), ("write", write)]
+    reported = 0
+    try:
+        with closing(run_stages(folders, stages, queue_size=1, halt_on=(DiskFullError,),
+                                catch=(DataError, EmptyVolumeError, OutputError, OSError, ResourceError))) as outcomes:
+            for outcome in outcomes:
+                reported += 1
+                job = jobs.pop(outcome.item, None)
+                if job is not None:
+                    job.close()
+                err = outcome.error
+                if outcome.ok:
+                    summary.done.append(outcome.value["patient"])
+                    log(_summary_line(outcome.value, sum(outcome.value["timings_s"].values())))
+                elif isinstance(err, ResultsExistError):
+                    summary.skipped.append(patient_id_of(outcome.item))
+                elif isinstance(err, PatientBusyError):
+                    summary.busy.append(patient_id_of(outcome.item))
+                    log(f"segengine: {err}")
+                else:
+                    who = job.patient_id if job is not None else outcome.item.name
+                    summary.failed.append((who, str(err)))
+                    log(f"segengine: {'skipped' if outcome.stage == 'read' else 'failed'} {who}: {err}")
+                progress(1)
+        if reported < len(folders):  # halted by a full disk: what is complete is kept, nothing more started
+            summary.not_started = [f.name for f in folders[reported:]]
+            progress(len(summary.not_started))
+    finally:
+        for job in jobs.values():  # started but not finished: interrupted or stopped by a full disk
+            job.close()
+    summary.elapsed_s = time.perf_counter() - t_start
+    summary.peak_rss_mb = peak_rss_mb()
+    return summary
 
 
 def evaluate_model(data_root: Path, model: str | None, protocol: str, backend_name: str = "torch",

@@ -37,24 +37,27 @@ def test_result_structure(result):
     assert result["settings"]["patients"] == [PATIENT]
     assert result["settings"]["input"]["source"] == "real"
     assert result["model"]["flops_per_slice"] > 1e8
+    for key in ("ghz", "clock_source", "isa", "flags"):
+        assert key in m
     peak = result["peak"]
-    assert "x 32" in peak["formula"]
-    if peak["gflops"]:
-        assert peak["gflops"] == pytest.approx(peak["cores"] * peak["ghz"] * 32)
+    fp32_per_cycle = m["isa"]["fp32"]["flops_per_cycle_per_core"]
+    if peak["ghz"]:
+        assert peak["fp32"]["gflops"] == pytest.approx(peak["cores"] * peak["ghz"] * fp32_per_cycle)
 
     (torch_row,) = [r for r in result["model_only"] if r["backend"] == "torch"]
     assert torch_row["status"] == "ok" and torch_row["batch_size"] == 1 and torch_row["iterations"] == 1
     assert set(torch_row["latency_ms"]) >= {"p50", "p95", "p99", "mean"}
     assert torch_row["throughput_slices_s"] > 0 and torch_row["gflops_achieved"] > 0
     assert torch_row["speedup_vs_reference"] > 0
-    if peak["gflops"]:
-        assert torch_row["pct_of_peak"] > 0
+    if peak["fp32"]["gflops"]:
+        assert torch_row["pct_of_peak"] > 0 and torch_row["peak_unit"] == "GFLOP/s"
 
     (e2e,) = [r for r in result["end_to_end"] if r["backend"] == "torch"]
     assert e2e["status"] == "ok" and e2e["patients"] == [PATIENT]
     assert set(e2e["stages_s"]) == {"read", "preprocess", "infer", "postprocess", "write"}
     assert e2e["per_patient_s"] >= sum(e2e["stages_s"].values()) * 0.99
-    assert e2e["amortized"]["per_patient_s"] > 0 and e2e["load_s"] >= 0
+    assert e2e["amortized"]["per_patient_s"] > 0 and e2e["load_s"] >= 0 and e2e["amortized"]["overlapped_stages"]
+    assert e2e["infer_alone"]["per_patient_s"] > 0 and e2e["amortized"]["vs_infer_alone"] > 0
 
     ref = result["reference"]
     assert 20e9 < ref["flops_per_slice"] < 28e9  # the 32-channel reference U-Net: ~24 GFLOP per slice
@@ -80,6 +83,8 @@ def test_table_names_every_backend(result):
     for name in ("torch", "tensorrt", "reference"):
         assert name in table
     assert "not available" in table
+    cpu_line = f"CPU: {result['machine']['cpu_model']}"
+    assert table.count(cpu_line) >= 3  # the header and beside both tables
 
 
 def test_plot_writes_png(result, tmp_path):
@@ -87,3 +92,54 @@ def test_plot_writes_png(result, tmp_path):
 
     out = plot(result, tmp_path / "bench.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ machine probe
+def _cpuinfo(model: str, mhz: float, flags: str, cores: int = 2) -> str:
+    block = (f"processor\t: {{n}}\nmodel name\t: {model}\ncpu MHz\t\t: {mhz:.3f}\nphysical id\t: 0\n"
+             f"cpu cores\t: {cores}\nflags\t\t: {flags}\n")
+    return "\n".join(block.format(n=n) for n in range(cores))
+
+
+# (cpuinfo, fp32 ISA, fp32 flops/cycle/core, int8 ISA, int8 ops/cycle/core, GHz)
+CPUS = [
+    (_cpuinfo("AMD EPYC", 2445.432, "fpu sse4_2 avx fma avx2"), "AVX2 FMA", 32, "AVX2 (no VNNI)", 64, 2.445432),
+    (_cpuinfo("Intel(R) Xeon(R) Processor", 2600.0, "sse4_2 avx fma avx2 avx512f avx512bw avx512_vnni avx_vnni "
+              "amx_tile amx_int8 amx_bf16"), "AVX-512", 64, "AMX-INT8", 2048, 2.6),
+    (_cpuinfo("Intel(R) Xeon(R) Gold 6248 CPU @ 2.50GHz", 3900.0, "sse4_2 avx fma avx2 avx512f avx512bw avx512_vnni"),
+     "AVX-512", 64, "AVX-512 VNNI", 256, 2.5),
+    (_cpuinfo("Intel(R) Core(TM) i5-12400", 2500.0, "sse4_2 avx fma avx2 avx_vnni"), "AVX2 FMA", 32, "AVX-VNNI", 128, 2.5),
+    (_cpuinfo("old", 2000.0, "sse4_2"), "SSE", 8, "none", None, 2.0),  # separate add and multiply
+]
+
+
+@pytest.mark.parametrize("text, fp32_isa, fp32_cycle, int8_isa, int8_cycle, ghz", CPUS)
+def test_peaks_follow_the_isa_in_the_flags(text, fp32_isa, fp32_cycle, int8_isa, int8_cycle, ghz, monkeypatch):
+    from segengine.bench import machine
+
+    monkeypatch.setattr(machine, "_read", lambda path: text if path == "/proc/cpuinfo" else "")
+    m = machine.machine_info(text)
+    assert m["ghz"] == pytest.approx(ghz) and m["cores"] == 2
+    assert m["isa"]["fp32"]["isa"] == fp32_isa and m["isa"]["int8"]["isa"] == int8_isa
+    m["usable_cpus"] = 2
+    p = machine.peak(m)
+    assert p["fp32"]["gflops"] == pytest.approx(2 * ghz * fp32_cycle)
+    assert p["int8"]["gops"] == (None if int8_cycle is None else pytest.approx(2 * ghz * int8_cycle))
+    line = machine.describe_cpu(m)
+    assert m["cpu_model"] in line and fp32_isa in line
+
+
+def test_peak_counts_only_usable_cores():
+    from segengine.bench import machine
+
+    m = machine.machine_info(CPUS[1][0])
+    m["usable_cpus"] = 1
+    assert machine.peak(m)["fp32"]["gflops"] == pytest.approx(2.6 * 64)
+
+
+def test_amx_machines_also_record_the_vnni_peak():
+    from segengine.bench import machine
+
+    m = machine.machine_info(CPUS[1][0])
+    m["usable_cpus"] = 2
+    assert machine.peak(m)["int8"]["without_amx"] == {"isa": "AVX-512 VNNI", "gops": pytest.approx(2 * 2.6 * 256)}

@@ -213,6 +213,23 @@ def test_inverse_mapping_places_crop_and_drops(kaggle_root):
         to_original_grid(np.ones((1, g.size, g.size), np.float32), g)
 
 
+_RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("values", [
+    _RNG.standard_normal(60_000).astype(np.float32),  # sampled path, float32 as the volumes
+    _RNG.integers(0, 4, 60_000).astype(np.float32),  # heavy ties
+    np.zeros(60_000, np.float32),  # all equal
+    np.tile(np.r_[0, np.ones(59)], 1000).astype(np.float32),  # the strided sample sees only the 0s: fallback
+    _RNG.random(60_000),  # float64
+    _RNG.random(999).astype(np.float32),  # too small to sample: np.percentile itself
+], ids=["normal", "ties", "constant", "periodic", "float64", "small"])
+def test_percentiles_equal_numpy_to_the_bit(values):
+    from segengine.engine.preprocess import percentiles
+
+    assert percentiles(values, (10, 99), sample_size=1000) == [float(v) for v in np.percentile(values, (10, 99))]
+
+
 def test_empty_volume_is_refused():
     with pytest.raises(EmptyVolumeError):
         preprocess_volume(np.zeros((5, 16, 16, 3), np.uint8))
