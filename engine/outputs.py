@@ -1,6 +1,8 @@
 """What `segengine run` writes per patient, atomically: masks, NIfTI, overlay, report."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import math
 import os
@@ -282,8 +284,16 @@ def contact_sheet(volume: PatientVolume, pred: np.ndarray, truth: np.ndarray | N
     return sheet
 
 
+if TYPE_CHECKING:
+    from segengine.engine.review import ReviewRules
+
+
 def report_dict(volume: PatientVolume, seg: Segmentation, backend: str, model_sha256: str, model_name: str,
-                postprocess: dict, timings: dict[str, float], spacing_mm: tuple[float, float, float] | None = None) -> dict:
+                postprocess: dict, timings: dict[str, float], spacing_mm: tuple[float, float, float] | None = None,
+                review_rules: "ReviewRules | None" = None) -> dict:
+    """report.json of one patient; ``review`` applies the model card's calibrated rules."""
+    from segengine.engine.review import assess, review_features
+
     mask = seg.mask
     area = mask.reshape(len(mask), -1).sum(axis=1).astype(int)
     with_tumor = np.flatnonzero(area)
@@ -307,6 +317,8 @@ def report_dict(volume: PatientVolume, seg: Segmentation, backend: str, model_sh
         "model_sha256": model_sha256,
         "postprocess": postprocess,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "review": assess(review_features(seg.prob, seg.mask, seg.geometry, postprocess.get("threshold", 0.5)),
+                         review_rules),
     }
     if seg.truth is not None:
         m = volume_metrics(seg.mask, seg.truth)

@@ -24,6 +24,7 @@ from pathlib import Path
 from segengine.engine.io import DEFAULT_LIMITS, PatientVolume, SliceLimits, check_headers, list_slices, read_patient
 from segengine.engine.outputs import (DiskFullError, OutputError, ResourceError, ResultsExistError, deferred_signals,
                                       recover_interrupted, report_dict, temp_entries, write_patient)
+from segengine.engine.review import ReviewRules
 from segengine.engine.pipeline import Segmentation, segment
 from segengine.engine.postprocess import PostprocessConfig
 
@@ -250,6 +251,7 @@ def process_patient(folder: Path, out: Path, backend, name: str | None = None, s
             seg = segment(vol, backend, "native", batch_size, post)
         except MemoryError:
             raise job.out_of_memory(vol) from None
-        rep = report_dict(vol, seg, name, spec.sha256, spec.name, asdict(post), {**timings, **seg.timings})
+        rep = report_dict(vol, seg, name, spec.sha256, spec.name, asdict(post), {**timings, **seg.timings},
+                          review_rules=ReviewRules.from_card(spec.card))
         job.write(vol, seg, rep, gif)
     return rep

@@ -70,7 +70,7 @@ class SegmentWorker:
         except (DataError, EmptyVolumeError, OutputError, OSError, ResourceError) as exc:
             return {"patient": Path(folder).name, "status": "failed", "error": str(exc)}
         return {"patient": rep["patient"], "status": "done", "line": _summary_line(rep, time.perf_counter() - t0),
-                "pid": os.getpid()}
+                "pid": os.getpid(), "review": rep.get("review")}
 
 
 def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: Path | None, address: str | None = None,
@@ -178,6 +178,7 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
             idle.append((actor, pid))
             if result["status"] == "done":
                 summary.done.append(result["patient"])
+                summary.note_review(result)
                 bar.write(result["line"])
             elif result["status"] == "skipped":
                 summary.skipped.append(result["patient"])

@@ -22,6 +22,7 @@ from segengine.engine.patient_job import (PatientBusyError, PatientJob, has_resu
 from segengine.engine.pipeline import finish_patient, predict_patient, preprocess_patient, segment
 from segengine.engine.postprocess import PostprocessConfig
 from segengine.engine.preprocess import EmptyVolumeError
+from segengine.engine.review import ReviewRules
 from segengine.engine.stages import run_stages
 
 
@@ -46,6 +47,12 @@ class JobSummary:
     load_s: float | None = None  # model load of a local run
     elapsed_s: float = 0.0
     peak_rss_mb: float | None = None  # of the driver process (a local run: the whole job)
+    flagged: list[tuple[str, list[str]]] = field(default_factory=list)  # review flag raised: (patient, reasons)
+
+    def note_review(self, report: dict) -> None:
+        review = report.get("review") or {}
+        if review.get("flag"):
+            self.flagged.append((report["patient"], list(review.get("reasons", []))))
 
     @property
     def patients_per_s(self) -> float:
@@ -72,6 +79,10 @@ class JobSummary:
         echo(self.line())
         for patient, why in self.failed:
             echo(f"  failed: {patient}: {why}")
+        if self.flagged:
+            echo(f"flagged for review: {len(self.flagged)} of {len(self.done)} done")
+            for patient, reasons in self.flagged:
+                echo(f"  review: {patient}: {'; '.join(reasons)}")
 
 
 def _summary_line(report: dict, total_s: float) -> str:
@@ -80,7 +91,9 @@ def _summary_line(report: dict, total_s: float) -> str:
             f"({report['tumor_volume_px']} px)")
     if "metrics" in report:
         line += f", DSC {report['metrics']['dsc']:.4f}"
-    return line + f" [{report['backend']}, {total_s:.2f} s]"
+    line += f" [{report['backend']}, {total_s:.2f} s]"
+    review = report.get("review") or {}
+    return line + (f" REVIEW: {'; '.join(review.get('reasons', []))}" if review.get("flag") else "")
 
 
 def _stderr(line: str) -> None:
@@ -180,7 +193,8 @@ def segment_patients(folders: list[Path], out: Path, backend, name: str, spec, p
         job, vol, pre, probs, timings = work
         try:
             seg = finish_patient(vol, pre, probs, "native", post, timings)
-            rep = report_dict(vol, seg, name, spec.sha256, spec.name, asdict(post), timings)
+            rep = report_dict(vol, seg, name, spec.sha256, spec.name, asdict(post), timings,
+                              review_rules=ReviewRules.from_card(spec.card))
         except MemoryError:
             raise job.out_of_memory(vol) from None
         job.write(vol, seg, rep, gif)
@@ -199,6 +213,7 @@ def segment_patients(folders: list[Path], out: Path, backend, name: str, spec, p
                 err = outcome.error
                 if outcome.ok:
                     summary.done.append(outcome.value["patient"])
+                    summary.note_review(outcome.value)
                     log(_summary_line(outcome.value, sum(outcome.value["timings_s"].values())))
                 elif isinstance(err, ResultsExistError):
                     summary.skipped.append(patient_id_of(outcome.item))

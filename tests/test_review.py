@@ -97,3 +97,45 @@ def test_calibration_catches_bad_cases_within_the_good_budget(tmp_path):
     cv_json.write_text(json.dumps({"variants": {"native_lcc": {"per_patient": one_fold}}}))
     assert cal.main([str(cv_json), "--write-card", str(card)]) == 0
     assert json.loads(card.read_text())["review"]["leave_one_patient_out"]["bad"] == 8
+
+
+# ------------------------------------------------------------------ the flag in real runs
+def test_run_writes_the_review_flag_and_the_batch_lists_flagged_patients(kaggle_root, tmp_path):
+    """A card whose rules demand near-certainty flags both real patients; the recomputed
+    confidence inside each written mask is what the report says it is."""
+    import shutil
+
+    import tifffile
+    from click.testing import CliRunner
+
+    from conftest import VAL_PATIENTS, copy_model
+    from segengine.engine.cli import main
+    from segengine.engine.model import shipped_model_path
+
+    model = copy_model(shipped_model_path(), tmp_path / "model")
+    card = json.loads(model.with_suffix(".json").read_text())
+    card["review"] = {"rules": {"min_confidence": 0.999}}
+    model.with_suffix(".json").write_text(json.dumps(card))
+    root = tmp_path / "root"
+    for p in VAL_PATIENTS:
+        shutil.copytree(kaggle_root / p, root / p)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["run", "--model", str(model), "--backend", "torch", "--patients", str(root),
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert f"flagged for review: {len(VAL_PATIENTS)} of {len(VAL_PATIENTS)} done" in res.output
+    for p in VAL_PATIENTS:
+        rep = json.loads((out / p / "report.json").read_text())
+        assert rep["review"]["flag"] is True and "low confidence" in rep["review"]["reasons"][0]
+        masks = np.stack([tifffile.imread(out / p / f"{p}_{n}_mask.tif") > 0 for n in rep["slice_numbers"]])
+        assert rep["review"]["features"]["volume_px"] == int(masks.sum())
+        assert f"review: {p}: low confidence" in res.output
+    # without calibrated rules: not flagged, and the report says why
+    plain = copy_model(shipped_model_path(), tmp_path / "plain")
+    card.pop("review")
+    plain.with_suffix(".json").write_text(json.dumps(card))
+    res = CliRunner().invoke(main, ["run", "--model", str(plain), "--backend", "torch", "--patient",
+                                    str(root / VAL_PATIENTS[0]), "--out", str(tmp_path / "out2")])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "out2" / VAL_PATIENTS[0] / "report.json").read_text())
+    assert rep["review"]["flag"] is False and "no calibrated review rules" in rep["review"]["note"]
