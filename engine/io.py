@@ -60,6 +60,8 @@ class PatientVolume:
     image: np.ndarray  # (D, H, W, 3) uint8
     mask: np.ndarray | None = None  # (D, H, W) uint8 0/255, or None without ground truth
     image_paths: list[Path] = field(default_factory=list)
+    spacing_mm: tuple[float, float, float] | None = None  # (slice, row, column); unknown for Kaggle slices
+    source_grid: object | None = None  # NIfTI input: nifti_io.NiftiGrid, to write masks back onto its grid
 
     @property
     def num_slices(self) -> int:
@@ -161,9 +163,32 @@ def list_slices(folder: Path) -> tuple[str, dict[int, Path], dict[int, Path]]:
     return prefixes.pop(), images, masks
 
 
+def patient_id_of(path: Path) -> str:
+    """The patient id (and OUT/<id> folder name) of a patient folder or NIfTI case file."""
+    from segengine.engine.nifti_io import case_id, is_nifti_file
+
+    return case_id(path) if is_nifti_file(path) else path.name
+
+
+def check_patient(path: Path) -> None:
+    """Fail on a missing, empty or ill-named patient before anything heavy is loaded."""
+    from segengine.engine.nifti_io import check_nifti_case, is_nifti_case, is_nifti_file
+
+    if is_nifti_file(path) and not path.is_file():
+        raise NotAFolderError(f"{path}: no such file" if not path.exists() else f"{path}: not a NIfTI file")
+    if is_nifti_case(path):
+        check_nifti_case(path)
+    else:
+        list_slices(path)
+
+
 def read_patient(folder: str | os.PathLike, with_mask: bool = True) -> PatientVolume:
-    """Read a patient folder into a (D, H, W, 3) volume ordered by slice number."""
+    """Read a patient (Kaggle slice folder or NIfTI case) into a (D, H, W, 3) volume ordered by slice number."""
+    from segengine.engine.nifti_io import is_nifti_case, read_nifti_case
+
     folder = Path(folder)
+    if is_nifti_case(folder):
+        return read_nifti_case(folder, with_mask)
     patient_id, images, masks = list_slices(folder)
     numbers = sorted(images)
     slices = []
@@ -197,13 +222,20 @@ def read_patient(folder: str | os.PathLike, with_mask: bool = True) -> PatientVo
 
 
 def list_patients(root: str | os.PathLike) -> list[Path]:
-    """Patient folders under a dataset root (sorted); files beside them (data.csv) are ignored."""
+    """Patient folders and NIfTI case files under a dataset root (sorted); other files (data.csv) are ignored."""
+    from segengine.engine.nifti_io import is_nifti_file
+
     root = Path(root)
     if not root.is_dir():
         raise NotAFolderError(f"{root}: no such folder" if not root.exists() else f"{root}: not a folder")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p.is_dir() or is_nifti_file(p)))
     if not folders:
-        raise NoSlicesError(f"{root}: no patient folders")
+        raise NoSlicesError(f"{root}: no patient folders or NIfTI case files")
+    seen: dict[str, Path] = {}
+    for p in folders:
+        if patient_id_of(p) in seen:
+            raise DataError(f"{p}: same patient id as {seen[patient_id_of(p)].name} (results would share OUT/{patient_id_of(p)})")
+        seen[patient_id_of(p)] = p
     return folders
 
 

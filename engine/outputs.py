@@ -15,6 +15,7 @@ import numpy as np
 
 from segengine.engine.io import PatientVolume, write_mask_slices
 from segengine.engine.metrics import volume_metrics
+from segengine.engine.nifti_io import mask_nifti
 from segengine.engine.pipeline import Segmentation
 from segengine.engine.postprocess import border
 
@@ -119,6 +120,7 @@ def contact_sheet(volume: PatientVolume, pred: np.ndarray, truth: np.ndarray | N
 def report_dict(volume: PatientVolume, seg: Segmentation, backend: str, model_sha256: str, model_name: str,
                 postprocess: dict, timings: dict[str, float], spacing_mm: tuple[float, float, float] | None = None) -> dict:
     mask = seg.mask
+    spacing_mm = spacing_mm or volume.spacing_mm
     area = mask.reshape(len(mask), -1).sum(axis=1).astype(int)
     with_tumor = np.flatnonzero(area)
     rep = {
@@ -142,6 +144,8 @@ def report_dict(volume: PatientVolume, seg: Segmentation, backend: str, model_sh
         "postprocess": postprocess,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
     }
+    if volume.source_grid is not None:
+        rep["nifti"] = volume.source_grid.report()
     if seg.truth is not None:
         m = volume_metrics(seg.mask, seg.truth)
         rep["metrics"] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()}
@@ -159,9 +163,7 @@ def write_patient(out: Path, volume: PatientVolume, seg: Segmentation, report: d
     with atomic_dir(out, volume.patient_id, overwrite) as tmp:
         mask_u8 = np.where(seg.mask, np.uint8(255), np.uint8(0))
         write_mask_slices(tmp, volume.patient_id, volume.slice_numbers, mask_u8)
-        # NIfTI axes (x=column, y=row, z=slice); spacing unknown -> identity affine
-        nii = nib.Nifti1Image(np.ascontiguousarray((mask_u8 > 0).astype(np.uint8).transpose(2, 1, 0)), np.eye(4))
-        nib.save(nii, str(tmp / f"{volume.patient_id}_mask.nii.gz"))
+        nib.save(mask_nifti(volume, seg.mask), str(tmp / f"{volume.patient_id}_mask.nii.gz"))
         truth = seg.truth if seg.truth is not None else None
         Image.fromarray(contact_sheet(volume, seg.mask, truth)).save(tmp / "overlay.png", optimize=False)
         if gif:

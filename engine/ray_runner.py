@@ -23,7 +23,7 @@ from typing import Callable
 
 from segengine.engine import backends as registry
 from segengine.engine.backends.base import BackendUnavailable
-from segengine.engine.io import NotAFolderError, list_patients
+from segengine.engine.io import NotAFolderError, list_patients, patient_id_of
 from segengine.engine.model import load_model_spec
 from segengine.engine.outputs import check_out_dir, remove_leftover_temp_dirs
 from segengine.engine.postprocess import PostprocessConfig
@@ -92,8 +92,8 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
     summary = JobSummary()
     todo = []
     for f in folders:
-        if (out / f.name).exists() and not overwrite:
-            summary.skipped.append(f.name)
+        if (out / patient_id_of(f)).exists() and not overwrite:
+            summary.skipped.append(patient_id_of(f))
         else:
             todo.append(f)
     if not todo:
@@ -175,6 +175,6 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
         if started_here:
             ray.shutdown()
     for folder in todo:  # temp folders of workers that died while writing; every worker is gone now
-        remove_leftover_temp_dirs(out, folder.name)
+        remove_leftover_temp_dirs(out, patient_id_of(folder))
     summary.echo(echo)
     return summary

@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 from segengine.engine import backends as registry
-from segengine.engine.io import DataError, NotAFolderError, list_patients, list_slices, read_patient
+from segengine.engine.io import DataError, NotAFolderError, check_patient, list_patients, patient_id_of, read_patient
 from segengine.engine.metrics import volume_metrics
 from segengine.engine.model import load_model_spec
 from segengine.engine.outputs import OutputError, check_out_dir, report_dict, write_patient
@@ -73,12 +73,12 @@ def run_patients(patient_dir: Path | None, patients_root: Path | None, out: Path
     source = patient_dir if patient_dir is not None else patients_root
     if not source.exists():
         raise NotAFolderError(f"{source}: no such folder")
-    if not source.is_dir():
+    if patient_dir is None and not source.is_dir():
         raise NotAFolderError(f"{source}: not a folder")
     if patient_dir is not None:
-        list_slices(patient_dir)  # fail on an empty/ill-named folder before loading anything
-        if (out / patient_dir.name).exists() and not overwrite:
-            raise OutputError(f"{out / patient_dir.name}: results exist (use --overwrite to replace them)")
+        check_patient(patient_dir)  # fail on an empty/ill-named patient before loading anything
+        if (out / patient_id_of(patient_dir)).exists() and not overwrite:
+            raise OutputError(f"{out / patient_id_of(patient_dir)}: results exist (use --overwrite to replace them)")
     check_out_dir(out, [source])
     spec = load_model_spec(model)
     name = registry.resolve(backend_name, spec)
@@ -125,8 +125,8 @@ def _run_many(root: Path, out: Path, backend, name: str, spec, post: Postprocess
     for c in range(0, len(folders), PATIENTS_PER_CHUNK):
         chunk = []
         for folder in folders[c : c + PATIENTS_PER_CHUNK]:
-            if (out / folder.name).exists() and not overwrite:
-                summary.skipped.append(folder.name)
+            if (out / patient_id_of(folder)).exists() and not overwrite:
+                summary.skipped.append(patient_id_of(folder))
                 bar.update(1)
                 continue
             try:
@@ -137,8 +137,8 @@ def _run_many(root: Path, out: Path, backend, name: str, spec, post: Postprocess
                 timings = {"read": t1 - t0, "preprocess": time.perf_counter() - t1}
                 chunk.append((vol, pre, timings))
             except (DataError, EmptyVolumeError, OSError) as exc:
-                summary.failed.append((folder.name, str(exc)))
-                bar.write(f"segengine: skipped {folder.name}: {exc}")
+                summary.failed.append((patient_id_of(folder), str(exc)))
+                bar.write(f"segengine: skipped {patient_id_of(folder)}: {exc}")
                 bar.update(1)
         if not chunk:
             continue
