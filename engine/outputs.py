@@ -159,6 +159,8 @@ def write_patient(out: Path, volume: PatientVolume, seg: Segmentation, report: d
     import nibabel as nib
     from PIL import Image
 
+    from segengine.engine.review_page import write_patient_review
+
     t = time.perf_counter()
     with atomic_dir(out, volume.patient_id, overwrite) as tmp:
         mask_u8 = np.where(seg.mask, np.uint8(255), np.uint8(0))
@@ -170,6 +172,9 @@ def write_patient(out: Path, volume: PatientVolume, seg: Segmentation, report: d
             frames = [Image.fromarray(overlay_slice(volume.image[i], seg.mask[i], None if truth is None else truth[i]))
                       for i in range(volume.num_slices)]
             frames[0].save(tmp / "slices.gif", save_all=True, append_images=frames[1:], duration=120, loop=0)
+        t_review = time.perf_counter()
+        write_patient_review(tmp, volume, seg.mask, truth, report)
+        report["timings_s"]["review_page"] = round(time.perf_counter() - t_review, 4)
         report["timings_s"]["write"] = round(time.perf_counter() - t, 4)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
     return out / volume.patient_id
