@@ -8,7 +8,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from segengine.engine.io import DataError, list_patients, read_patient, read_patient_list
+from segengine.engine.io import DataError, list_patients, patient_id_of, read_patient, read_patient_list
 from segengine.engine.metrics import summarize, volume_metrics
 
 METRICS = ("dsc", "hd95", "precision", "recall")
@@ -20,7 +20,7 @@ def select_patients(data_root: Path, patients_file: str | None) -> list[Path]:
     if not patients_file:
         return folders
     wanted = read_patient_list(patients_file)
-    by_name = {f.name: f for f in folders}
+    by_name = {patient_id_of(f): f for f in folders}
     missing = [p for p in wanted if p not in by_name]
     if missing:
         raise DataError(f"{patients_file}: patient {missing[0]} not found under {data_root}")

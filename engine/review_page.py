@@ -34,12 +34,13 @@ SPRITE_COLUMNS = 8
 
 
 # ---------------------------------------------------------------- per patient
-def flair_gray(flair: np.ndarray) -> np.ndarray:
-    """A FLAIR volume (D, H, W) stretched between its 1st and 99.5th percentile to uint8, one scale for all slices."""
-    f = flair.astype(np.float32)
-    lo, hi = np.percentile(f[:, ::2, ::2], (1, 99.5))
-    g = (f - lo) * (255.0 / max(float(hi - lo), 1e-6))
-    return np.clip(g, 0, 255, out=g).astype(np.uint8)
+def flair_lut(flair: np.ndarray) -> list[int]:
+    """A 256-entry lookup table stretching a uint8 FLAIR volume between its 1st and 99.5th
+    percentile (one scale for every slice), from a histogram of every other row and column."""
+    sample = np.ascontiguousarray(flair[:, ::2, ::2]).ravel()
+    cdf = np.cumsum(np.bincount(sample, minlength=256)) / max(sample.size, 1)
+    lo, hi = (int(np.searchsorted(cdf, q)) for q in (0.01, 0.995))
+    return np.clip((np.arange(256) - lo) * (255.0 / max(hi - lo, 1)), 0, 255).round().astype(np.uint8).tolist()
 
 
 def _tile_shape(height: int, width: int, max_side: int) -> tuple[int, int]:
@@ -47,22 +48,23 @@ def _tile_shape(height: int, width: int, max_side: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def _encode_sprite(gray: np.ndarray, tile: tuple[int, int], quality: int) -> bytes:
+def _encode_sprite(flair: np.ndarray, lut: list[int], tile: tuple[int, int], quality: int) -> bytes:
+    """The FLAIR slices as one JPEG of tiles, ``SPRITE_COLUMNS`` per row, contrast by ``lut``."""
     import io
 
     from PIL import Image
 
-    d = len(gray)
+    d = len(flair)
     cols = min(SPRITE_COLUMNS, d)
     rows = math.ceil(d / cols)
     th, tw = tile
     sheet = np.zeros((rows * th, cols * tw), dtype=np.uint8)
-    for i, sl in enumerate(gray):
-        im = sl if sl.shape == tile else np.asarray(Image.fromarray(sl).resize((tw, th), Image.BILINEAR))
+    for i, sl in enumerate(flair):
+        im = sl if sl.shape == tile else np.asarray(Image.fromarray(np.ascontiguousarray(sl)).resize((tw, th), Image.BILINEAR))
         r, c = divmod(i, cols)
         sheet[r * th : (r + 1) * th, c * tw : (c + 1) * tw] = im
     buf = io.BytesIO()
-    Image.fromarray(sheet).save(buf, "JPEG", quality=quality)
+    Image.fromarray(sheet).point(lut).save(buf, "JPEG", quality=quality)
     return buf.getvalue()
 
 
@@ -70,7 +72,16 @@ def _outlines(mask: np.ndarray | None) -> list[list[int]] | None:
     """Per slice, the flat pixel indices of the mask's 2D outline (empty slices: [])."""
     if mask is None:
         return None
-    return [np.flatnonzero(border(sl)).tolist() if sl.any() else [] for sl in np.asarray(mask, dtype=bool)]
+    mask = np.asarray(mask, dtype=bool)
+    d, h, w = mask.shape
+    out: list[list[int]] = [[] for _ in range(d)]
+    for z in np.flatnonzero(mask.any(axis=(1, 2))):
+        ys, xs = np.flatnonzero(mask[z].any(axis=1)), np.flatnonzero(mask[z].any(axis=0))
+        y0, y1, x0, x1 = max(ys[0] - 1, 0), min(ys[-1] + 2, h), max(xs[0] - 1, 0), min(xs[-1] + 2, w)
+        # the outline within the mask's box (one pixel of margin) equals the whole slice's
+        r, c = np.nonzero(border(mask[z, y0:y1, x0:x1]))
+        out[z] = ((r + y0) * w + (c + x0)).tolist()
+    return out
 
 
 def write_patient_review(folder: Path, volume: PatientVolume, pred: np.ndarray, truth: np.ndarray | None,
@@ -90,13 +101,14 @@ def write_patient_review(folder: Path, volume: PatientVolume, pred: np.ndarray, 
     thumb.save(assets / "thumb.webp", "WEBP", quality=80, method=2)
     thumb_bytes = (assets / "thumb.webp").stat().st_size
 
-    gray = flair_gray(volume.image[..., 1])
+    flair = volume.image[..., 1]
+    lut = flair_lut(flair)
     tile = _tile_shape(h, w, TILE_MAX_SIDE)
-    sprite = _encode_sprite(gray, tile, quality=80)
+    sprite = _encode_sprite(flair, lut, tile, quality=80)
     if len(sprite) + thumb_bytes > IMAGE_BUDGET_BYTES:  # long or large volumes: smaller tiles, one more try
         shrink = math.sqrt(IMAGE_BUDGET_BYTES * 0.85 / len(sprite))
         tile = _tile_shape(h, w, max(32, int(max(tile) * shrink)))
-        sprite = _encode_sprite(gray, tile, quality=70)
+        sprite = _encode_sprite(flair, lut, tile, quality=70)
     (assets / "flair.jpg").write_bytes(sprite)
 
     data = {

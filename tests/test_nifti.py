@@ -19,7 +19,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 from conftest import TRAIN_PATIENT, VAL_PATIENTS
 from segengine.engine.cli import main
 from segengine.engine.io import read_patient
-from segengine.engine.nifti_io import NiftiError, read_nifti_case
+from segengine.engine.nifti_io import read_nifti_case
 from test_run import MODEL, _dice
 
 SPACING = (3.3, 0.94, 0.9)  # slice, row, column (mm)
@@ -283,9 +283,21 @@ def test_bad_nifti_is_one_line_and_exit_2(tmp_path, make, words):
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and out not in p.parents} == before
 
 
-def test_bad_nifti_in_a_batch_is_skipped(tmp_path):
+def test_bad_nifti_in_a_batch_is_skipped(kaggle_root, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(kaggle_root / VAL_PATIENTS[0], root / VAL_PATIENTS[0])
+    _bad_nan(root)  # root/case.nii.gz
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["run", "--model", str(MODEL), "--patients", str(root), "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    assert "failed 1" in res.output and "case.nii.gz: 1 non-finite" in res.output
+    assert sorted(p.name for p in out.iterdir()) == [VAL_PATIENTS[0], "index.html"]
+
+
+def test_same_patient_id_twice_in_a_root_is_refused(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
-    _bad_nan(root)
-    with pytest.raises(NiftiError, match="non-finite"):
-        read_patient(root / "case.nii.gz")
+    (root / "case").mkdir()
+    _bad_nan(root)  # root/case.nii.gz: the same OUT/case
+    res = CliRunner().invoke(main, ["run", "--model", str(MODEL), "--patients", str(root), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "same patient id" in res.output, res.output
