@@ -1,7 +1,8 @@
 """NIfTI input and output: real patients converted to NIfTI segment like their tif folders.
 
-The NIfTI cases are built here from the real Kaggle slices (no data is committed): an oblique
-affine with non-unit spacing, axes permuted and flipped, another dtype and intensity scale.
+The NIfTI cases are built at test time from the real Kaggle slices (no data is committed) by
+bench/nifti_agreement.py's conversion: an oblique affine with non-unit spacing, axes permuted
+and flipped, another dtype and intensity scale.
 """
 from __future__ import annotations
 
@@ -14,44 +15,15 @@ import numpy as np
 import pytest
 import tifffile
 from click.testing import CliRunner
-from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
 from conftest import TRAIN_PATIENT, VAL_PATIENTS
+from segengine.bench.nifti_agreement import SPACING, kaggle_to_input_grid, save_nifti, write_three_files
 from segengine.engine.cli import main
 from segengine.engine.io import read_patient
 from segengine.engine.nifti_io import read_nifti_case
 from test_run import MODEL, _dice
 
-SPACING = (3.3, 0.94, 0.9)  # slice, row, column (mm)
-
-
-def _rotation(degrees) -> np.ndarray:
-    ax, ay, az = np.deg2rad(degrees)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
-def kaggle_to_input_grid(volume: np.ndarray, axcodes=("S", "R", "A"), degrees=(14, -9, 21), spacing=SPACING):
-    """A (D, H, W[, C]) volume in the Kaggle layout as (array, affine) of a scanner-like NIfTI.
-
-    Written from the dataset's own conventions, independently of the engine: Kaggle rows run
-    anterior -> posterior (-y in RAS+), columns the patient's right -> left (-x), slices
-    inferior -> superior (+z). The grid is then tilted by ``degrees`` and its array axes
-    permuted and flipped to ``axcodes``.
-    """
-    arr = np.moveaxis(volume, 0, 2)  # (row, column, slice[, C])
-    sd, sr, sc = spacing
-    affine = np.eye(4)
-    affine[:3, :3] = _rotation(degrees) @ np.column_stack([[0, -sr, 0], [-sc, 0, 0], [0, 0, sd]])
-    affine[:3, 3] = (91.5, -120.25, -60.0)
-    t = ornt_transform(axcodes2ornt(("P", "L", "S")), axcodes2ornt(axcodes))
-    return apply_orientation(arr, t), affine @ inv_ornt_aff(t, arr.shape[:3])
-
-
-def _save(data, affine, path, dtype, scale, offset=0.0):
-    nib.save(nib.Nifti1Image((data.astype(np.float64) * scale + offset).astype(dtype), affine), str(path))
+_save = save_nifti
 
 
 # ------------------------------------------------------------------ reading: pure, no model
@@ -114,12 +86,10 @@ def mixed_run(kaggle_root, tmp_path_factory):
     _save(data, affine, root / "nii4d.nii.gz", np.int16, 13.7)
     vol = read_patient(kaggle_root / three)
     case = root / "nii3"
-    case.mkdir()
-    # each file its own dtype and scale; this patient's sequences each span 0..255, so the
-    # per-file rescale gives back its slices exactly
-    for c, (seq, dtype, scale) in enumerate([("pre", np.float32, 0.01), ("flair", np.int16, 7.0), ("post", np.uint16, 40.0)]):
-        data, affine = kaggle_to_input_grid(vol.image[..., c], ("L", "P", "I"))
-        _save(data, affine, case / f"nii3_{seq}.nii.gz", dtype, scale)
+    # each file its own dtype and scale. Separate files are rescaled one by one, which gives
+    # back the 8-bit slices exactly only where each sequence spans 0..255, as this patient's
+    # do (on others the masks differ a little: bench/nifti_agreement.py, README)
+    write_three_files(vol.image, case, "nii3", ("L", "P", "I"))
     data, affine = kaggle_to_input_grid(vol.mask, ("L", "P", "I"))
     _save(data > 0, affine, case / "nii3_mask.nii.gz", np.uint8, 1)
     out = tmp_path_factory.mktemp("mixed-out") / "out"
