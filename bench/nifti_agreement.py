@@ -50,7 +50,11 @@ def kaggle_to_input_grid(volume: np.ndarray, axcodes=("S", "R", "A"), degrees=(1
 def save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, dtype, scale: float, offset: float = 0.0) -> None:
     import nibabel as nib
 
-    nib.save(nib.Nifti1Image((data.astype(np.float64) * scale + offset).astype(dtype), affine), str(path))
+    img = nib.Nifti1Image((data.astype(np.float64) * scale + offset).astype(dtype), affine)
+    img.set_qform(affine, code="scanner")  # both frames set, as dcm2niix writes them
+    img.set_sform(affine, code="scanner")
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, str(path))
 
 
 def write_three_files(image: np.ndarray, folder: Path, case: str, axcodes=("L", "P", "I")) -> None:

@@ -108,6 +108,7 @@ def run(patient_dir, patients_root, out, backend, model, batch_size, threads, no
     Examples:
       segengine run --patient kaggle_3m/TCGA_CS_4941_19960909 --out results
       segengine run --patients kaggle_3m --out results --backend onnxruntime --threads 2
+      segengine run --patient case.nii.gz --out results                 (4D NIfTI)
       segengine run --patients kaggle_3m --out results --ray            (local Ray, 1 worker per CPU)
       segengine run --patients /shared/kaggle_3m --out /shared/results --ray auto
     """

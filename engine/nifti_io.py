@@ -130,7 +130,7 @@ class NiftiGrid:
         to_kaggle = ornt_transform(self.orientation, axcodes2ornt(KAGGLE_AXCODES))
         out = np.empty(3)
         out[to_kaggle[:, 0].astype(int)] = zooms  # (row, column, slice)
-        return float(out[2]), float(out[0]), float(out[1])
+        return tuple(round(float(out[i]), 6) for i in (2, 0, 1))  # the affine is float32: no more digits
 
     def report(self) -> dict:
         import nibabel as nib

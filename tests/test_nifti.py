@@ -106,6 +106,8 @@ def test_nifti_case_segments_like_its_tif_folder(mixed_run, case):
     mask_img = nib.load(str(out / case / f"{case}_mask.nii.gz"))
     src = nib.load(str(source))
     np.testing.assert_array_equal(mask_img.affine, src.affine)
+    for field in ("qform_code", "sform_code", "xyzt_units", "quatern_b", "quatern_c", "quatern_d", "srow_x"):
+        np.testing.assert_array_equal(mask_img.header[field], src.header[field])  # the same frame for every viewer
     assert mask_img.shape == src.shape[:3]
     assert mask_img.header.get_data_dtype() == np.uint8
     # compared on the input's grid: the tif run's masks mapped there by the test's own conversion
