@@ -149,9 +149,11 @@ def patient_html(patient_id: str, report: dict) -> str:
              ("tumor volume mm³", _fmt(report.get("tumor_volume_mm3"), 1)), ("DSC", _fmt(metrics.get("dsc"))),
              ("HD95 px", _fmt(metrics.get("hd95"), 2)), ("backend", _fmt(report.get("backend")))]
     fact_html = "".join(f"<div><b>{k}</b> {v}</div>" for k, v in facts)
-    return PATIENT_TEMPLATE.format(pid=html.escape(patient_id), links=link_html, facts=fact_html,
-                                   review=_review_cell(report), has_truth="" if metrics else " hidden",
-                                   data_src=f"{REVIEW_DIR}/{VIEWER_DATA}", style=STYLE)
+    review = _review_cell(report)
+    if isinstance(report.get("review"), dict) and report["review"].get("note"):
+        review += f'<div class="why">{html.escape(str(report["review"]["note"]))}</div>'
+    return PATIENT_TEMPLATE.format(pid=html.escape(patient_id), links=link_html, facts=fact_html, review=review,
+                                   has_truth="" if metrics else " hidden", data_src=f"{REVIEW_DIR}/{VIEWER_DATA}", style=STYLE)
 
 
 def _replace_file(path: Path, text: str) -> None:
@@ -173,8 +175,6 @@ def _review_of(report: dict) -> tuple[bool | None, list[str]]:
     review = report.get("review") if isinstance(report.get("review"), dict) else None
     flag = None if review is None else bool(review.get("flag"))
     reasons = [str(r) for r in (review or {}).get("reasons") or []]
-    if review and review.get("note") and not reasons:
-        reasons.append(str(review["note"]))
     filled = (report.get("nifti") or {}).get("filled_with_flair") or []
     if filled:
         reasons.append(f"{' and '.join(filled)} filled with FLAIR")
@@ -217,8 +217,10 @@ def index_html(out: Path, refresh_patients: bool = True) -> tuple[str, int, int]
     With ``refresh_patients`` each patient's page is re-rendered from its current report.
     """
     rows, bad = collect_reports(out)
-    body, flagged, dscs = [], 0, []
+    body, flagged, dscs, notes = [], 0, [], set()
     for name, rep in rows:
+        if isinstance(rep.get("review"), dict) and rep["review"].get("note"):
+            notes.add(str(rep["review"]["note"]))  # e.g. "no calibrated review rules": once, not per row
         q = quote(name)
         flag, _ = _review_of(rep)
         flagged += bool(flag)
@@ -250,6 +252,8 @@ def index_html(out: Path, refresh_patients: bool = True) -> tuple[str, int, int]
     summary = f"{len(rows)} patients · {flagged} flagged for review"
     if dscs:
         summary += f" · mean DSC {np.mean(dscs):.4f} over {len(dscs)} with ground truth"
+    if notes:
+        summary += " · review: " + html.escape("; ".join(sorted(notes)))
     if bad:
         summary += f" · {len(bad)} unreadable report(s): " + html.escape("; ".join(bad[:5]))
     page = INDEX_TEMPLATE.format(title=html.escape(out.resolve().name), summary=summary, rows="\n".join(body),

@@ -179,10 +179,14 @@ def test_index_handles_reports_without_review_and_damaged_ones(reviewed_run, tmp
     out = tmp_path / "out"
     shutil.copytree(reviewed_run, out)
     (out / PATIENTS[0] / "report.json").write_text("{ truncated")
+    rep = json.loads((out / VAL_PATIENTS[0] / "report.json").read_text())
+    rep["review"] = {"flag": False, "reasons": [], "note": "this model's card has no calibrated review rules"}
+    (out / VAL_PATIENTS[0] / "report.json").write_text(json.dumps(rep))
     (out / ".TCGA_X.partial-123").mkdir()  # a writer's temporary folder: not a patient
     path, n, flagged = write_index(out)
     text = path.read_text()
     assert n == 2 and flagged == 1 and "1 unreadable report" in text and "partial" not in text
+    assert text.count("no calibrated review rules") == 1  # said once in the summary, not in every row
     assert [p.name for p in out.iterdir() if p.name.startswith(".index")] == []  # no temp file left
 
 
