@@ -105,8 +105,8 @@ def write_patient_review(folder: Path, volume: PatientVolume, pred: np.ndarray, 
     lut = flair_lut(flair)
     tile = _tile_shape(h, w, TILE_MAX_SIDE)
     sprite = _encode_sprite(flair, lut, tile, quality=80)
-    if len(sprite) + thumb_bytes > IMAGE_BUDGET_BYTES:  # long or large volumes: smaller tiles, one more try
-        shrink = math.sqrt(IMAGE_BUDGET_BYTES * 0.85 / len(sprite))
+    while len(sprite) + thumb_bytes > IMAGE_BUDGET_BYTES and max(tile) > 32:  # long or large volumes: smaller tiles
+        shrink = math.sqrt((IMAGE_BUDGET_BYTES - thumb_bytes) * 0.85 / len(sprite))
         tile = _tile_shape(h, w, max(32, int(max(tile) * shrink)))
         sprite = _encode_sprite(flair, lut, tile, quality=70)
     (assets / "flair.jpg").write_bytes(sprite)

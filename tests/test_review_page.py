@@ -175,6 +175,22 @@ def test_images_stay_within_the_budget(reviewed_run):
         assert 0 < size <= IMAGE_BUDGET_BYTES
 
 
+def test_a_large_noisy_volume_is_shrunk_to_the_budget(tmp_path):
+    """Worst case for JPEG (noise) and a large grid: tiles shrink until the images fit."""
+    from segengine.engine.io import PatientVolume
+    from segengine.engine.review_page import write_patient_review
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (60, 300, 340, 3), dtype=np.uint8)
+    pred = np.zeros(image.shape[:3], bool)
+    pred[20:30, 100:150, 120:200] = True
+    vol = PatientVolume("noise", tmp_path, list(range(1, 61)), image)
+    write_patient_review(tmp_path, vol, pred, None, {})
+    assert sum(f.stat().st_size for f in (tmp_path / "review").iterdir() if f.suffix != ".js") <= IMAGE_BUDGET_BYTES
+    data = (tmp_path / "review" / "viewer.js").read_text()
+    assert '"height":300,"width":340' in data and '"focus":20' in data
+
+
 def test_index_handles_reports_without_review_and_damaged_ones(reviewed_run, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(reviewed_run, out)
