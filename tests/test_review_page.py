@@ -92,7 +92,7 @@ def _column(page, index: int) -> list[str]:
     return page.eval_on_selector_all("#patients tbody tr:not(.hidden)", f"rs => rs.map(r => r.cells[{index}].dataset.sort)")
 
 
-def test_index_rows_sort_and_filter(reviewed_run, browser):
+def test_index_rows_sort_and_filter(browser, reviewed_run):
     out = reviewed_run
     page = _open(browser, (out / "index.html").as_uri())
     rows = page.locator("#patients tbody tr")
@@ -129,7 +129,7 @@ def test_index_rows_sort_and_filter(reviewed_run, browser):
     assert all(u.startswith(("file://", "data:")) for u in page.requests), page.requests  # no network
 
 
-def test_patient_viewer_slider_keys_and_toggles(reviewed_run, browser):
+def test_patient_viewer_slider_keys_and_toggles(browser, reviewed_run):
     out = reviewed_run
     index = _open(browser, (out / "index.html").as_uri())
     index.locator("#patients a", has_text=VAL_PATIENTS[1]).click()
