@@ -17,10 +17,10 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import REPO, TRAIN_PATIENT, VAL_PATIENTS
+from segengine.bench.nifti_agreement import kaggle_to_input_grid
 from segengine.engine.cli import main
 from segengine.engine.io import read_patient
 from segengine.engine.review_page import IMAGE_BUDGET_BYTES, write_index
-from test_nifti import kaggle_to_input_grid
 from test_run import MODEL
 
 CHROMIUM = Path(os.environ.get("SEGENGINE_CHROMIUM", "/usr/bin/chromium"))
