@@ -281,21 +281,13 @@ def _model_only_rows(name: str, spec, x: np.ndarray, batch_sizes, threads, warmu
 
 # ===================================================================== end to end
 def _time_patient(folder: Path, backend, out_dir: Path, batch_size: int) -> dict[str, float]:
-    from segengine.engine.io import read_patient, write_mask_slices
-    from segengine.engine.pipeline import segment
+    """One patient through the same job as `run --patient` (lock, read, segment, atomic write of every output)."""
+    from segengine.engine.patient_job import process_patient
 
-    t0 = t = time.perf_counter()
-    vol = read_patient(folder)
-    read_s = time.perf_counter() - t
-    seg = segment(vol, backend, "native", batch_size=batch_size)
-    t = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_mask_slices(out_dir, vol.patient_id, vol.slice_numbers, seg.mask)
-    write_s = time.perf_counter() - t
+    t0 = time.perf_counter()
+    rep = process_patient(folder, out_dir, backend, batch_size=batch_size, overwrite=True)
     total = time.perf_counter() - t0
-    return {"read": read_s, "preprocess": seg.timings.get("preprocess", 0.0), "infer": seg.timings.get("infer", 0.0),
-            "postprocess": seg.timings.get("postprocess", 0.0), "write": write_s, "total": total,
-            "slices": float(vol.num_slices)}
+    return {**{k: rep["timings_s"].get(k, 0.0) for k in STAGES}, "total": total, "slices": float(rep["slices"])}
 
 
 def _time_amortized(folders: list[Path], backend, out_root: Path, batch_size: int, spec) -> dict:
@@ -535,7 +527,7 @@ def format_table(result: dict) -> str:
         out.append(f"reference: {ref['gflop_per_slice']:.2f} GFLOP/slice, {ref['weights_note']}")
 
     if result["end_to_end"] or (ref and ref.get("end_to_end")):
-        out += ["", f"end to end per patient (s; read -> segment(native, batch {E2E_BATCH_SIZE}) -> write masks; "
+        out += ["", f"end to end per patient (s; read -> segment(native, batch {E2E_BATCH_SIZE}) -> write results; "
                     "mean after 1 warm-up patient)"]
         rows = []
         for r in result["end_to_end"]:

@@ -8,7 +8,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from segengine.engine.io import DataError, list_patients, patient_id_of, read_patient, read_patient_list
+from segengine.engine.io import DataError, list_patients, read_patient, read_patient_list
 from segengine.engine.metrics import summarize, volume_metrics
 
 METRICS = ("dsc", "hd95", "precision", "recall")
@@ -19,8 +19,11 @@ def select_patients(data_root: Path, patients_file: str | None) -> list[Path]:
     folders = list_patients(data_root)
     if not patients_file:
         return folders
+    from segengine.engine.patient_job import unique_patient_ids
+
     wanted = read_patient_list(patients_file)
-    by_name = {patient_id_of(f): f for f in folders}
+    # by the run's patient id (slice prefix or NIfTI case name); an ill patient by its name, to fail on reading
+    by_name = {pid or f.name: f for f, pid in unique_patient_ids(folders).items()}
     missing = [p for p in wanted if p not in by_name]
     if missing:
         raise DataError(f"{patients_file}: patient {missing[0]} not found under {data_root}")
@@ -29,7 +32,7 @@ def select_patients(data_root: Path, patients_file: str | None) -> list[Path]:
 
 def read_prediction(pred_folder: Path, patient_id: str, slice_numbers: list[int], shape: tuple[int, int]) -> np.ndarray:
     """Predicted masks ``<patient>_<n>_mask.*`` for exactly the ground truth's slices."""
-    from segengine.engine.io import _as_mask, read_slice
+    from segengine.engine.io import _as_mask, read_slice, slice_shape
 
     if not pred_folder.is_dir():
         raise DataError(f"{pred_folder}: no predictions for patient {patient_id}")
@@ -39,6 +42,9 @@ def read_prediction(pred_folder: Path, patient_id: str, slice_numbers: list[int]
         path = next((c for c in cands if c.exists()), None)
         if path is None:
             raise DataError(f"{cands[0]}: predicted mask missing")
+        header = slice_shape(path)[:2]  # a wrong (e.g. huge) size is refused before decoding
+        if header != shape:
+            raise DataError(f"{path}: size {header[1]}x{header[0]} differs from the ground truth {shape[1]}x{shape[0]}")
         m = _as_mask(read_slice(path), path)
         if m.shape != shape:
             raise DataError(f"{path}: size {m.shape[1]}x{m.shape[0]} differs from the ground truth {shape[1]}x{shape[0]}")

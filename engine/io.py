@@ -3,7 +3,9 @@
 A patient folder holds ``<patient>_<n>.<ext>`` images (HxWx3 uint8: pre-contrast, FLAIR,
 post-contrast) and optional ``<patient>_<n>_mask.<ext>`` masks (HxW uint8, 0/255).
 Readers are picked by file ending, as in nnU-Net; every ill case raises a subclass of
-:class:`DataError` whose message is one line naming the file.
+:class:`DataError` whose message is one line naming the file. Sizes are checked from each
+file's header against :class:`SliceLimits` before any pixel is decoded, so a small file that
+claims a huge image is refused instead of exhausting memory.
 """
 from __future__ import annotations
 
@@ -50,6 +52,28 @@ class OrphanMaskError(DataError):
     pass
 
 
+class PatientIdError(DataError):
+    pass
+
+
+class SliceLimitError(DataError):
+    pass
+
+
+@dataclass(frozen=True)
+class SliceLimits:
+    """What a patient may claim in its file headers; checked before decoding."""
+
+    min_side: int = 32
+    max_side: int = 1024
+    max_slices: int = 512
+
+
+DEFAULT_LIMITS = SliceLimits()
+_PATH_SEPARATORS = {"/", "\\", os.sep, os.altsep} - {None}
+PATIENT_ID_MAX_LEN = 200
+
+
 @dataclass
 class PatientVolume:
     """One patient's slices in slice-number order."""
@@ -69,10 +93,18 @@ class PatientVolume:
 
 
 # ---------------------------------------------------------------- readers by file ending
-def _read_tiff(path: Path) -> np.ndarray:
+def _quiet_tifffile():
+    """tifffile logs header oddities as warnings; our own error is the one line the user sees."""
+    import logging
+
     import tifffile
 
-    return tifffile.imread(path)
+    logging.getLogger("tifffile").setLevel(logging.ERROR)
+    return tifffile
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    return _quiet_tifffile().imread(path)
 
 
 def _read_pil(path: Path) -> np.ndarray:
@@ -86,25 +118,73 @@ def _read_pil(path: Path) -> np.ndarray:
 READERS = {".tif": _read_tiff, ".tiff": _read_tiff, ".png": _read_pil, ".webp": _read_pil}
 
 
-def read_slice(path: Path) -> np.ndarray:
-    """Read one 2D slice; any decoder failure becomes :class:`UnreadableSliceError`."""
-    reader = READERS.get(path.suffix.lower())
+def _tiff_shape(path: Path) -> tuple[int, ...]:
+    with _quiet_tifffile().TiffFile(path) as tf:
+        return tuple(tf.pages[0].shape)
+
+
+def _pil_shape(path: Path) -> tuple[int, ...]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:  # lazy: reads the header only
+            w, h = im.size
+            bands = len(im.getbands())
+    except Image.DecompressionBombError as exc:
+        raise SliceLimitError(f"{path}: image too large to decode ({str(exc).split('.')[0]})") from None
+    return (h, w) if bands == 1 else (h, w, bands)
+
+
+HEADER_READERS = {".tif": _tiff_shape, ".tiff": _tiff_shape, ".png": _pil_shape, ".webp": _pil_shape}
+
+
+def _by_ending(readers: dict, path: Path):
+    """Call the reader picked by file ending; any decoder failure becomes :class:`UnreadableSliceError`."""
+    reader = readers.get(path.suffix.lower())
     if reader is None:
         raise SliceFormatError(f"{path}: unsupported file type (expected one of {', '.join(IMAGE_EXTENSIONS)})")
     try:
         return reader(path)
     except DataError:
         raise
-    except Exception as exc:  # decoders raise many types for truncated/corrupt files
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types for truncated/corrupt files
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UnreadableSliceError(f"{path}: not a readable image ({first})") from None
+
+
+def slice_shape(path: Path) -> tuple[int, ...]:
+    """(H, W[, C]) from the file header, no pixels decoded."""
+    return _by_ending(HEADER_READERS, path)
+
+
+GRAYSCALE_MESSAGE = "grayscale slice, expected 3 color channels (pre-contrast, FLAIR, post-contrast)"
+
+
+def check_slice_size(path: Path, limits: SliceLimits, is_mask: bool = False) -> tuple[int, ...]:
+    """The header's shape, refusing sides outside the limits and one-channel images (before decoding)."""
+    shape = slice_shape(path)
+    if len(shape) < 2:
+        raise SliceFormatError(f"{path}: array of shape {shape}, expected HxWx3")
+    if not is_mask and (len(shape) == 2 or shape[2] in (1, 2)):
+        raise SliceFormatError(f"{path}: {GRAYSCALE_MESSAGE}")
+    h, w = shape[:2]
+    if max(h, w) > limits.max_side:
+        raise SliceLimitError(f"{path}: {w}x{h} pixels, larger than the limit of {limits.max_side} px a side")
+    if min(h, w) < limits.min_side:
+        raise SliceLimitError(f"{path}: {w}x{h} pixels, smaller than the limit of {limits.min_side} px a side")
+    return shape
+
+
+def read_slice(path: Path) -> np.ndarray:
+    """Read one 2D slice; any decoder failure becomes :class:`UnreadableSliceError`."""
+    return _by_ending(READERS, path)
 
 
 def _as_rgb_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
     if arr.dtype != np.uint8:
         raise SliceFormatError(f"{path}: {arr.dtype} pixels, expected 8-bit (uint8) slices")
-    if arr.ndim == 2:
-        return np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 2)):
+        raise SliceFormatError(f"{path}: {GRAYSCALE_MESSAGE}")
     if arr.ndim == 3 and arr.shape[2] == 3:
         return arr
     if arr.ndim == 3 and arr.shape[2] == 4:
@@ -119,6 +199,12 @@ def _as_mask(arr: np.ndarray, path: Path) -> np.ndarray:
         arr = arr[..., 0]
     if arr.ndim != 2:
         raise SliceFormatError(f"{path}: mask of shape {arr.shape}, expected HxW")
+    values = np.unique(arr)
+    positive = values[values > 0]
+    if positive.size > 1:
+        shown = ", ".join(str(int(v)) for v in values[:6]) + (", ..." if values.size > 6 else "")
+        raise SliceFormatError(f"{path}: mask with values {shown}; expected a binary mask: 0 for background and "
+                               "one value (e.g. 255) for tumor")
     return np.where(arr > 0, np.uint8(255), np.uint8(0))
 
 
@@ -134,8 +220,13 @@ def list_slices(folder: Path) -> tuple[str, dict[int, Path], dict[int, Path]]:
     prefixes: set[str] = set()
     for entry in sorted(os.listdir(folder)):
         m = SLICE_NAME.match(entry)
-        if not m or not (folder / entry).is_file():
-            continue  # README, data.csv, hidden files: not slices
+        if not m or entry.startswith("._"):
+            continue  # README, data.csv, macOS "._" metadata files: not slices
+        path = folder / entry
+        if not path.is_file():
+            kind = ("a dangling symbolic link" if path.is_symlink() and not path.exists() else
+                    "a folder" if path.is_dir() else "not a regular file (FIFO, socket or device)")
+            raise UnreadableSliceError(f"{path}: named like a slice but is {kind}")
         n = int(m.group("n"))
         prefixes.add(m.group("patient"))
         target = masks if m.group("mask") else images
@@ -160,37 +251,56 @@ def list_slices(folder: Path) -> tuple[str, dict[int, Path], dict[int, Path]]:
     if masks and len(masks) != len(images):
         n = sorted(set(images) - set(masks))[0]
         raise OrphanMaskError(f"{images[n]}: no mask for this slice while other slices have masks")
-    return prefixes.pop(), images, masks
+    return check_patient_id(prefixes.pop(), folder), images, masks
 
 
-def patient_id_of(path: Path) -> str:
-    """The patient id (and OUT/<id> folder name) of a patient folder or NIfTI case file."""
-    from segengine.engine.nifti_io import case_id, is_nifti_file
-
-    return case_id(path) if is_nifti_file(path) else path.name
+SLICE_PREFIX_ID = ("the slices' name prefix", "rename the slices <patient>_<n>.tif")
 
 
-def check_patient(path: Path) -> None:
-    """Fail on a missing, empty or ill-named patient before anything heavy is loaded."""
-    from segengine.engine.nifti_io import check_nifti_case, is_nifti_case, is_nifti_file
+def check_patient_id(patient_id: str, folder: Path, source: tuple[str, str] = SLICE_PREFIX_ID) -> str:
+    """The one rule for patient ids: a plain, visible folder name in OUT.
 
-    if is_nifti_file(path) and not path.is_file():
-        raise NotAFolderError(f"{path}: no such file" if not path.exists() else f"{path}: not a NIfTI file")
-    if is_nifti_case(path):
-        check_nifti_case(path)
-    else:
-        list_slices(path)
+    ``source`` says where the id came from and how to change it (the slices' prefix here;
+    a NIfTI case's file or folder name in ``nifti_io``).
+    """
+    why = None
+    if patient_id in (".", "..") or patient_id.startswith("."):
+        why = "starts with '.'"
+    elif any(sep in patient_id for sep in _PATH_SEPARATORS):
+        why = "contains a path separator"
+    elif len(patient_id) > PATIENT_ID_MAX_LEN:
+        why = f"is longer than {PATIENT_ID_MAX_LEN} characters"
+    elif not patient_id.isprintable():
+        why = "contains control characters"
+    if why:
+        raise PatientIdError(f"{folder}: patient id {patient_id[:60]!r} ({source[0]}) {why}; {source[1]}")
+    return patient_id
 
 
-def read_patient(folder: str | os.PathLike, with_mask: bool = True) -> PatientVolume:
-    """Read a patient (Kaggle slice folder or NIfTI case) into a (D, H, W, 3) volume ordered by slice number."""
+def check_headers(folder: Path, images: dict[int, Path], masks: dict[int, Path], limits: SliceLimits) -> None:
+    """Slice count and every file header against the limits, before the first pixel is decoded."""
+    if len(images) > limits.max_slices:
+        raise SliceLimitError(f"{folder}: {len(images)} slices, more than the limit of {limits.max_slices}")
+    for n in sorted(images):
+        check_slice_size(images[n], limits)
+    for n in sorted(masks):
+        check_slice_size(masks[n], limits, is_mask=True)
+
+
+def read_patient(folder: str | os.PathLike, with_mask: bool = True,
+                 limits: SliceLimits = DEFAULT_LIMITS) -> PatientVolume:
+    """Read a patient (Kaggle slice folder or NIfTI case, told apart by file ending) into a (D, H, W, 3) volume.
+
+    Slices are ordered by slice number; every header is checked against ``limits`` first.
+    """
     from segengine.engine.nifti_io import is_nifti_case, read_nifti_case
 
     folder = Path(folder)
     if is_nifti_case(folder):
-        return read_nifti_case(folder, with_mask)
+        return read_nifti_case(folder, with_mask, limits)
     patient_id, images, masks = list_slices(folder)
     numbers = sorted(images)
+    check_headers(folder, images, masks if with_mask else {}, limits)
     slices = []
     shape = None
     for n in numbers:
@@ -231,11 +341,6 @@ def list_patients(root: str | os.PathLike) -> list[Path]:
     folders = sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p.is_dir() or is_nifti_file(p)))
     if not folders:
         raise NoSlicesError(f"{root}: no patient folders or NIfTI case files")
-    seen: dict[str, Path] = {}
-    for p in folders:
-        if patient_id_of(p) in seen:
-            raise DataError(f"{p}: same patient id as {seen[patient_id_of(p)].name} (results would share OUT/{patient_id_of(p)})")
-        seen[patient_id_of(p)] = p
     return folders
 
 

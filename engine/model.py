@@ -2,7 +2,7 @@
 
 A model is a PyTorch weights file ``<name>.pt`` with a card ``<name>.json`` beside it
 (architecture, training split, DSC, SHA-256 of the weights). Exports live beside it as
-``<name>.onnx`` / ``<name>.int8.onnx`` / ``<name>.fp16.plan``, each with a sidecar
+``<name>.onnx`` / ``<name>.int8.onnx`` / ``<name>.fp16.onnx`` / ``<name>.fp16.plan``, each with a sidecar
 ``<file>.json`` naming the SHA-256 of the weights it came from.
 """
 from __future__ import annotations
@@ -10,15 +10,98 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 SHIPPED_MODEL_NAME = "resunet16"
+# export kind -> file suffix beside the weights (every kind has a sidecar ``<file>.json``)
+EXPORT_SUFFIXES = {"onnx": ".onnx", "onnx-int8": ".int8.onnx", "onnx-fp16": ".fp16.onnx", "tensorrt-fp16": ".fp16.plan"}
 
 
 class ModelError(ValueError):
     """A model file is missing, corrupt, or does not match its card; one-line message."""
+
+
+# What a card may say, checked before anything is built or allocated: (type, low, high) per
+# field; architectures list every keyword their constructor takes (network.ARCHITECTURES).
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+MAX_CONTEXT_SLICES = 8  # 2.5D: neighbouring slices on each side fed as channels
+ARCHITECTURE_FIELDS: dict[str, dict[str, tuple]] = {
+    "resunet": {"in_channels": (int, 3, 3 * (2 * MAX_CONTEXT_SLICES + 1)), "base_channels": (int, 1, 256), "depth": (int, 1, 6),
+                "stem_stride": (int, 1, 4), "deep_supervision": (bool,), "refine_channels": (int, 0, 256)},
+    "reference_unet": {"in_channels": (int, 3, 3), "base_channels": (int, 1, 256)},
+}
+CARD_FIELDS = {"input_size": (int, 32, 1024), "context_slices": (int, 0, MAX_CONTEXT_SLICES), "flops_per_slice": (int, 0, 10**15), "params": (int, 0, 10**10)}
+SIDECAR_FIELDS = {"input_size": (int, 32, 1024), "opset": (int, 7, 100)}
+VERDICT_FIELDS = {"passed": (bool,), "patients_count": (int, 0, 10**6)}
+
+
+def _check_fields(where: Path, prefix: str, data: dict, fields: dict[str, tuple]) -> None:
+    for key, rule in fields.items():
+        if key not in data:
+            continue
+        value, kind = data[key], rule[0]
+        ok = type(value) is kind or (kind is float and type(value) is int)  # bool is not an int here
+        if not ok:
+            raise ModelError(f"{where}: {prefix}{key} is {value!r} ({type(value).__name__}), expected {kind.__name__}")
+        if len(rule) == 3 and not rule[1] <= value <= rule[2]:
+            raise ModelError(f"{where}: {prefix}{key} = {value} is outside {rule[1]}..{rule[2]}")
+
+
+def _check_sha(where: Path, key: str, value: Any, required: bool) -> None:
+    if value is None and not required:
+        return
+    if not isinstance(value, str) or not _HEX64.match(value):
+        raise ModelError(f"{where}: {key} must be a SHA-256 (64 lowercase hex digits), got {str(value)[:40]!r}")
+
+
+def check_card(card: Any, where: Path) -> dict[str, Any]:
+    """A model card's types and bounds (e.g. base_channels 1..256), so nothing absurd is allocated."""
+    if not isinstance(card, dict):
+        raise ModelError(f"{where}: model card must be a JSON object")
+    if "architecture" not in card or "sha256" not in card:
+        raise ModelError(f"{where}: model card lacks 'architecture' or 'sha256'")
+    _check_sha(where, "sha256", card["sha256"], required=True)
+    _check_fields(where, "", card, CARD_FIELDS)
+    arch = card["architecture"]
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
+        raise ModelError(f"{where}: architecture must be an object with a 'name'")
+    fields = ARCHITECTURE_FIELDS.get(arch["name"])
+    if fields is None:
+        raise ModelError(f"{where}: unknown architecture {arch['name']!r} (known: {', '.join(ARCHITECTURE_FIELDS)})")
+    unknown = sorted(set(arch) - set(fields) - {"name"})
+    if unknown:
+        raise ModelError(f"{where}: architecture {arch['name']} has no parameter {unknown[0]!r}")
+    _check_fields(where, "architecture.", arch, fields)
+    want = 3 * (2 * card.get("context_slices", 0) + 1)
+    if arch.get("in_channels", 3) != want:
+        raise ModelError(f"{where}: architecture.in_channels = {arch.get('in_channels', 3)} does not fit "
+                         f"context_slices = {card.get('context_slices', 0)} (expected {want})")
+    return card
+
+
+def check_sidecar(side: Any, where: Path) -> dict[str, Any]:
+    """An export sidecar's types and bounds; its verdict (if any) must be well formed."""
+    if not isinstance(side, dict):
+        raise ModelError(f"{where}: sidecar must be a JSON object")
+    _check_sha(where, "source_sha256", side.get("source_sha256"), required=True)
+    _check_sha(where, "sha256", side.get("sha256"), required=False)
+    _check_fields(where, "", side, SIDECAR_FIELDS)
+    verdict = side.get("validation")
+    if verdict is not None:
+        if not isinstance(verdict, dict):
+            raise ModelError(f"{where}: validation must be an object")
+        _check_fields(where, "validation.", verdict, VERDICT_FIELDS)
+    return side
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: unreadable {what} ({str(exc).splitlines()[0][:120]})") from None
 
 
 def shipped_model_dir() -> Path:
@@ -52,7 +135,7 @@ class ModelSpec:
     weights: Path
     card: dict[str, Any]
     sha256: str
-    exports: dict[str, Path] = field(default_factory=dict)  # "onnx" / "onnx-int8" / "tensorrt-fp16" -> path
+    exports: dict[str, Path] = field(default_factory=dict)  # export kind (EXPORT_SUFFIXES) -> path
 
     @property
     def name(self) -> str:
@@ -72,14 +155,13 @@ class ModelSpec:
         return dict(self.card["architecture"])
 
     def export_path(self, kind: str) -> Path:
-        suffix = {"onnx": ".onnx", "onnx-int8": ".int8.onnx", "tensorrt-fp16": ".fp16.plan"}[kind]
-        return self.weights.with_name(self.name + suffix)
+        return self.weights.with_name(self.name + EXPORT_SUFFIXES[kind])
 
     def sidecar(self, kind: str) -> dict[str, Any] | None:
         p = sidecar_path(self.export_path(kind))
         if not p.exists():
             return None
-        return json.loads(p.read_text())
+        return check_sidecar(read_json(p, "sidecar"), p)
 
 
 def load_model_spec(path: str | os.PathLike | None = None, verify: bool = True) -> ModelSpec:
@@ -95,18 +177,13 @@ def load_model_spec(path: str | os.PathLike | None = None, verify: bool = True) 
     cp = card_path(weights)
     if not cp.exists():
         raise ModelError(f"{weights}: no model card {cp.name} beside it")
-    try:
-        card = json.loads(cp.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{cp}: unreadable model card ({exc})") from None
-    if "architecture" not in card or "sha256" not in card:
-        raise ModelError(f"{cp}: model card lacks 'architecture' or 'sha256'")
+    card = check_card(read_json(cp, "model card"), cp)
     digest = sha256_file(weights)
     if verify and digest != card["sha256"]:
         raise ModelError(f"{weights}: SHA-256 {digest[:12]}... does not match its card ({card['sha256'][:12]}...): "
                          "corrupt or replaced model file")
     spec = ModelSpec(weights=weights, card=card, sha256=digest)
-    for kind in ("onnx", "onnx-int8", "tensorrt-fp16"):
+    for kind in EXPORT_SUFFIXES:
         if spec.export_path(kind).exists():
             spec.exports[kind] = spec.export_path(kind)
     return spec

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segengine.engine.io import DataError, PatientVolume
+from segengine.engine.io import DEFAULT_LIMITS, DataError, PatientVolume, SliceLimitError, SliceLimits
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 SEQUENCES = ("pre", "flair", "post")  # channel order of a Kaggle slice
@@ -49,8 +49,15 @@ def is_nifti_file(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_ENDINGS)
 
 
+# where a NIfTI case's patient id comes from and how to change it, for io.check_patient_id's message
+CASE_ID_SOURCE = ("the NIfTI case's file name without .nii[.gz], or its folder's name", "rename the case")
+
+
 def case_id(path: Path) -> str:
-    """Patient id of a NIfTI case: the file name without .nii[.gz], or the folder's name."""
+    """Patient id of a NIfTI case: the file name without .nii[.gz], or the folder's name.
+
+    Unchecked; ``patient_job.patient_id_of`` validates it with the slices' rule.
+    """
     name = path.name
     for ending in NIFTI_ENDINGS:
         if name.lower().endswith(ending):
@@ -198,8 +205,23 @@ def _grid(img, files: dict[str, str], filled: tuple[str, ...]) -> NiftiGrid:
                      orientation=io_orientation(img.affine), files=files, filled_with_flair=filled)
 
 
-def _open_case(path: Path, with_mask: bool = True) -> tuple[dict, dict[str, Path]]:
-    """Headers of a case, every shape and affine checked; no voxel data read yet.
+def check_limits(img, path: Path, limits: SliceLimits) -> None:
+    """Slices and in-plane sides as they will be after reorientation, against ``limits``, from the header."""
+    from nibabel.orientations import io_orientation
+
+    # io_orientation: which world axis (0 = L-R columns, 1 = A-P rows, 2 = I-S slices) each array axis runs along
+    size = {int(axis): int(n) for (axis, _), n in zip(io_orientation(img.affine), img.shape[:3])}
+    cols, rows, slices = size[0], size[1], size[2]
+    if slices > limits.max_slices:
+        raise SliceLimitError(f"{path}: {slices} axial slices, more than the limit of {limits.max_slices}")
+    if max(rows, cols) > limits.max_side:
+        raise SliceLimitError(f"{path}: {cols}x{rows} pixels a slice, larger than the limit of {limits.max_side} px a side")
+    if min(rows, cols) < limits.min_side:
+        raise SliceLimitError(f"{path}: {cols}x{rows} pixels a slice, smaller than the limit of {limits.min_side} px a side")
+
+
+def _open_case(path: Path, with_mask: bool = True, limits: SliceLimits = DEFAULT_LIMITS) -> tuple[dict, dict[str, Path]]:
+    """Headers of a case, every shape and affine checked against each other and ``limits``; no voxel data read yet.
 
     Returns ({sequence: nibabel image}, {sequence: file}); a 4D file is ``{"stack": image}``.
     """
@@ -213,6 +235,7 @@ def _open_case(path: Path, with_mask: bool = True) -> tuple[dict, dict[str, Path
             raise NiftiError(f"{path}: {shape[3]} volumes on the last axis, expected 3 (pre-contrast, FLAIR, post-contrast)")
         if min(shape[:3]) < 1:
             raise NiftiError(f"{path}: empty volume of shape {shape}")
+        check_limits(img, path, limits)
         return {"stack": img}, {"stack": path}
     files = sequence_files(path)
     if "flair" not in files:
@@ -225,6 +248,8 @@ def _open_case(path: Path, with_mask: bool = True) -> tuple[dict, dict[str, Path
         shape = img.shape
         if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
             raise NiftiError(f"{files[seq]}: {len(shape)}D volume of shape {shape}, expected a 3D {seq} volume")
+        if seq == "flair":
+            check_limits(img, files[seq], limits)
         if seq != "flair":
             flair = images["flair"]
             if shape[:3] != flair.shape[:3]:
@@ -235,15 +260,20 @@ def _open_case(path: Path, with_mask: bool = True) -> tuple[dict, dict[str, Path
     return images, files
 
 
-def check_nifti_case(path: str | Path) -> None:
-    """Headers only: fail early (before a model loads) on a case whose shapes or affines are wrong."""
-    _open_case(Path(path), with_mask=True)
+def check_nifti_case(path: str | Path, limits: SliceLimits = DEFAULT_LIMITS) -> list[Path]:
+    """Headers only: fail early (before a model loads) on a case whose shapes, affines or sizes are wrong.
+
+    Returns the case's files (what ``PatientJob`` keeps OUT/<id> away from).
+    """
+    path = Path(path)
+    _, files = _open_case(path, with_mask=True, limits=limits)
+    return list(files.values()) if path.is_dir() else [path]
 
 
-def read_nifti_case(path: str | Path, with_mask: bool = True) -> PatientVolume:
+def read_nifti_case(path: str | Path, with_mask: bool = True, limits: SliceLimits = DEFAULT_LIMITS) -> PatientVolume:
     """Read a 4D ``case.nii[.gz]`` or a folder of per-sequence volumes into the Kaggle layout."""
     path = Path(path)
-    images, files = _open_case(path, with_mask)
+    images, files = _open_case(path, with_mask, limits)
     if "stack" in images:
         img = images["stack"]
         grid = _grid(img, {s: str(path) for s in SEQUENCES}, ())
@@ -262,7 +292,7 @@ def read_nifti_case(path: str | Path, with_mask: bool = True) -> PatientVolume:
     flair = to_uint8(voxels("flair"))
     image = np.stack([flair if s == "flair" or s in filled else to_uint8(voxels(s)) for s in SEQUENCES], axis=-1)
     mask = np.where(voxels("mask") > 0, np.uint8(255), np.uint8(0)) if "mask" in images else None
-    return _volume(path.name, path, image, mask, grid)
+    return _volume(case_id(path), path, image, mask, grid)
 
 
 def _volume(patient_id: str, source: Path, image: np.ndarray, mask: np.ndarray | None, grid: NiftiGrid) -> PatientVolume:

@@ -4,8 +4,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +24,19 @@ from segengine.engine.postprocess import border
 
 
 class OutputError(OSError):
-    """OUT is not writable, lies inside the input, or already holds results; one-line message."""
+    """OUT is not writable, overlaps the input, or already holds results; one-line message."""
+
+
+class ResultsExistError(OutputError):
+    """OUT/<patient> is complete and --overwrite was not given."""
+
+
+class ResourceError(RuntimeError):
+    """The machine ran out of something (disk, memory) while a job ran; one-line message, exit 1."""
+
+
+class DiskFullError(ResourceError):
+    pass
 
 
 def check_out_dir(out: Path, inputs: list[Path]) -> None:
@@ -40,44 +55,171 @@ def check_out_dir(out: Path, inputs: list[Path]) -> None:
         raise OutputError(f"{out}: output folder is not writable ({exc.strerror or exc})") from None
 
 
+def check_writable_file(path: Path, option: str) -> None:
+    """Before any work: ``path`` can be created or replaced (its folder exists and is writable)."""
+    path = Path(path)
+    parent = path.parent
+    if path.is_dir():
+        raise OutputError(f"{path}: {option} names a folder, expected a file path")
+    if not parent.is_dir():
+        why = "is not a folder" if parent.exists() else "does not exist"
+        raise OutputError(f"{path}: {option}: {parent} {why}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".segengine-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"{path}: {option}: folder {parent} is not writable ({exc.strerror or exc})") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputError(f"{path}: {option}: file exists and is not writable")
+
+
+def check_writable_dir(path: Path, option: str) -> None:
+    """Before any work: ``path`` is (or can be made) a writable folder."""
+    try:
+        check_out_dir(path, [])
+    except OutputError as exc:
+        raise OutputError(f"{option}: {exc}") from None
+
+
+# Temporary entries of atomic_dir beside OUT/<name>: ".<name>.partial-XXXXXXXX" (being written)
+# and ".<name>.old-XXXXXXXX/old" (the previous result while it is being replaced); XXXXXXXX is
+# tempfile's 8-character suffix, so the id "A.partial-x" never matches A's temp entries.
+TEMP_ENTRY = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-[a-z0-9_]{8}$")
+
+
 def _temp_prefixes(name: str) -> tuple[str, str]:
-    """Names of atomic_dir's temporary folders: (being written, being replaced)."""
     return f".{name}.partial-", f".{name}.old-"
 
 
-def remove_leftover_temp_dirs(out: Path, patient_id: str) -> None:
-    """Remove temporary folders a killed writer of ``patient_id`` left in ``out``.
+def temp_entries(out: Path, name: str | None = None) -> list[tuple[str, str, Path]]:
+    """(name, "partial"|"old", path) of atomic_dir's temporary entries in ``out`` (of ``name`` only if given)."""
+    found = []
+    try:
+        entries = list(os.scandir(out))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        m = TEMP_ENTRY.match(entry.name)
+        if m and (name is None or m.group("name") == name):
+            found.append((m.group("name"), m.group("kind"), Path(entry.path)))
+    return found
 
-    Only safe once no writer of that patient can still be running (e.g. at the end of a job).
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Every file and folder under ``folder`` on disk before it is renamed into place."""
+    for root, dirs, files in os.walk(folder):
+        for f in files:
+            _fsync_path(Path(root) / f)
+        _fsync_path(Path(root))
+
+
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends, for steps that must not be split (a temp folder
+    created and recorded, a lock taken and recorded, the two renames of a replace).
+
+    Python-level: the handlers are swapped for a recorder and the signals replayed on exit
+    (a signal mask would not do: any of the runtimes' threads may receive a process signal).
     """
-    for prefix in _temp_prefixes(patient_id):
-        for tmp in out.glob(prefix + "*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            handler = previous[s]
+            if callable(handler):
+                handler(s, None)  # e.g. raises KeyboardInterrupt / the CLI's Terminated
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(s)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def recover_interrupted(out: Path, name: str) -> str | None:
+    """Finish or undo a replace of ``out/name`` that a killed writer left half done.
+
+    Call only while no other writer of ``name`` can run (the patient lock is held). Temp
+    folders being written are removed; a previous result set aside (``.old-``) is put back
+    when ``out/name`` is missing, and deleted only when ``out/name`` is in place (a complete
+    folder: it only ever gets there by one rename of a finished folder). Returns what it did.
+    """
+    final = out / name
+    did = []
+    entries = temp_entries(out, name)
+    for _, kind, path in sorted(entries, key=lambda e: e[1] != "old"):  # "old" first
+        if kind == "old":
+            kept = path / "old"
+            if not (final.exists() or final.is_symlink()) and kept.is_dir():
+                os.replace(kept, final)
+                _fsync_path(out)
+                did.append("restored the previous result")
+            if final.exists():
+                shutil.rmtree(path, ignore_errors=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            did.append("removed an unfinished temp folder")
+    return "; ".join(did) or None
 
 
 @contextmanager
 def atomic_dir(out: Path, name: str, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder renamed to ``out/name`` only if the block completes.
+    """Yield a temporary folder that becomes ``out/name`` only if the block completes.
 
-    Patients' results and Triton model folders are written this way, so a reader never
-    sees a half-written folder and a failed write leaves the previous one in place.
+    Patients' results and Triton model folders are written this way, so a reader never sees
+    a half-written folder. The files and folder are fsynced before the rename. Replacing is
+    two renames (old aside, new in); a kill between them is undone by recover_interrupted at
+    the next write, so the old result is only deleted once the new one is in place. Callers
+    that may run concurrently hold a lock on ``name`` (see patient_job).
     """
     final = out / name
+    recover_interrupted(out, name)
     if final.exists() and not overwrite:
-        raise OutputError(f"{final}: results exist (use --overwrite to replace them)")
+        raise ResultsExistError(f"{final}: results exist (use --overwrite to replace them)")
     partial, old = _temp_prefixes(name)
-    tmp = Path(tempfile.mkdtemp(prefix=partial, dir=out))
+    tmp = None
     try:
+        with deferred_signals():
+            tmp = Path(tempfile.mkdtemp(prefix=partial, dir=out))
         yield tmp
-        if final.exists():
-            trash = Path(tempfile.mkdtemp(prefix=old, dir=out))
-            os.replace(final, trash / "old")
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        _fsync_tree(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; results follow the umask like any folder
+        with deferred_signals():  # Ctrl-C/SIGTERM never split a replace; SIGKILL is undone by recover_interrupted
+            if final.exists() or final.is_symlink():
+                trash = Path(tempfile.mkdtemp(prefix=old, dir=out))
+                os.replace(final, trash / "old")
+                os.replace(tmp, final)
+                _fsync_path(out)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+                _fsync_path(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            recover_interrupted(out, name)  # put a result set aside back if the new one is not in
+        except OSError:
+            pass
         raise
 
 

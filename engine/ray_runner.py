@@ -1,8 +1,8 @@
 """`segengine run --patients ROOT --out OUT --ray [ADDRESS]`: an archive spread over a Ray cluster.
 
 Each worker is a long-lived Ray actor that loads the model once and segments one patient
-per call with the same code as a local run (``runner.process_patient``), writing
-``OUT/<patient>/`` with the same temp-folder-and-rename rule. The driver hands patients
+per call with the same code as a local run (``patient_job.process_patient``: patient id, lock,
+atomic write into ``OUT/<patient>/``). The driver hands patients
 out one at a time (pull model), so a slow node never hoards work. A worker that dies
 mid-patient (node lost, OOM, killed) is replaced and its patient is put back at the front
 of the queue for the next free worker, up to ``max_attempts`` tries. Patients whose
@@ -23,9 +23,11 @@ from typing import Callable
 
 from segengine.engine import backends as registry
 from segengine.engine.backends.base import BackendUnavailable
-from segengine.engine.io import NotAFolderError, list_patients, patient_id_of
+from segengine.engine.cli import THREAD_ENV_VARS
+from segengine.engine.io import DEFAULT_LIMITS, NotAFolderError, SliceLimits, list_patients
 from segengine.engine.model import load_model_spec
-from segengine.engine.outputs import check_out_dir, remove_leftover_temp_dirs
+from segengine.engine.outputs import check_out_dir
+from segengine.engine.patient_job import has_result, tidy_out, unique_patient_ids
 from segengine.engine.postprocess import PostprocessConfig
 from segengine.engine.runner import JobSummary
 
@@ -36,7 +38,7 @@ class SegmentWorker:
     """Ray actor body: one backend session for the actor's lifetime, one patient per call."""
 
     def __init__(self, model: str | None, backend_name: str, threads: int, post: dict, batch_size: int,
-                 overwrite: bool, gif: bool):
+                 overwrite: bool, gif: bool, limits: dict | None = None):
         t = time.perf_counter()
         self.spec = load_model_spec(model)
         self.name = backend_name
@@ -44,22 +46,28 @@ class SegmentWorker:
         self.load_s = time.perf_counter() - t
         self.post = PostprocessConfig(**post)
         self.batch_size, self.overwrite, self.gif = batch_size, overwrite, gif
+        self.limits = SliceLimits(**(limits or {}))
 
     def pid(self) -> int:
         return os.getpid()
 
     def process(self, folder: str, out: str) -> dict:
-        """{"patient", "status": "done"|"failed", "line"|"error"}; data errors are results, not crashes."""
+        """{"patient", "status": "done"|"skipped"|"busy"|"failed", "line"|"error"}; data errors are results."""
         from segengine.engine.io import DataError
-        from segengine.engine.outputs import OutputError
+        from segengine.engine.outputs import OutputError, ResourceError, ResultsExistError
+        from segengine.engine.patient_job import PatientBusyError, patient_id_of, process_patient
         from segengine.engine.preprocess import EmptyVolumeError
-        from segengine.engine.runner import _summary_line, process_patient
+        from segengine.engine.runner import _summary_line
 
         t0 = time.perf_counter()
         try:
             rep = process_patient(Path(folder), Path(out), self.backend, self.name, self.spec, self.post,
-                                  self.batch_size, self.overwrite, self.gif)
-        except (DataError, EmptyVolumeError, OutputError, OSError) as exc:
+                                  self.batch_size, self.overwrite, self.gif, limits=self.limits)
+        except ResultsExistError as exc:
+            return {"patient": patient_id_of(Path(folder)), "status": "skipped", "error": str(exc)}
+        except PatientBusyError as exc:
+            return {"patient": patient_id_of(Path(folder)), "status": "busy", "error": str(exc)}
+        except (DataError, EmptyVolumeError, OutputError, OSError, ResourceError) as exc:
             return {"patient": Path(folder).name, "status": "failed", "error": str(exc)}
         return {"patient": rep["patient"], "status": "done", "line": _summary_line(rep, time.perf_counter() - t0),
                 "pid": os.getpid()}
@@ -69,7 +77,8 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
                      workers: int | None = None, threads: int = 1, batch_size: int = 32, postprocess: bool = True,
                      fill_holes: bool = False, gif: bool = False, overwrite: bool = False,
                      max_attempts: int = DEFAULT_MAX_ATTEMPTS, echo: Callable[..., None] = print,
-                     on_submit: Callable[[str, int], None] | None = None) -> JobSummary:
+                     on_submit: Callable[[str, int], None] | None = None,
+                     limits: SliceLimits = DEFAULT_LIMITS) -> JobSummary:
     """Segment every patient under ``patients_root`` on Ray; returns the job summary.
 
     ``address`` None starts a local Ray instance (or reuses one already initialised in this
@@ -86,14 +95,18 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
     if not patients_root.is_dir():
         raise NotAFolderError(f"{patients_root}: no such folder")
     check_out_dir(out, [patients_root])
+    for note in tidy_out(out):
+        echo(f"segengine: {note}")
     spec = load_model_spec(model)
     name = registry.resolve(backend_name, spec)
+    # a bad patient's id is None: its worker reports it as failed; two patients sharing an id are refused
     folders = list_patients(patients_root)
+    ids = unique_patient_ids(folders)
     summary = JobSummary()
     todo = []
-    for f in folders:
-        if (out / patient_id_of(f)).exists() and not overwrite:
-            summary.skipped.append(patient_id_of(f))
+    for f, pid in ids.items():
+        if pid is not None and has_result(out, pid) and not overwrite:
+            summary.skipped.append(pid)
         else:
             todo.append(f)
     if not todo:
@@ -115,10 +128,10 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
         post = asdict(PostprocessConfig(largest_component=postprocess, fill_holes_2d=fill_holes))
         model_arg = None if model is None else str(Path(model).resolve())
         actor_cls = ray.remote(SegmentWorker).options(
-            num_cpus=threads, max_restarts=0, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
+            num_cpus=threads, max_restarts=0, runtime_env={"env_vars": {var: str(threads) for var in THREAD_ENV_VARS}})
 
         def new_worker():
-            actor = actor_cls.remote(model_arg, name, threads, post, batch_size, overwrite, gif)
+            actor = actor_cls.remote(model_arg, name, threads, post, batch_size, overwrite, gif, asdict(limits))
             return actor, ray.get(actor.pid.remote())
 
         try:
@@ -163,6 +176,11 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
             if result["status"] == "done":
                 summary.done.append(result["patient"])
                 bar.write(result["line"])
+            elif result["status"] == "skipped":
+                summary.skipped.append(result["patient"])
+            elif result["status"] == "busy":
+                summary.busy.append(result["patient"])
+                bar.write(f"segengine: {result['error']}")
             else:
                 summary.failed.append((result["patient"], result["error"]))
                 bar.write(f"segengine: failed {result['patient']}: {result['error']}")
@@ -174,7 +192,7 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
     finally:
         if started_here:
             ray.shutdown()
-    for folder in todo:  # temp folders of workers that died while writing; every worker is gone now
-        remove_leftover_temp_dirs(out, patient_id_of(folder))
+    for note in tidy_out(out):  # what workers killed while writing left; restores a result set aside
+        echo(f"segengine: {note}")
     summary.echo(echo)
     return summary

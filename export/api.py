@@ -1,24 +1,22 @@
-"""`segengine export` and `segengine validate --record`: every export beside the weights, verified.
+"""`segengine export`: every export beside the weights, verified.
 
 ``export_model`` writes ``<name>.onnx`` (fp32), ``<name>.int8.onnx`` (static QDQ, calibrated on
-training patients) and ``<name>.fp16.plan`` (TensorRT, where a GPU and TensorRT 10 exist),
-each with a sidecar ``<file>.json``. ``update_validation`` stores a `validate` verdict in a
-sidecar, which ``--backend auto`` trusts only while it matches the weights and the export.
+training patients), ``<name>.fp16.onnx`` (float16, unsafe nodes by the FP16 range rule kept
+float32) and ``<name>.fp16.plan`` (TensorRT, where a GPU and TensorRT 10 exist), each with a
+sidecar ``<file>.json``. Verdicts of `segengine validate` are engine/verdict.py's business.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from segengine.engine.model import ModelError, ModelSpec, check_export, sidecar_path
+from segengine.engine.model import ModelError, ModelSpec, check_export
 from segengine.export.errors import ExportError, ExportToolMissing
-from segengine.export.onnx_export import now_iso, write_json_atomic
 
-KINDS = ("onnx", "onnx-int8", "tensorrt-fp16")
+KINDS = ("onnx", "onnx-int8", "onnx-fp16", "tensorrt-fp16")
 N_VERIFY_INT8 = 32  # held-out slices (not used for calibration) to check INT8 against fp32
 N_VERIFY_ONNX = 8
 
@@ -81,18 +79,19 @@ def export_model(
 
     calib = calib_info = verify = None
     if data_root is not None:
-        want_int8 = "onnx-int8" in kinds and train_list is not None
-        n = calibration_slices_n + N_VERIFY_INT8 if want_int8 else N_VERIFY_ONNX
-        slices, info = _real_slices(data_root, train_list if want_int8 else None, n, say)
+        # training slices: INT8 calibration and the FP16 range measurement (never validation patients)
+        want_train = train_list is not None and ("onnx-int8" in kinds or "onnx-fp16" in kinds)
+        n = calibration_slices_n + N_VERIFY_INT8 if want_train else N_VERIFY_ONNX
+        slices, info = _real_slices(data_root, train_list if want_train else None, n, say)
         if slices is not None:
-            if want_int8:
+            if want_train:
                 held = np.zeros(len(slices), bool)
                 n_held = min(N_VERIFY_INT8, max(len(slices) - calibration_slices_n, len(slices) // 4))
                 held[np.linspace(0, len(slices) - 1, n_held).round().astype(int)] = True
                 calib, verify = slices[~held], (slices[held] if held.any() else None)
                 calib_info = dict(info, num_slices=int(len(calib)), requested=int(calibration_slices_n),
                                   held_out_for_verification=int(held.sum()))
-                say(f"calibration: {len(calib)} slices of {info['num_patients']} training patients "
+                say(f"training slices: {len(calib)} of {info['num_patients']} patients for calibration/ranges "
                     f"(+{int(held.sum())} held out for verification)")
             else:
                 verify = slices
@@ -127,13 +126,28 @@ def export_model(
                                                calibration_info=calib_info, threads=threads, log=say)
             say(f"onnx-int8: wrote {out}")
 
-    # ---- TensorRT FP16 (GPU only)
+    # ---- float16 ONNX (ranges from the training slices decide which nodes stay float32)
+    if "onnx-fp16" in kinds:
+        from segengine.export.fp16 import export_fp16
+
+        out = spec.export_path("onnx-fp16")
+        results["onnx-fp16"] = export_fp16(spec, onnx_path, out, range_images=calib, verify_images=onnx_verify,
+                                           range_info={"patients": (calib_info or {}).get("patients")} if calib is not None else None,
+                                           threads=threads, log=say)
+        say(f"onnx-fp16: wrote {out}")
+
+    # ---- TensorRT FP16 (GPU only); the fp16 export's float32 nodes stay float32 here too
     if "tensorrt-fp16" in kinds:
         from segengine.export.tensorrt_build import build_tensorrt_engine
 
         out = spec.export_path("tensorrt-fp16")
+        fp16_side = results.get("onnx-fp16") or spec.sidecar("onnx-fp16") or {}
+        keep = fp16_side.get("conversion", {}).get("fp32_nodes", []) if fp16_side.get("source_sha256") == spec.sha256 else []
+        if not fp16_side.get("conversion"):
+            say("tensorrt-fp16: no current onnx-fp16 export, so no range-derived float32 layers (export onnx-fp16 first)")
         try:
-            results["tensorrt-fp16"] = build_tensorrt_engine(onnx_path, out, verify_images=onnx_verify, log=say)
+            results["tensorrt-fp16"] = build_tensorrt_engine(onnx_path, out, verify_images=onnx_verify, fp32_layers=keep,
+                                                             log=say)
             say(f"tensorrt-fp16: wrote {out}")
         except ExportToolMissing as exc:
             results["tensorrt-fp16"] = {"skipped": str(exc)}
@@ -146,22 +160,3 @@ def export_model(
             except ModelError:
                 say(f"{kind}: note: {spec.export_path(kind).name} beside the weights is stale and will be refused")
     return results
-
-
-def update_validation(spec: ModelSpec, kind: str, record: dict[str, Any]) -> dict[str, Any]:
-    """Store a `segengine validate` verdict under ``"validation"`` in the export's sidecar (atomically).
-
-    Refuses (ModelError) a missing, stale or corrupt export: a verdict belongs to one export
-    of one set of weights, and records both SHA-256s so a later re-export invalidates it.
-    """
-    if kind not in KINDS:
-        raise ExportError(f"unknown export kind {kind!r} (known: {', '.join(KINDS)})")
-    if "passed" not in record:
-        raise ExportError("validation record lacks 'passed'")
-    path = check_export(spec, kind)
-    side_p = sidecar_path(path)
-    side = json.loads(side_p.read_text())
-    side["validation"] = {**record, "passed": bool(record["passed"]), "source_sha256": spec.sha256,
-                          "export_sha256": side.get("sha256"), "recorded": now_iso()}
-    write_json_atomic(side_p, side)
-    return side

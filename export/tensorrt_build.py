@@ -15,6 +15,7 @@ import numpy as np
 
 from segengine.engine.model import sha256_file, sidecar_path
 from segengine.export.errors import ExportError, ExportToolMissing
+from segengine.export.fp16 import FP16_ATOL
 from segengine.export.onnx_export import (
     compare_outputs,
     now_iso,
@@ -27,33 +28,21 @@ from segengine.export.onnx_export import (
     write_sidecar,
 )
 
-FP16_ATOL = 2e-2
 
 
 def _import_tensorrt():
     """``tensorrt`` 10.x on a machine with a CUDA GPU, else ExportToolMissing (never ImportError)."""
-    from segengine.engine.backends.tensorrt_backend import cuda_missing_reason
+    from segengine.engine.backends.tensorrt_backend import tensorrt_missing_reason
 
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise ExportToolMissing(f"tensorrt is not installed ({exc.msg}); pip install 'segengine[gpu]' (TensorRT 10.x)") from None
-    except Exception as exc:  # noqa: BLE001 - e.g. missing CUDA libraries behind the wheel
-        raise ExportToolMissing(f"tensorrt cannot be imported ({str(exc).splitlines()[0][:160]})") from None
-    major = int(str(trt.__version__).split(".")[0])
-    if major >= 11:
-        raise ExportToolMissing(
-            f"TensorRT {trt.__version__}: TensorRT 11 removed BuilderFlag.FP16 (FP16 needs a strongly typed network "
-            "from an FP16 ONNX, e.g. ModelOpt AutoCast), which segengine does not implement; use tensorrt-cu12>=10,<11")
-    if major < 10:
-        raise ExportToolMissing(f"TensorRT {trt.__version__} is too old; segengine needs TensorRT 10.x")
-    why = cuda_missing_reason()
+    why = tensorrt_missing_reason()
     if why:
-        raise ExportToolMissing(f"TensorRT needs an NVIDIA GPU: {why}")
+        raise ExportToolMissing(why)
+    import tensorrt as trt
+
     return trt
 
 
-def _fast_fp16(trt, builder) -> bool:
+def _fast_fp16(builder, identity: dict) -> bool:
     # platform_has_fast_fp16 is deprecated since TensorRT 10.5 ("query CUDA directly") but present
     # in every 10.x; fall back to the compute capability (fast FP16 from sm_53; TRT 10 needs sm_75+).
     import warnings
@@ -63,9 +52,28 @@ def _fast_fp16(trt, builder) -> bool:
         flag = getattr(builder, "platform_has_fast_fp16", None)
     if flag is not None:
         return bool(flag)
-    import torch
+    return tuple(identity["compute_capability"]) >= (5, 3)
 
-    return torch.cuda.get_device_capability(0) >= (5, 3)
+
+def constrain_to_fp32(trt, network, names) -> list[str]:
+    """Pin the layers named after ONNX nodes ``names`` to float32 (precision and outputs); returns them.
+
+    TensorRT's ONNX parser names a node's layer after the node. A name that matches no layer
+    is an ExportError: a silently unconstrained layer could overflow in FP16.
+    """
+    wanted = set(names)
+    done = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.name in wanted:
+            layer.precision = trt.float32
+            for k in range(layer.num_outputs):
+                layer.set_output_type(k, trt.float32)
+            done.append(layer.name)
+    missing = sorted(wanted - set(done))
+    if missing:
+        raise ExportError(f"no TensorRT layer is named after ONNX node(s) {', '.join(missing)}; cannot keep them in float32")
+    return done
 
 
 def _source_of(onnx_path: Path) -> dict[str, Any]:
@@ -94,6 +102,7 @@ def build_tensorrt_engine(
     max_batch: int = 64,
     workspace_gb: float = 2,
     *,
+    fp32_layers: list[str] | tuple[str, ...] = (),
     verify_images: np.ndarray | None = None,
     atol: float = FP16_ATOL,
     log=None,
@@ -107,6 +116,9 @@ def build_tensorrt_engine(
     (synthetic if None) at batch 1, 7 and ``opt_batch`` and compared with ONNX Runtime fp32
     (max abs diff <= ``atol``) before it is written atomically.
 
+    ``fp32_layers`` (ONNX node names, the fp16 export's range-unsafe nodes) are pinned to
+    float32 with ``layer.precision``/``set_output_type`` and ``OBEY_PRECISION_CONSTRAINTS``.
+
     TensorRT 11 removed ``BuilderFlag.FP16`` (weakly typed precision flags): FP16 there needs
     a strongly typed network built from an FP16 ONNX model (NVIDIA ModelOpt AutoCast). That
     path is not implemented; with TensorRT >= 11 this raises ExportToolMissing.
@@ -118,9 +130,7 @@ def build_tensorrt_engine(
     if not (1 <= min_batch <= opt_batch <= max_batch):
         raise ExportError(f"profile batches must satisfy 1 <= min <= opt <= max, got {min_batch}/{opt_batch}/{max_batch}")
     trt = _import_tensorrt()
-    import torch
-
-    from segengine.engine.backends.tensorrt_backend import TrtPlanRunner
+    from segengine.engine.backends.tensorrt_backend import TrtPlanRunner, gpu_identity
 
     source = _source_of(onnx_path)
     dims = source["input_dims"]
@@ -138,9 +148,13 @@ def build_tensorrt_engine(
         raise ExportError(f"{onnx_path}: TensorRT cannot parse it ({errors[:300]})")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if not _fast_fp16(trt, builder):
-        raise ExportToolMissing(f"{torch.cuda.get_device_name(0)} has no fast FP16; an FP16 engine would gain nothing")
+    identity = gpu_identity(0)
+    if not _fast_fp16(builder, identity):
+        raise ExportToolMissing(f"{identity['name']} has no fast FP16; an FP16 engine would gain nothing")
     config.set_flag(trt.BuilderFlag.FP16)
+    fp32_done = constrain_to_fp32(trt, network, fp32_layers)
+    if fp32_done:  # without this flag TensorRT may still pick FP16 kernels for them
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     profile = builder.create_optimization_profile()
     name = network.get_input(0).name
     profile.set_shape(name, (min_batch, *chw), (opt_batch, *chw), (max_batch, *chw))
@@ -180,8 +194,9 @@ def build_tensorrt_engine(
         "source_onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)},
         "tensorrt_version": str(trt.__version__),
         "profile": {"input": name, "min": [min_batch, *chw], "opt": [opt_batch, *chw], "max": [max_batch, *chw]},
-        "builder": {"fp16": True, "workspace_gb": workspace_gb, "build_seconds": round(build_s, 1)},
-        "device": {"name": torch.cuda.get_device_name(0), "compute_capability": list(torch.cuda.get_device_capability(0))},
+        "builder": {"fp16": True, "workspace_gb": workspace_gb, "build_seconds": round(build_s, 1),
+                    "fp32_layers": fp32_done, "obey_precision_constraints": bool(fp32_done)},
+        "device": identity,
         "versions": {"tensorrt": str(trt.__version__), **tool_versions("torch", "onnx", "onnxruntime")},
         "verification": {
             "against": "onnxruntime fp32 (CPU)",

@@ -3,10 +3,12 @@
 Layout (Triton's documented one)::
 
     REPO/<model>/config.pbtxt
-    REPO/<model>/1/model.onnx        platform onnxruntime_onnx  (fp32, and the INT8 QDQ file)
+    REPO/<model>/1/model.onnx        platform onnxruntime_onnx  (fp32, the INT8 QDQ and the float16 file)
     REPO/<model>/1/model.plan        platform tensorrt_plan     (only where an FP16 engine exists)
 
-Each config is written as protobuf text and parsed back with Triton's own ``ModelConfig``
+Each config carries the source weights' SHA-256 as the model parameter ``segengine.source_sha256``
+(``WEIGHTS_SHA256_PARAMETER``): the triton backend reads it back from the server and refuses a
+server that serves other weights. Each config is written as protobuf text and parsed back with Triton's own ``ModelConfig``
 message (tritonclient ships ``model_config_pb2``) before the model folder is renamed into
 place, so a repository that Triton would refuse is never left behind.
 """
@@ -29,10 +31,13 @@ DEFAULT_FILENAMES = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.p
 TRITON_EXPORTS = (
     ("onnx", "", "onnxruntime_onnx"),
     ("onnx-int8", "_int8", "onnxruntime_onnx"),
+    ("onnx-fp16", "_fp16", "onnxruntime_onnx"),  # FP16 kernels with a GPU instance group
     ("tensorrt-fp16", "_trt_fp16", "tensorrt_plan"),
 )
 FALLBACK_PREFERRED = (8, 32)
-BENCH_BACKEND = {"onnx": "onnxruntime", "onnx-int8": "onnxruntime-int8", "tensorrt-fp16": "tensorrt"}
+WEIGHTS_SHA256_PARAMETER = "segengine.source_sha256"
+BENCH_BACKEND = {"onnx": "onnxruntime", "onnx-int8": "onnxruntime-int8", "onnx-fp16": "onnxruntime-fp16",
+                 "tensorrt-fp16": "tensorrt"}
 
 
 class TritonRepositoryError(ExportError):
@@ -76,6 +81,7 @@ class TritonModel:
             f"dynamic_batching {{ {preferred} max_queue_delay_microseconds: {self.max_queue_delay_us} }}\n"
             f"instance_group [ {{ count: {self.instance_count} kind: {self.instance_kind} }} ]\n"
             f'version_policy: {{ latest: {{ num_versions: 1 }} }}\n'
+            f'parameters: {{ key: "{WEIGHTS_SHA256_PARAMETER}" value: {{ string_value: "{self.source_sha256}" }} }}\n'
         )
 
 
@@ -133,6 +139,9 @@ def check_model_dir(model_dir: Path, name: str | None = None) -> Any:
         raise TritonRepositoryError(f"{cfg_path}: preferred batch sizes must not exceed max_batch_size {cfg.max_batch_size}")
     if [i.name for i in cfg.input] != [INPUT_NAME] or [o.name for o in cfg.output] != [OUTPUT_NAME]:
         raise TritonRepositoryError(f"{cfg_path}: tensors must be {INPUT_NAME} -> {OUTPUT_NAME}")
+    sha = cfg.parameters[WEIGHTS_SHA256_PARAMETER].string_value if WEIGHTS_SHA256_PARAMETER in cfg.parameters else ""
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise TritonRepositoryError(f"{cfg_path}: parameter {WEIGHTS_SHA256_PARAMETER} must be the weights' SHA-256, got {sha!r}")
     return cfg
 
 
@@ -160,6 +169,7 @@ def plan_models(spec: ModelSpec, device: str = "cpu", max_batch_size: int = 64, 
                 kinds: Iterable[str] | None = None) -> list[TritonModel]:
     """The Triton models this spec's current, validated exports give."""
     from segengine.engine.model import ModelError, check_export
+    from segengine.engine.verdict import why_untrusted
 
     models = []
     for kind, suffix, platform in TRITON_EXPORTS:
@@ -173,9 +183,8 @@ def plan_models(spec: ModelSpec, device: str = "cpu", max_batch_size: int = 64, 
         except ModelError as exc:
             raise ExportError(f"{path.name} is not a current export of {spec.weights.name} ({exc}); run segengine export") from None
         gpu = platform == "tensorrt_plan" or device == "gpu"
-        validation = (spec.sidecar(kind) or {}).get("validation") or {}
-        note = ("segengine validate: PASS on %s patients" % validation.get("patients_count")
-                if validation.get("passed") else "segengine validate: no PASS recorded")
+        why = why_untrusted(spec, BENCH_BACKEND[kind])
+        note = f"segengine validate: {'trusted PASS recorded' if why is None else why}"
         models.append(TritonModel(
             name=spec.name + suffix, platform=platform, export_file=path, source_sha256=spec.sha256,
             input_size=spec.input_size, max_batch_size=max_batch_size,

@@ -28,6 +28,25 @@ def load_config(model_dir: Path):
     return text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
 
 
+def _serve_config_parameters(cfg) -> None:
+    """Make the config Triton serves carry the repository config's ``parameters`` (the weights' SHA-256).
+
+    PyTriton writes its own config.pbtxt for a bound function and has no user-facing field for
+    model parameters; its generator's backend-parameter step is extended to add them.
+    """
+    from pytriton.model_config import generator
+
+    extra = {key: {"string_value": value.string_value} for key, value in cfg.parameters.items()}
+    original = generator.ModelConfigGenerator._set_backend_parameters
+
+    def with_parameters(self, model_config):
+        original(self, model_config)
+        if self._config.model_name == cfg.name:
+            model_config.setdefault("parameters", {}).update(extra)
+
+    generator.ModelConfigGenerator._set_backend_parameters = with_parameters
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", type=Path, help="REPO/<model> written by segengine export --triton")
@@ -64,6 +83,7 @@ def main(argv=None) -> int:
         (prob,) = session.run([out.name], {inp.name: inputs[inp.name].astype(np.float32, copy=False)})
         return {out.name: prob}
 
+    _serve_config_parameters(cfg)
     batcher = DynamicBatcher(preferred_batch_size=list(cfg.dynamic_batching.preferred_batch_size),
                              max_queue_delay_microseconds=cfg.dynamic_batching.max_queue_delay_microseconds)
     with Triton(config=TritonConfig(http_port=args.http_port, grpc_port=args.grpc_port,

@@ -7,6 +7,7 @@ import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +26,11 @@ from segengine.engine.preprocess import EmptyVolumeError, preprocess_volume, to_
 @pytest.mark.parametrize("module", ["segengine.engine", "segengine.engine.cli", "segengine.engine.backends",
                                     "segengine.train", "segengine.export", "segengine.bench", "segengine.models"])
 def test_every_stage_imports(module):
-    assert importlib.import_module(module) is not None
+    """Each stage imports and comes from this checkout (not a stale installed copy)."""
+    mod = importlib.import_module(module)
+    assert mod.__name__ == module
+    repo = Path(__file__).resolve().parents[1]
+    assert Path(mod.__file__).resolve().is_relative_to(repo), mod.__file__
 
 
 def test_help_does_not_import_heavy_runtimes():
@@ -71,16 +76,16 @@ def _synthetic_patient(folder, n=3, size=(32, 40)):
     return folder
 
 
-def test_grayscale_slices_repeat_the_channel(tmp_path):
+def test_grayscale_slices_are_refused_not_copied_into_three_channels(tmp_path):
+    """The model needs pre-contrast, FLAIR and post-contrast: one channel copied thrice is a silent wrong answer."""
     for i in (1, 2, 10):
-        _write(tmp_path, f"G_{i}.tif", np.full((16, 16), i, np.uint8))
+        _write(tmp_path, f"G_{i}.tif", np.full((32, 32), i, np.uint8))
     with pytest.raises(io.SliceNumberingError):
         io.read_patient(tmp_path)  # gap 3..9
     for i in range(3, 10):
-        _write(tmp_path, f"G_{i}.tif", np.full((16, 16), i, np.uint8))
-    vol = io.read_patient(tmp_path)
-    assert vol.image.shape == (10, 16, 16, 3) and vol.mask is None
-    assert vol.image[9, 0, 0].tolist() == [10, 10, 10]
+        _write(tmp_path, f"G_{i}.tif", np.full((32, 32), i, np.uint8))
+    with pytest.raises(io.SliceFormatError, match="grayscale.*pre-contrast, FLAIR, post-contrast"):
+        io.read_patient(tmp_path)
 
 
 def _rgba(f):
@@ -92,7 +97,7 @@ def _sixteen_bit(f):
 
 
 def _mixed_sizes(f):
-    _write(f, "P_2.tif", np.zeros((30, 40, 3), np.uint8))
+    _write(f, "P_2.tif", np.zeros((36, 40, 3), np.uint8))
 
 
 def _gap(f):
@@ -164,7 +169,12 @@ def test_reference_protocol_matches_the_course_program(kaggle_root):
     vol = io.read_patient(kaggle_root / VAL_PATIENTS[0])
     pre = preprocess_volume(vol.image, vol.mask)
     ref_images, ref_mask = reference_preprocess(vol.image, vol.mask)
-    assert pre.images.shape == ref_images.shape == (vol.num_slices - 2 - (vol.num_slices - 2 - pre.images.shape[0]), 3, 256, 256)
+    # the course program keeps slices 2..D-1, cropped to those with a pixel >= 10% of the maximum
+    inner = vol.image[1:-1]
+    bright = np.flatnonzero((inner >= inner.max() * 0.1).any(axis=(1, 2, 3)))
+    expected_slices = int(bright[-1] - bright[0] + 1)
+    assert 0 < expected_slices <= vol.num_slices - 2
+    assert pre.images.shape == ref_images.shape == (expected_slices, 3, 256, 256)
     assert pre.images.dtype == np.float32
     np.testing.assert_allclose(pre.images, ref_images, atol=1e-5)
     np.testing.assert_array_equal(pre.mask, ref_mask)

@@ -18,21 +18,41 @@ def spec():
 
 
 def test_shipped_model_card_and_checksum(spec):
+    """SHA-256, FLOPs and parameters recomputed from the weights and the network, not read back."""
+    import hashlib
+
+    from segengine.engine.model import load_torch_model
+    from segengine.engine.network import ReferenceUNet, count_flops
+
     card = spec.card
-    assert spec.weights == shipped_model_path() and sha256_file(spec.weights) == card["sha256"]
-    for key in ("architecture", "flops_per_slice", "params", "training", "validation", "input_size"):
-        assert key in card
-    assert card["flops_per_slice"] <= 24e9 / 10  # at most 1/10 of the reference U-Net
+    assert spec.weights == shipped_model_path()
+    assert hashlib.sha256(spec.weights.read_bytes()).hexdigest() == card["sha256"]
+    model = load_torch_model(spec)
+    flops = count_flops(model, card["input_size"])
+    assert flops == card["flops_per_slice"]
+    assert sum(p.numel() for p in model.parameters()) == card["params"]
+    assert flops <= count_flops(ReferenceUNet(), 256) / 10  # at most 1/10 of the reference U-Net
     assert set(card["validation"]) == {"reference", "native"}
     assert spec.weights.stat().st_size < 20e6
 
 
-def test_exports_are_current_and_validated(spec):
-    for kind in ("onnx", "onnx-int8"):
+def test_exports_are_current_and_trusted(spec):
+    """Export checksums recomputed; each recorded verdict re-derived from its own figures and tolerances."""
+    from segengine.engine.verdict import why_untrusted
+
+    for kind, backend in (("onnx", "onnxruntime"), ("onnx-int8", "onnxruntime-int8"), ("onnx-fp16", "onnxruntime-fp16")):
         side = spec.sidecar(kind)
-        assert side["source_sha256"] == spec.sha256 and side["sha256"] == sha256_file(spec.export_path(kind))
-        assert side["validation"]["passed"] and side["validation"]["patients_count"] == 10
+        assert side["source_sha256"] == sha256_file(spec.weights)
+        assert side["sha256"] == sha256_file(spec.export_path(kind))
+        assert why_untrusted(spec, backend) is None
+        verdict = side["validation"]
+        means, tol = verdict["means"], verdict["tolerances"]
+        recomputed = means["abs_delta_dsc"] <= tol["max_abs_delta_dsc"] and means["agreement"] >= tol["min_agreement"]
+        assert recomputed and verdict["passed"] == recomputed and verdict["patients_count"] == 10
+        assert abs(means["dsc_backend"] - means["dsc_against"]) <= tol["max_abs_delta_dsc"]
     assert registry.resolve("auto", spec) in ("onnxruntime", "onnxruntime-int8", "tensorrt")
+    all_models = [p for p in spec.weights.parent.iterdir() if p.name.startswith(spec.name)]
+    assert sum(p.stat().st_size for p in all_models) < 60e6
 
 
 def test_shipped_model_segments_a_validation_patient(kaggle_root, tmp_path):
@@ -46,7 +66,7 @@ def test_shipped_model_segments_a_validation_patient(kaggle_root, tmp_path):
     assert result["patients"][0]["dsc"] >= 0.8
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-int8"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-int8", "onnxruntime-fp16"])
 def test_validate_on_real_patients(kaggle_root, val_patients_file, tmp_path, backend):
     out = tmp_path / "v.json"
     res = CliRunner().invoke(main, ["validate", "--data", str(kaggle_root), "--patients-file", str(val_patients_file),
@@ -56,6 +76,15 @@ def test_validate_on_real_patients(kaggle_root, val_patients_file, tmp_path, bac
     result = json.loads(out.read_text())
     assert [r["patient"] for r in result["patients"]] == VAL_PATIENTS
     assert result["passed"] and result["against"] == "torch"
+    if backend == "onnxruntime-fp16":  # its range report covers every float node, none unsafe in fp16
+        ranges = result["fp16_ranges"]
+        from segengine.engine.io import read_patient
+        from segengine.engine.pipeline import preprocess_patient
+
+        # the slices inferred (preprocessing leaves out blank ones), as the backends saw them
+        n_slices = sum(len(preprocess_patient(read_patient(kaggle_root / pid), "native", 256).images) for pid in VAL_PATIENTS)
+        assert ranges["slices"] == n_slices and len(ranges["layers"]) > 60 and ranges["unsafe_in_fp16"] == []
+        assert "emulated" in result["numerics"] and 0 < max(r["max_abs_delta_prob"] for r in result["patients"])
 
 
 def test_validate_fails_on_a_mismatching_export(kaggle_root, val_patients_file, tmp_path, random_model):

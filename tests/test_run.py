@@ -14,7 +14,7 @@ import pytest
 import tifffile
 from click.testing import CliRunner
 
-from conftest import VAL_PATIENTS, copy_model
+from conftest import VAL_PATIENTS, copy_model, tree_hashes
 from segengine.engine.cli import main
 from segengine.engine.model import shipped_model_path
 
@@ -38,14 +38,15 @@ def run_out(kaggle_root, tmp_path_factory):
     for p in VAL_PATIENTS:
         shutil.copytree(kaggle_root / p, root / p)
     out = tmp_path_factory.mktemp("runout") / "out"
+    before = tree_hashes(root)
     res = _run(["--patients", str(root), "--out", str(out)])
     assert res.exit_code == 0, res.output
-    return root, out, res.output
+    return root, out, res.output, before
 
 
 @pytest.mark.parametrize("patient", VAL_PATIENTS)
 def test_run_writes_every_output(run_out, patient):
-    root, out, _ = run_out
+    root, out, _, _ = run_out
     folder = out / patient
     slices = sorted(p for p in (root / patient).glob("*.tif") if not p.name.endswith("_mask.tif"))
     for s in slices:
@@ -63,7 +64,7 @@ def test_run_writes_every_output(run_out, patient):
 
 @pytest.mark.parametrize("patient", VAL_PATIENTS)
 def test_report_dsc_equals_an_independent_computation(run_out, patient):
-    root, out, _ = run_out
+    root, out, _, _ = run_out
     pred = np.stack([tifffile.imread(p) for p in sorted((out / patient).glob("*_mask.tif"), key=lambda p: int(p.stem.split("_")[-2]))])
     truth = np.stack([tifffile.imread(p) for p in sorted((root / patient).glob("*_mask.tif"), key=lambda p: int(p.stem.split("_")[-2]))])
     report = json.loads((out / patient / "report.json").read_text())
@@ -73,9 +74,10 @@ def test_report_dsc_equals_an_independent_computation(run_out, patient):
 
 
 def test_inputs_are_never_modified(run_out, kaggle_root):
-    root, _, _ = run_out
+    root, _, _, before = run_out
+    assert tree_hashes(root) == before and len(before) > 2 * len(VAL_PATIENTS)
     for p in VAL_PATIENTS:
-        assert sorted(f.name for f in (root / p).iterdir()) == sorted(f.name for f in (kaggle_root / p).iterdir())
+        assert tree_hashes(root / p) == tree_hashes(kaggle_root / p)
 
 
 def test_single_patient_and_overwrite(kaggle_root, tmp_path):
@@ -167,12 +169,42 @@ def _truncated_weights(w):
     w.write_bytes(w.read_bytes()[:100])
 
 
-@pytest.mark.parametrize("edit", [_corrupt_weights, _mismatched_card, _truncated_weights])
-def test_bad_model_file(kaggle_root, tmp_path, edit):
+def _card_matches(w):
+    """Re-sign the card so the checksum passes and the next check (torch.load, state dict) is reached."""
+    from segengine.engine.model import sha256_file
+
+    card = json.loads(w.with_suffix(".json").read_text())
+    card["sha256"] = sha256_file(w)
+    w.with_suffix(".json").write_text(json.dumps(card))
+
+
+def _signed_garbage_weights(w):
+    w.write_bytes(b"PK\x03\x04 not a torch archive" * 10)
+    _card_matches(w)
+
+
+def _signed_wrong_architecture(w):
+    import torch
+
+    from segengine.engine.network import ResUNet
+
+    torch.save({"state_dict": ResUNet(base_channels=8, deep_supervision=False).state_dict()}, w)
+    _card_matches(w)
+
+
+BAD_MODELS = [(_corrupt_weights, "SHA-256"), (_mismatched_card, "SHA-256"), (_truncated_weights, "SHA-256"),
+              (_signed_garbage_weights, "not a loadable PyTorch weights file"),
+              (_signed_wrong_architecture, "do not fit architecture")]
+
+
+@pytest.mark.parametrize("edit, words", BAD_MODELS, ids=[e.__name__[1:] for e, _ in BAD_MODELS])
+def test_bad_model_file(kaggle_root, tmp_path, edit, words):
     weights = _model_copy(tmp_path, edit)
-    res = CliRunner().invoke(main, ["run", "--model", str(weights), "--patient", str(kaggle_root / VAL_PATIENTS[0]),
-                                    "--out", str(tmp_path / "out")])
-    assert res.exit_code == 2 and "SHA-256" in res.output and len(res.output.strip().splitlines()) == 1
+    res = CliRunner().invoke(main, ["run", "--model", str(weights), "--backend", "torch", "--patient",
+                                    str(kaggle_root / VAL_PATIENTS[0]), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and words in res.output and "Traceback" not in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_missing_model_file(kaggle_root, tmp_path):
@@ -203,7 +235,7 @@ def test_bad_invocation(kaggle_root, patient_copy, tmp_path, case):
     expected = {"missing-dir": "no such folder", "dir-is-file": "not a folder", "out-not-writable": "not writable",
                 "out-inside-input": "inside the input", "backend-unavailable": "available:", "backend-unknown": "magic"}[case]
     assert expected in res.output
-    assert sorted(p.name for p in patient_copy.iterdir()) == sorted(p.name for p in (kaggle_root / VAL_PATIENTS[0]).iterdir())
+    assert tree_hashes(patient_copy) == tree_hashes(kaggle_root / VAL_PATIENTS[0])
 
 
 def test_one_bad_patient_is_skipped_others_complete(kaggle_root, tmp_path):

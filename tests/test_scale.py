@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from conftest import TRAIN_PATIENT, VAL_PATIENTS, copy_model
 from segengine.engine.cli import main
-from segengine.engine.model import load_model_spec, shipped_model_path
+from segengine.engine.model import load_model_spec, sha256_file, shipped_model_path
 
 MODEL = Path(os.environ.get("SEGENGINE_TEST_MODEL", shipped_model_path()))
 PATIENTS = sorted(VAL_PATIENTS + [TRAIN_PATIENT])
@@ -140,7 +140,7 @@ def test_triton_repository_matches_triton_layout(exported_model, tmp_path):
                                                  ("onnxruntime", 32, 78.0), ("onnxruntime-int8", 8, 116.0),
                                                  ("onnxruntime-int8", 32, 120.0)])
     repo = tmp_path / "repo"
-    written = write_repository(spec, repo, bench_json=bench, log=None)
+    written = write_repository(spec, repo, bench_json=bench, kinds=["onnx", "onnx-int8"], log=None)
     assert [p.name for p in written] == ["resunet16", "resunet16_int8"]
     assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*")) == [
         "resunet16", "resunet16/1", "resunet16/1/model.onnx", "resunet16/config.pbtxt",
@@ -155,6 +155,8 @@ def test_triton_repository_matches_triton_layout(exported_model, tmp_path):
     assert list(fp32.dynamic_batching.preferred_batch_size) == [8]  # 32 is >10% slower, batch 1 never preferred
     assert list(int8.dynamic_batching.preferred_batch_size) == [8, 32]
     assert fp32.instance_group[0].kind == fp32.instance_group[0].KIND_CPU
+    for cfg in (fp32, int8):  # the served model names the weights it came from
+        assert cfg.parameters["segengine.source_sha256"].string_value == sha256_file(exported_model)
 
 
 def test_triton_gpu_instance_group(exported_model, tmp_path):
@@ -179,6 +181,8 @@ def test_triton_gpu_instance_group(exported_model, tmp_path):
     (lambda d: (d / "config.pbtxt").write_text((d / "config.pbtxt").read_text().replace("max_batch_size: 64", "max_batch_size: 4")),
      "must not exceed"),
     (lambda d: (d / "config.pbtxt").unlink(), "no config.pbtxt"),
+    (lambda d: (d / "config.pbtxt").write_text((d / "config.pbtxt").read_text().replace("segengine.source_sha256", "x")),
+     "must be the weights' SHA-256"),
 ])
 def test_triton_repository_check_refuses(exported_model, tmp_path, damage, words):
     pytest.importorskip("tritonclient.grpc")
@@ -295,6 +299,61 @@ def test_triton_server_segments_like_local_onnxruntime(triton_server, kaggle_roo
                                     "--backend", "triton", "--model", str(MODEL)])
     assert res.exit_code == 0, res.output
     assert json.loads((out / VAL_PATIENTS[1] / "report.json").read_text())["backend"] == "triton"
+
+
+class _FakeTritonClient:
+    """tritonclient.http.InferenceServerClient as far as TritonBackend.load uses it; serves ``config``."""
+
+    config: dict = {}
+
+    def __init__(self, url, **kwargs):
+        self.url = url
+
+    def is_model_ready(self, name):
+        return True
+
+    def get_model_config(self, name):
+        return self.config
+
+    def get_model_metadata(self, name):
+        return {"inputs": [{"name": "images"}], "outputs": [{"name": "probabilities"}]}
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("served, words", [
+    ("same", None),
+    ("0" * 64, "serves weights 000000000000..., not resunet16.pt"),
+    (None, "does not say which weights it serves"),
+], ids=["same-weights", "other-weights", "no-parameter"])
+def test_triton_backend_checks_which_weights_the_server_serves(monkeypatch, served, words):
+    httpclient = pytest.importorskip("tritonclient.http")
+    from segengine.engine.backends.base import BackendUnavailable
+    from segengine.engine.backends.triton_backend import TritonBackend
+
+    spec = load_model_spec(MODEL)
+    sha = sha256_file(MODEL) if served == "same" else served
+    config = {"name": "resunet16", "parameters": {} if sha is None else {"segengine.source_sha256": {"string_value": sha}}}
+    monkeypatch.setattr(httpclient, "InferenceServerClient", type("Client", (_FakeTritonClient,), {"config": config}))
+    monkeypatch.setenv("SEGENGINE_TRITON_URL", "triton.example:8000")
+    backend = TritonBackend(spec)
+    if words is None:
+        assert backend.load().loaded
+        return
+    with pytest.raises(BackendUnavailable) as info:
+        backend.load()
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_triton_server_serving_other_weights_is_refused(triton_server, kaggle_root, random_model, tmp_path, monkeypatch):
+    """The real server serves the shipped model; a run for other weights must refuse it, writing nothing."""
+    monkeypatch.setenv("SEGENGINE_TRITON_URL", triton_server)
+    other = copy_model(random_model, tmp_path / "other")
+    res = CliRunner().invoke(main, ["run", "--patient", str(kaggle_root / VAL_PATIENTS[1]), "--out", str(tmp_path / "o"),
+                                    "--backend", "triton", "--model", str(other)])
+    assert res.exit_code == 2 and "serves weights" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o" / VAL_PATIENTS[1]).exists()
 
 
 def test_triton_backend_without_server_is_one_line(kaggle_root, tmp_path, monkeypatch):

@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     step, elapsed, history = 0, 0.0, []
     ckpt_path = out / "last.pt"
     if args.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file: holds RNG states
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # RNG states are tensors and plain dicts
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -288,8 +288,9 @@ def main(argv=None) -> int:
             scores = reference_protocol_dsc(model, val_set, args.context_slices)
             mean = float(np.mean(list(scores.values())))
             elapsed = time.time() - t_start
+            per_patient = {str(k): float(v) for k, v in scores.items()}  # plain types: resume loads weights_only
             history.append({"step": step, "elapsed_s": round(elapsed, 1), "loss": float(np.mean(running)),
-                            "val_dsc_reference": mean, "val_dsc_per_patient": scores})
+                            "val_dsc_reference": mean, "val_dsc_per_patient": per_patient})
             running = []
             writer.add_scalar("val/dsc_reference_protocol", mean, step)
             i = int(np.argmax([vs.any() for vs in val_set.masks]))

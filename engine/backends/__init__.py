@@ -9,6 +9,7 @@ REGISTRY: dict[str, str] = {
     "torch": "segengine.engine.backends.torch_backend:TorchBackend",
     "onnxruntime": "segengine.engine.backends.onnxruntime_backend:OnnxRuntimeBackend",
     "onnxruntime-int8": "segengine.engine.backends.onnxruntime_backend:OnnxRuntimeInt8Backend",
+    "onnxruntime-fp16": "segengine.engine.backends.onnxruntime_backend:OnnxRuntimeFp16Backend",  # numerics; never auto
     "tensorrt": "segengine.engine.backends.tensorrt_backend:TensorRTBackend",
     "triton": "segengine.engine.backends.triton_backend:TritonBackend",  # remote; never picked by auto
 }
@@ -40,28 +41,18 @@ def availability(spec=None) -> dict[str, str | None]:
     return {name: why_unavailable(name, spec) for name in REGISTRY}
 
 
-def validated(spec, name: str) -> bool:
-    """Whether ``segengine validate`` passed this backend for this model (recorded in its sidecar)."""
-    if name == "torch":
-        return True
-    kind = backend_class(name).export_kind
-    if kind is None:
-        return False
-    side = spec.sidecar(kind) or {}
-    record = side.get("validation") or {}
-    return bool(record.get("passed")) and side.get("source_sha256") == spec.sha256
-
-
 def resolve(name: str, spec) -> str:
-    """Turn ``auto`` into the fastest backend that is available and validated for ``spec``."""
+    """Turn ``auto`` into the fastest backend that is available and has a trusted verdict for ``spec``."""
     if name != "auto":
         why = why_unavailable(name, spec)
         if why:
             usable = [n for n, w in availability(spec).items() if w is None]
             raise BackendUnavailable(f"backend {name!r} is not available: {why} (available: {', '.join(usable) or 'none'})")
         return name
+    from segengine.engine.verdict import why_untrusted
+
     for candidate in AUTO_ORDER:
-        if why_unavailable(candidate, spec) is None and validated(spec, candidate):
+        if why_unavailable(candidate, spec) is None and why_untrusted(spec, candidate) is None:
             return candidate
     raise BackendUnavailable("no backend is available (install torch or onnxruntime)")
 

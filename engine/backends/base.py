@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import abc
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from segengine.engine.model import ModelSpec
+
+if TYPE_CHECKING:  # numpy loads only when a backend runs, after the CLI has bounded thread pools
+    import numpy as np
 
 
 class BackendUnavailable(RuntimeError):
@@ -51,6 +53,8 @@ class Backend(abc.ABC):
 
     def predict(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Probabilities for any number of slices, in batches of ``batch_size``."""
+        import numpy as np
+
         if len(images) == 0:
             return np.zeros((0,) + images.shape[2:], dtype=np.float32)
         out = [self.infer(np.ascontiguousarray(images[i : i + batch_size], dtype=np.float32))

@@ -1,4 +1,4 @@
-"""ONNX Runtime: CPU, or the CUDA / TensorRT execution providers when installed."""
+"""ONNX Runtime: CPU, or the CUDA execution provider when installed."""
 from __future__ import annotations
 
 import importlib.util
@@ -29,6 +29,10 @@ class OnnxRuntimeBackend(Backend):
         wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         return [p for p in wanted if p in available]
 
+    def model_source(self, path) -> str | bytes:
+        """What the session loads: the export file itself."""
+        return str(path)
+
     def load(self):
         import onnxruntime as ort
 
@@ -40,7 +44,7 @@ class OnnxRuntimeBackend(Backend):
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers())
+            self.session = ort.InferenceSession(self.model_source(path), sess_options=opts, providers=self.providers())
         except Exception as exc:  # noqa: BLE001
             raise BackendUnavailable(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:160]})") from None
         self.input_name = self.session.get_inputs()[0].name
@@ -65,3 +69,28 @@ class OnnxRuntimeInt8Backend(OnnxRuntimeBackend):
 
     def providers(self) -> list[str]:
         return ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeFp16Backend(OnnxRuntimeBackend):
+    """The float16 ONNX export: FP16 kernels on CUDA; on the CPU float16 storage emulated.
+
+    ONNX Runtime's CPU provider would run the float16 graph's nodes in float32 (see
+    export/fp16.py), hiding FP16's rounding; so without CUDA the session runs
+    ``storage_emulation`` of the file, which rounds every float16 tensor to float16. It stands
+    in for TensorRT FP16's numerics here; it is slower than fp32, so ``auto`` never picks it.
+    """
+
+    name = "onnxruntime-fp16"
+    export_kind = "onnx-fp16"
+    precision = "fp16"
+
+    def model_source(self, path) -> str | bytes:
+        if "CUDAExecutionProvider" in self.providers():
+            self.numerics = "float16 kernels (CUDA)"
+            return str(path)
+        import onnx
+
+        from segengine.export.fp16 import storage_emulation
+
+        self.numerics = "float16 storage emulated on the CPU (fp32 arithmetic, every tensor rounded to fp16)"
+        return storage_emulation(onnx.load(str(path))).SerializeToString()

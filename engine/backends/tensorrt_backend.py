@@ -1,5 +1,8 @@
 """TensorRT 10.x FP16 engine (``<name>.fp16.plan``) on an NVIDIA GPU, torch CUDA tensors as buffers.
 
+TensorRT 11 is reported unavailable (``tensorrt_version_problem``): it removed the FP16
+builder flag this code relies on.
+
 Plans are specific to the TensorRT version and the GPU they were built on; the sidecar
 records both and ``load`` refuses a plan from another TensorRT version or GPU model.
 Nothing heavy is imported at module import: ``tensorrt`` and CUDA are touched in ``load``.
@@ -49,28 +52,80 @@ def cuda_missing_reason() -> str | None:
     return None if _cuda_gpu_count_ctypes() > 0 else "no CUDA GPU is available (no NVIDIA driver or device)"
 
 
-def tensorrt_missing_reason() -> str | None:
-    """None when TensorRT 10.x and a CUDA GPU are usable here, else a one-line reason."""
-    if importlib.util.find_spec("tensorrt") is None:
-        return "tensorrt is not installed (pip install 'segengine[gpu]', TensorRT 10.x)"
-    why = cuda_missing_reason()
-    if why:
-        return why
+def tensorrt_version_problem(version: str) -> str | None:
+    """None for TensorRT 10.x (the API this code is written and tested against), else why not."""
+    try:
+        major = int(str(version).split(".")[0])
+    except ValueError:
+        return f"TensorRT reports an unreadable version {version!r}"
+    if major >= 11:
+        return (f"TensorRT {version}: TensorRT 11 removed BuilderFlag.FP16 (FP16 needs a strongly typed network "
+                "from an FP16 ONNX, e.g. ModelOpt AutoCast), which segengine does not implement; use tensorrt-cu12>=10,<11")
+    if major < 10:
+        return f"TensorRT {version} is too old; segengine needs TensorRT 10.x"
     return None
 
 
-class TrtPlanRunner:
-    """Run a serialized TensorRT engine on torch CUDA buffers: (N, 3, S, S) float32 -> (N, 1, S, S) float32.
-
-    Batches above the optimization profile's max are split; below its min are zero-padded.
-    """
-
-    def __init__(self, plan: bytes, device: int = 0):
+def tensorrt_missing_reason() -> str | None:
+    """None when TensorRT 10.x and a CUDA GPU are usable here, else a one-line reason."""
+    try:
         import tensorrt as trt
+    except ImportError:
+        return "tensorrt is not installed (pip install 'segengine[gpu]', TensorRT 10.x)"
+    except Exception as exc:  # noqa: BLE001 - e.g. missing CUDA libraries behind the wheel
+        return f"tensorrt cannot be imported ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
+    return tensorrt_version_problem(getattr(trt, "__version__", "?")) or cuda_missing_reason()
+
+
+def gpu_identity(device: int = 0) -> dict:
+    """Name and compute capability of the CUDA device a plan is built for / run on."""
+    import torch
+
+    return {"name": torch.cuda.get_device_name(device), "compute_capability": list(torch.cuda.get_device_capability(device))}
+
+
+class CudaBuffers:
+    """Device memory and a stream for TrtPlanRunner, as torch CUDA tensors."""
+
+    def __init__(self, device: int = 0):
         import torch
 
-        self._trt, self._torch = trt, torch
+        self.torch = torch
         self.device = torch.device("cuda", device)
+        self.stream = torch.cuda.Stream(self.device)
+        self.dtypes = {"float32": torch.float32, "float16": torch.float16}
+
+    @property
+    def stream_handle(self) -> int:
+        return self.stream.cuda_stream
+
+    def scope(self):
+        return self.torch.cuda.stream(self.stream)
+
+    def upload(self, array: np.ndarray, dtype: str):
+        """(device tensor, its address) holding ``array`` as ``dtype``."""
+        x = self.torch.from_numpy(array).to(self.device).to(self.dtypes[dtype]).contiguous()
+        return x, x.data_ptr()
+
+    def empty(self, shape, dtype: str):
+        out = self.torch.empty(tuple(shape), dtype=self.dtypes[dtype], device=self.device)
+        return out, out.data_ptr()
+
+    def download(self, tensor, n: int) -> np.ndarray:
+        return tensor[:n].float().cpu().numpy()  # .cpu() waits for this stream
+
+
+class TrtPlanRunner:
+    """Run a serialized TensorRT engine: (N, 3, S, S) float32 -> (N, 1, S, S) float32.
+
+    Batches above the optimization profile's max are split; below its min are zero-padded.
+    ``buffers`` holds device memory (default: torch CUDA tensors, ``CudaBuffers``).
+    """
+
+    def __init__(self, plan: bytes, device: int = 0, buffers=None):
+        import tensorrt as trt
+
+        self._trt = trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(plan)
@@ -86,31 +141,28 @@ class TrtPlanRunner:
         self.input_name, self.output_name = inputs[0], outputs[0]
         lo, opt, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)
         self.min_batch, self.opt_batch, self.max_batch = int(lo[0]), int(opt[0]), int(hi[0])
-        dtypes = {trt.float32: torch.float32, trt.float16: torch.float16}
+        dtypes = {trt.float32: "float32", trt.float16: "float16"}
         try:
             self.input_dtype = dtypes[self.engine.get_tensor_dtype(self.input_name)]
             self.output_dtype = dtypes[self.engine.get_tensor_dtype(self.output_name)]
         except KeyError as exc:
             raise BackendUnavailable(f"plan uses an I/O type this runner does not handle ({exc})") from None
-        self.stream = torch.cuda.Stream(self.device)
+        self.buffers = buffers if buffers is not None else CudaBuffers(device)
 
     def _run(self, chunk: np.ndarray) -> np.ndarray:
-        torch = self._torch
         n = len(chunk)
         if n < self.min_batch:
             chunk = np.concatenate([chunk, np.zeros((self.min_batch - n,) + chunk.shape[1:], np.float32)])
-        with torch.cuda.stream(self.stream):
-            x = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)).to(self.device).to(self.input_dtype).contiguous()
-            if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
-                raise RuntimeError(f"TensorRT refused input shape {tuple(x.shape)}")
-            out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.output_dtype,
-                              device=self.device)
-            self.context.set_tensor_address(self.input_name, x.data_ptr())
-            self.context.set_tensor_address(self.output_name, out.data_ptr())
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
+        with self.buffers.scope():
+            x, x_ptr = self.buffers.upload(np.ascontiguousarray(chunk, dtype=np.float32), self.input_dtype)
+            if not self.context.set_input_shape(self.input_name, tuple(chunk.shape)):
+                raise RuntimeError(f"TensorRT refused input shape {tuple(chunk.shape)}")
+            out, out_ptr = self.buffers.empty(tuple(self.context.get_tensor_shape(self.output_name)), self.output_dtype)
+            self.context.set_tensor_address(self.input_name, x_ptr)
+            self.context.set_tensor_address(self.output_name, out_ptr)
+            if not self.context.execute_async_v3(self.buffers.stream_handle):
                 raise RuntimeError("TensorRT execute_async_v3 failed")
-            result = out[:n].float().cpu().numpy()  # .cpu() waits for this stream
-        return result
+            return self.buffers.download(out, n)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return np.concatenate([self._run(batch[s : s + self.max_batch]) for s in range(0, len(batch), self.max_batch)])
@@ -140,7 +192,6 @@ class TensorRTBackend(Backend):
         if why:
             raise BackendUnavailable(why)
         import tensorrt as trt
-        import torch
 
         path = check_export(self.spec, self.export_kind)
         side = self.spec.sidecar(self.export_kind) or {}
@@ -149,7 +200,7 @@ class TensorRTBackend(Backend):
             raise BackendUnavailable(f"{path.name} was built with TensorRT {built_with}, this is {trt.__version__}; "
                                      "rebuild it with `segengine export --kinds tensorrt-fp16`")
         built_for = side.get("device", {}).get("compute_capability")
-        here = list(torch.cuda.get_device_capability(0))
+        here = gpu_identity(0)["compute_capability"]
         if built_for and list(built_for) != here:
             raise BackendUnavailable(f"{path.name} was built for a GPU of compute capability {built_for}, "
                                      f"this one is {here}; rebuild it on this machine")

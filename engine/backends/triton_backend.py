@@ -3,7 +3,9 @@
 The server is named by ``SEGENGINE_TRITON_URL`` (default localhost:8000) and serves the
 model under its card name (``SEGENGINE_TRITON_MODEL`` overrides it), as laid out by
 `segengine export --triton`. Pre- and post-processing stay local, so masks equal a local
-ONNX Runtime run's when the server runs the same export.
+ONNX Runtime run's when the server runs the same export. ``load`` reads the served model's
+config from the server and refuses one whose ``segengine.source_sha256`` parameter is not
+the local weights' SHA-256 (what report.json names).
 """
 from __future__ import annotations
 
@@ -46,10 +48,23 @@ class TritonBackend(Backend):
             raise BackendUnavailable(f"Triton server at {url} is not reachable ({str(exc).splitlines()[0][:120]})") from None
         if not ready:
             raise BackendUnavailable(f"Triton server at {url} does not have model {self.model_name()!r} ready")
+        self.check_identity(self.client.get_model_config(self.model_name()), url)
         meta = self.client.get_model_metadata(self.model_name())
         self.input_name, self.output_name = meta["inputs"][0]["name"], meta["outputs"][0]["name"]
         self.loaded = True
         return self
+
+    def check_identity(self, config: dict, url: str) -> None:
+        """Refuse a served model whose config does not name these weights' SHA-256."""
+        from segengine.export.triton import WEIGHTS_SHA256_PARAMETER
+
+        served = ((config or {}).get("parameters") or {}).get(WEIGHTS_SHA256_PARAMETER, {}).get("string_value")
+        if not served:
+            raise BackendUnavailable(f"Triton model {self.model_name()!r} at {url} does not say which weights it serves "
+                                     f"(no {WEIGHTS_SHA256_PARAMETER} parameter); serve a `segengine export --triton` repository")
+        if served != self.spec.sha256:
+            raise BackendUnavailable(f"Triton model {self.model_name()!r} at {url} serves weights {served[:12]}..., "
+                                     f"not {self.spec.weights.name} ({self.spec.sha256[:12]}...); refusing")
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         import tritonclient.http as httpclient

@@ -1,0 +1,221 @@
+"""A backend's verdict: computed against PyTorch, recorded in its export's sidecar, trusted or not.
+
+One owner for the life of a verdict. ``compute`` runs a backend and its reference on the same
+preprocessed slices, patient by patient (native protocol), and decides PASS/FAIL with the
+tolerances of the backend's precision; for FP16 backends it adds the FP16 range report over
+the same slices. ``record`` stores a verdict in the export's sidecar, refusing one that was
+not compared with torch or whose weights or export changed since. ``why_untrusted`` is what
+``--backend auto`` asks: a recorded PASS is trusted only while it was against torch, for these
+weights' SHA-256 and this export's SHA-256, at the current tolerances of its precision.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segengine.engine.model import ModelError, ModelSpec, check_export, sha256_file, sidecar_path
+
+REFERENCE = "torch"
+# Per precision: max |dDSC| against the ground truth, min DSC of one backend's mask vs the other's.
+# fp16: README "FP16 tolerance" says why 0.002 / 0.995.
+TOLERANCES = {
+    "fp32": {"max_abs_delta_dsc": 0.001, "min_agreement": 0.999},
+    "fp16": {"max_abs_delta_dsc": 0.002, "min_agreement": 0.995},
+    "int8": {"max_abs_delta_dsc": 0.005, "min_agreement": 0.98},
+}
+RECORDED_KEYS = ("passed", "backend", "against", "precision", "export_kind", "export_sha256",
+                 "tolerances", "patients_count", "means", "worst", "date")
+
+
+class VerdictError(ModelError):
+    """A verdict that cannot be recorded (not against torch, stale weights or export); one line."""
+
+
+def tolerances_for(precision: str) -> dict[str, float]:
+    return dict(TOLERANCES[precision if precision in TOLERANCES else "fp32"])
+
+
+def _export_sha256(spec: ModelSpec, kind: str | None) -> str | None:
+    """SHA-256 of the current export of ``kind`` (refusing a stale or corrupt one), None without one."""
+    if kind is None:
+        return None
+    path = check_export(spec, kind)
+    return sha256_file(path)
+
+
+def refuse_unrecordable(backend: str, against: str) -> None:
+    """Raise VerdictError, before any work, for a comparison whose verdict may not be recorded."""
+    from segengine.engine import backends as registry
+
+    _refuse(backend, against, getattr(registry.backend_class(backend), "export_kind", None))
+
+
+def _refuse(backend: str, against: str, export_kind: str | None) -> None:
+    if against != REFERENCE:
+        raise VerdictError(f"a verdict is recorded only against {REFERENCE} (this run compares {backend} with {against})")
+    if backend == REFERENCE:
+        raise VerdictError(f"{REFERENCE} is the reference; there is no verdict to record for it")
+    if export_kind is None:
+        raise VerdictError(f"backend {backend} has no export file to record a verdict in")
+
+
+# --------------------------------------------------------------------------- compute
+def compute(spec: ModelSpec, data_root: Path, patients_file: str | None, backend: str, against: str = REFERENCE,
+            threads: int | None = None, post=None) -> dict[str, Any]:
+    """Run ``backend`` and ``against`` on every listed patient; the verdict with every figure."""
+    from segengine.engine import backends as registry
+    from segengine.engine.evaluate import select_patients
+    from segengine.engine.io import DataError, read_patient
+    from segengine.engine.metrics import dsc
+    from segengine.engine.pipeline import finish_patient, model_input, preprocess_patient
+    from segengine.engine.postprocess import PostprocessConfig
+
+    post = post or PostprocessConfig()
+    folders = select_patients(Path(data_root), patients_file)
+    a_name, b_name = registry.resolve(backend, spec), registry.resolve(against, spec)
+    a_cls = registry.backend_class(a_name)
+    export_kind = getattr(a_cls, "export_kind", None)
+    export_sha = _export_sha256(spec, export_kind)
+    ranges = _range_meter(spec, a_cls, threads)
+    a = registry.create(a_name, spec, threads=threads).load()
+    b = registry.create(b_name, spec, threads=threads).load()
+    tol = tolerances_for(a.precision)
+    rows = []
+    try:
+        for folder in folders:
+            vol = read_patient(folder)
+            if vol.mask is None:
+                raise DataError(f"{folder}: no ground-truth masks; validate needs them")
+            pre = preprocess_patient(vol, "native", spec.input_size)
+            x = model_input(pre, spec)  # with neighbouring slices as channels for 2.5D models
+            pa, pb = a.predict(x), b.predict(x)
+            if ranges is not None:
+                ranges.add(x)
+            sa = finish_patient(vol, pre, pa, "native", post, {})
+            sb = finish_patient(vol, pre, pb, "native", post, {})
+            da, db = dsc(sa.mask, sa.truth), dsc(sb.mask, sb.truth)
+            rows.append({"patient": vol.patient_id, "dsc_backend": da, "dsc_against": db, "abs_delta_dsc": abs(da - db),
+                         "agreement": dsc(sa.mask, sb.mask), "max_abs_delta_prob": float(np.abs(pa - pb).max()),
+                         "mask_pixels_differing": int(np.count_nonzero(sa.mask != sb.mask))})
+    finally:
+        a.close()
+        b.close()
+    means = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "patient"}
+    worst = {"abs_delta_dsc": max(r["abs_delta_dsc"] for r in rows), "agreement": min(r["agreement"] for r in rows)}
+    within = worst["abs_delta_dsc"] <= tol["max_abs_delta_dsc"] and worst["agreement"] >= tol["min_agreement"]
+    result = {
+        "backend": a.name, "against": b.name, "precision": a.precision, "export_kind": export_kind,
+        "model_sha256": spec.sha256, "export_sha256": export_sha, "protocol": "native", "tolerances": tol,
+        "criteria": "every patient: |dDSC| <= max_abs_delta_dsc and agreement >= min_agreement",
+        "numerics": getattr(a, "numerics", None),
+        "patients": rows, "patients_count": len(rows), "means": means, "worst": worst,
+        "passed": bool(within), "date": _dt.date.today().isoformat(),
+    }
+    if ranges is not None:
+        side = spec.sidecar(export_kind) or {}
+        kept = side.get("conversion", {}).get("fp32_nodes") or side.get("builder", {}).get("fp32_layers") or []
+        result["fp16_ranges"] = ranges.report(kept)
+        if result["fp16_ranges"]["unsafe_in_fp16"]:
+            result["passed"] = False
+            result["why_failed"] = ("FP16-unsafe nodes run in fp16: " + ", ".join(result["fp16_ranges"]["unsafe_in_fp16"])
+                                    + "; re-export with training slices (--data/--train-list) so they stay float32")
+    return result
+
+
+def _range_meter(spec: ModelSpec, backend_cls, threads: int | None):
+    """A RangeMeter over the fp32 ONNX export for FP16 backends (their verdict includes it), else None."""
+    if getattr(backend_cls, "precision", None) != "fp16":
+        return None
+    from segengine.export.fp16 import RangeMeter
+
+    try:
+        path = check_export(spec, "onnx")
+    except ModelError as exc:
+        raise VerdictError(f"the FP16 range report runs the fp32 ONNX export: {exc}") from None
+    return RangeMeter(path, threads=threads)
+
+
+def format_result(result: dict[str, Any]) -> str:
+    a, b = result["backend"], result["against"]
+    head = f"{'patient':<26}{'DSC ' + a:>22}{'DSC ' + b:>14}{'|dDSC|':>10}{'agreement':>11}{'max|dP|':>10}"
+    lines = [head, "-" * len(head)]
+    for r in result["patients"]:
+        lines.append(f"{r['patient']:<26}{r['dsc_backend']:>22.4f}{r['dsc_against']:>14.4f}{r['abs_delta_dsc']:>10.5f}"
+                     f"{r['agreement']:>11.5f}{r['max_abs_delta_prob']:>10.5f}")
+    m = result["means"]
+    lines.append("-" * len(head))
+    lines.append(f"{'mean':<26}{m['dsc_backend']:>22.4f}{m['dsc_against']:>14.4f}{m['abs_delta_dsc']:>10.5f}"
+                 f"{m['agreement']:>11.5f}{m['max_abs_delta_prob']:>10.5f}")
+    if result.get("fp16_ranges"):
+        from segengine.export.fp16 import format_ranges
+
+        lines.append("\n" + format_ranges(result["fp16_ranges"]))
+    if result.get("numerics"):
+        lines.append(f"numerics: {result['numerics']}")
+    t = result["tolerances"]
+    verdict = "PASS" if result["passed"] else "FAIL"
+    lines.append(f"\n{verdict}: {a} ({result['precision']}) vs {b} on {result['patients_count']} patients, native protocol; "
+                 f"needs every |dDSC| <= {t['max_abs_delta_dsc']} and agreement >= {t['min_agreement']} "
+                 f"(worst {result['worst']['abs_delta_dsc']:.5f}, {result['worst']['agreement']:.5f})")
+    if result.get("why_failed"):
+        lines.append(result["why_failed"])
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- record
+def record(spec: ModelSpec, result: dict[str, Any]) -> Path:
+    """Store ``result``'s verdict in its export's sidecar (atomically); returns the sidecar path.
+
+    Refused (VerdictError) unless it was compared with torch, for these weights, on the export
+    that is beside them now (its SHA-256 unchanged since ``compute``), at the current tolerances.
+    """
+    from segengine.export.onnx_export import now_iso, write_json_atomic
+
+    kind = result.get("export_kind")
+    _refuse(result.get("backend", "?"), result.get("against", "?"), kind)
+    if result.get("model_sha256") != spec.sha256:
+        raise VerdictError(f"this verdict is for weights {str(result.get('model_sha256'))[:12]}..., "
+                           f"not {spec.weights.name} ({spec.sha256[:12]}...)")
+    current = _export_sha256(spec, kind)
+    if result.get("export_sha256") != current:
+        raise VerdictError(f"{spec.export_path(kind).name} changed since it was validated; validate it again")
+    if result.get("tolerances") != tolerances_for(result.get("precision", "fp32")):
+        raise VerdictError(f"this verdict used tolerances {result.get('tolerances')}, not those of "
+                           f"{result.get('precision')} ({tolerances_for(result.get('precision', 'fp32'))})")
+    side_p = sidecar_path(spec.export_path(kind))
+    side = json.loads(side_p.read_text())
+    side["validation"] = {**{k: result.get(k) for k in RECORDED_KEYS}, "passed": bool(result["passed"]),
+                          "source_sha256": spec.sha256, "recorded": now_iso()}
+    write_json_atomic(side_p, side)
+    return side_p
+
+
+# --------------------------------------------------------------------------- trust
+def why_untrusted(spec: ModelSpec, backend: str) -> str | None:
+    """None when ``backend`` has a recorded PASS that still holds for ``spec``, else why not."""
+    from segengine.engine import backends as registry
+
+    if backend == REFERENCE:
+        return None
+    cls = registry.backend_class(backend)
+    kind = getattr(cls, "export_kind", None)
+    if kind is None:
+        return f"{backend} has no export to hold a verdict"
+    try:
+        export_sha = _export_sha256(spec, kind)
+    except ModelError as exc:
+        return str(exc)
+    v = (spec.sidecar(kind) or {}).get("validation") or {}
+    checks = [
+        (bool(v), "no verdict recorded (segengine validate --record)"),
+        (v.get("passed") is True, "its recorded verdict is FAIL"),
+        (v.get("against") == REFERENCE, f"its verdict was not against {REFERENCE} ({v.get('against')})"),
+        (v.get("source_sha256") == spec.sha256, "its verdict is for other weights"),
+        (v.get("export_sha256") == export_sha, "its verdict is for another export file"),
+        (v.get("tolerances") == tolerances_for(cls.precision), f"its verdict used other tolerances than {cls.precision}'s"),
+    ]
+    return next((f"{backend}: {why}" for ok, why in checks if not ok), None)
