@@ -158,11 +158,15 @@ def patient_html(patient_id: str, report: dict) -> str:
 
 def _replace_file(path: Path, text: str) -> None:
     """Write ``path`` by temp file + rename: a reader sees the old or the new file, never half of one."""
+    from segengine.engine.outputs import _umask
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
-        os.chmod(tmp, 0o644)
+            fh.flush()
+            os.fsync(fh.fileno())  # as the results themselves: no empty page after a crash
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the page follows the umask like the results
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -211,6 +215,18 @@ def _num(value) -> str:
     return "" if value is None else repr(float(value))
 
 
+def _refresh_patient_page(out: Path, name: str, report: dict) -> None:
+    """Re-render OUT/<name>/review.html under the patient's lock, as every write into OUT/<id> is."""
+    from segengine.engine.patient_job import PatientLock
+
+    try:
+        with PatientLock(out, name):
+            if (out / name).is_dir():
+                _replace_file(out / name / PATIENT_PAGE, patient_html(name, report))
+    except OSError:  # PatientBusyError: a concurrent run is replacing it (its own page is fresh); or not writable
+        pass
+
+
 def index_html(out: Path, refresh_patients: bool = True) -> tuple[str, int, int]:
     """The index page's HTML, the number of patients and of flagged patients.
 
@@ -229,10 +245,7 @@ def index_html(out: Path, refresh_patients: bool = True) -> tuple[str, int, int]
             dscs.append(metrics["dsc"])
         has_page = (out / name / REVIEW_DIR / VIEWER_DATA).is_file()
         if has_page and refresh_patients:  # the report may have changed since (a review step, a hand edit)
-            try:
-                _replace_file(out / name / PATIENT_PAGE, patient_html(name, rep))
-            except OSError:  # the folder is being replaced by a concurrent run: its own page is fresh
-                pass
+            _refresh_patient_page(out, name, rep)
         thumb = f"{q}/{REVIEW_DIR}/thumb.webp" if (out / name / REVIEW_DIR / "thumb.webp").is_file() else f"{q}/overlay.png"
         target = f"{q}/{PATIENT_PAGE}" if has_page else f"{q}/report.json"
         cells = [

@@ -143,7 +143,7 @@ def test_tif_input_nifti_has_the_kaggle_axes(mixed_run):
 
 
 # ------------------------------------------------------------------ bad NIfTI: one line, exit 2
-def _good_4d(tmp_path, shape=(20, 24, 6, 3)):
+def _good_4d(tmp_path, shape=(40, 48, 6, 3)):
     rng = np.random.default_rng(0)
     return rng.integers(0, 1000, shape).astype(np.int16), np.diag([0.9, 0.9, 3.0, 1.0])
 
@@ -173,18 +173,18 @@ def _bad_garbage(tmp_path):
 
 def _bad_2d(tmp_path):
     p = tmp_path / "case.nii.gz"
-    nib.save(nib.Nifti1Image(np.ones((20, 24), np.int16), np.eye(4)), str(p))
+    nib.save(nib.Nifti1Image(np.ones((40, 48), np.int16), np.eye(4)), str(p))
     return p
 
 
 def _bad_3d_single_file(tmp_path):
     p = tmp_path / "case.nii.gz"
-    nib.save(nib.Nifti1Image(np.ones((20, 24, 6), np.int16), np.eye(4)), str(p))
+    nib.save(nib.Nifti1Image(np.ones((40, 48, 6), np.int16), np.eye(4)), str(p))
     return p
 
 
 def _bad_channels(tmp_path):
-    data, aff = _good_4d(tmp_path, (20, 24, 6, 4))
+    data, aff = _good_4d(tmp_path, (40, 48, 6, 4))
     p = tmp_path / "case.nii.gz"
     nib.save(nib.Nifti1Image(data, aff), str(p))
     return p
@@ -218,21 +218,21 @@ def _folder(tmp_path, shapes: dict, affines: dict | None = None):
 
 
 def _bad_shape_mismatch(tmp_path):
-    return _folder(tmp_path, {"flair": (20, 24, 6), "pre": (20, 24, 7)})
+    return _folder(tmp_path, {"flair": (40, 48, 6), "pre": (40, 48, 7)})
 
 
 def _bad_affine_mismatch(tmp_path):
     shifted = np.diag([0.9, 0.9, 3.0, 1.0])
     shifted[0, 3] = 5.0
-    return _folder(tmp_path, {"flair": (20, 24, 6), "post": (20, 24, 6)}, {"post": shifted})
+    return _folder(tmp_path, {"flair": (40, 48, 6), "post": (40, 48, 6)}, {"post": shifted})
 
 
 def _bad_no_flair(tmp_path):
-    return _folder(tmp_path, {"pre": (20, 24, 6), "post": (20, 24, 6)})
+    return _folder(tmp_path, {"pre": (40, 48, 6), "post": (40, 48, 6)})
 
 
 def _bad_4d_sequence_file(tmp_path):
-    return _folder(tmp_path, {"flair": (20, 24, 6, 3)})
+    return _folder(tmp_path, {"flair": (40, 48, 6, 3)})
 
 
 BAD_NIFTI = [
@@ -266,10 +266,93 @@ def test_bad_nifti_in_a_batch_is_skipped(kaggle_root, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [VAL_PATIENTS[0], "index.html"]
 
 
-def test_same_patient_id_twice_in_a_root_is_refused(tmp_path):
+def _case_file_and_case_folder(kaggle_root, root):
+    _folder(root, {"flair": (40, 48, 6)})  # root/case/case_flair.nii.gz
+    _bad_nan(root)  # root/case.nii.gz
+
+
+def _two_folders_with_one_slice_prefix(kaggle_root, root):
+    for name in ("a", "b"):  # the id is the slices' prefix, not the folder's name
+        shutil.copytree(kaggle_root / VAL_PATIENTS[0], root / name)
+
+
+@pytest.mark.parametrize("make", [_case_file_and_case_folder, _two_folders_with_one_slice_prefix],
+                         ids=lambda f: f.__name__[1:])
+def test_same_patient_id_twice_in_a_root_is_refused(kaggle_root, tmp_path, make):
     root = tmp_path / "root"
     root.mkdir()
-    (root / "case").mkdir()
-    _bad_nan(root)  # root/case.nii.gz: the same OUT/case
+    make(kaggle_root, root)
     res = CliRunner().invoke(main, ["run", "--model", str(MODEL), "--patients", str(root), "--out", str(tmp_path / "out")])
-    assert res.exit_code == 2 and "same patient id" in res.output, res.output
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and "same patient id" in res.output, res.output
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# ------------------------------------------------------------------ NIfTI through the one patient job
+# (array shape, affine, --limit flags, words): the limits apply to the reoriented axes (axial
+# slices, in-plane columns x rows); the data is truncated, so passing means "refused from the header"
+SLICES_FIRST = np.array([[0, 0, 0.9, 0], [0, 0.9, 0, 0], [3.0, 0, 0, 0], [0, 0, 0, 1]])  # axis 0 = S, 1 = A, 2 = R
+OVER_LIMITS = [
+    ((40, 48, 9, 3), np.diag([0.9, 0.9, 3.0, 1.0]), ["--max-slices", "8"], "9 axial slices, more than the limit of 8"),
+    ((9, 40, 48, 3), SLICES_FIRST, ["--max-slices", "8"], "9 axial slices, more than the limit of 8"),
+    ((9, 40, 48, 3), SLICES_FIRST, ["--max-side", "45"], "48x40 pixels a slice, larger than the limit of 45"),
+    ((9, 40, 48, 3), SLICES_FIRST, ["--min-side", "44"], "48x40 pixels a slice, smaller than the limit of 44"),
+]
+
+
+@pytest.mark.parametrize("shape, affine, flags, words", OVER_LIMITS, ids=["slices", "slices-reoriented", "max-side", "min-side"])
+def test_nifti_limits_are_checked_from_the_header_on_the_reoriented_axes(tmp_path, shape, affine, flags, words):
+    p = tmp_path / "case.nii"
+    nib.save(nib.Nifti1Image(np.ones(shape, np.int16), affine), str(p))
+    p.write_bytes(p.read_bytes()[:1000])  # header intact, voxels cut: decoding would say "truncated"
+    res = CliRunner().invoke(main, ["run", "--model", str(MODEL), "--patient", str(p), "--out", str(tmp_path / "out")] + flags)
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and words in res.output, res.output
+
+
+def test_nifti_case_folder_limits_and_id_rule(tmp_path):
+    case = _folder(tmp_path, {"flair": (40, 48, 6)})
+    res = CliRunner().invoke(main, ["run", "--model", str(MODEL), "--patient", str(case), "--out", str(tmp_path / "out"),
+                                    "--max-slices", "5"])
+    assert res.exit_code == 2 and "case_flair.nii.gz: 6 axial slices, more than the limit of 5" in res.output, res.output
+    hidden = tmp_path / ".case.nii.gz"
+    shutil.copy(case / "case_flair.nii.gz", hidden)
+    res = CliRunner().invoke(main, ["run", "--model", str(MODEL), "--patient", str(hidden), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
+    assert "patient id '.case' (the NIfTI case's file name" in res.output and "starts with '.'" in res.output, res.output
+    res = CliRunner().invoke(main, ["run", "--model", str(MODEL), "--patient", str(tmp_path / "nope.nii.gz"),
+                                    "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "nope.nii.gz: no such file" in res.output, res.output
+
+
+def _case_file_in_its_result_folder(tmp_path):
+    """--patient OUT/case/case.nii.gz: OUT/case would contain the input."""
+    inner = tmp_path / "case"
+    inner.mkdir()
+    data, aff = _good_4d(tmp_path)
+    nib.save(nib.Nifti1Image(data, aff), str(inner / "case.nii.gz"))
+    return inner / "case.nii.gz", tmp_path, "contains the input"
+
+
+def _case_folder_is_its_result_folder(tmp_path):
+    """--patient OUT/case (a folder of sequences): OUT/case would be the input."""
+    return _folder(tmp_path, {"flair": (40, 48, 6)}), tmp_path, "is the input"
+
+
+def _case_file_behind_a_symlinked_result_folder(tmp_path):
+    """OUT/case is a symbolic link to the folder holding the case file."""
+    (tmp_path / "data").mkdir()
+    data, aff = _good_4d(tmp_path)
+    nib.save(nib.Nifti1Image(data, aff), str(tmp_path / "data" / "case.nii.gz"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "case").symlink_to(tmp_path / "data")
+    return tmp_path / "data" / "case.nii.gz", tmp_path / "out", "contains the input"
+
+
+@pytest.mark.parametrize("make", [_case_file_in_its_result_folder, _case_folder_is_its_result_folder,
+                                  _case_file_behind_a_symlinked_result_folder], ids=lambda f: f.__name__[1:])
+def test_result_folder_never_overlaps_a_nifti_input(tmp_path, make):
+    source, out, words = make(tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    res = CliRunner().invoke(main, ["run", "--model", str(MODEL), "--patient", str(source), "--out", str(out),
+                                    "--overwrite"])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and words in res.output, res.output
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

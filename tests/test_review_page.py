@@ -209,3 +209,25 @@ def test_index_handles_reports_without_review_and_damaged_ones(reviewed_run, tmp
 def test_report_command_on_a_missing_folder_is_one_line(tmp_path):
     res = CliRunner().invoke(main, ["report", str(tmp_path / "absent")])
     assert res.exit_code == 2 and res.output.count("\n") == 1 and "no such folder" in res.output
+
+
+def test_report_rewrites_a_patient_page_only_under_its_lock(reviewed_run, tmp_path):
+    """`segengine report` writes into OUT/<id> as runs do: under the patient's lock; a patient
+    whose lock another process holds keeps its page (its writer renders a fresh one)."""
+    from segengine.engine.patient_job import LOCK_SUFFIX, PatientLock
+
+    out = tmp_path / "out"
+    shutil.copytree(reviewed_run, out)
+    for p in VAL_PATIENTS:
+        rep = json.loads((out / p / "report.json").read_text())
+        rep["review"] = {"flag": True, "reasons": [f"reason for {p}"], "features": {"tumor_slices": 3},
+                         "note": "rules from the lead's cross-validation"}
+        (out / p / "report.json").write_text(json.dumps(rep))
+    busy, free = VAL_PATIENTS
+    with PatientLock(out, busy):
+        write_index(out)
+    assert f"reason for {busy}" not in (out / busy / "review.html").read_text()
+    assert f"reason for {free}" in (out / free / "review.html").read_text()
+    index = (out / "index.html").read_text()
+    assert f"reason for {busy}" in index and f"reason for {free}" in index  # the index reads every report
+    assert not [p.name for p in out.iterdir() if p.name.endswith(LOCK_SUFFIX)]  # locks go with their holders
