@@ -93,3 +93,7 @@ def test_calibration_catches_bad_cases_within_the_good_budget(tmp_path):
     assert cal.main([str(cv_json), "--write-card", str(card)]) == 0
     stored = json.loads(card.read_text())["review"]
     assert stored["leave_one_fold_out"]["bad"] == 8 and stored["in_sample"]["bad_flagged"] == 8
+    one_fold = {p: {**r, "fold": 0} for p, r in per_patient.items()}
+    cv_json.write_text(json.dumps({"variants": {"native_lcc": {"per_patient": one_fold}}}))
+    assert cal.main([str(cv_json), "--write-card", str(card)]) == 0
+    assert json.loads(card.read_text())["review"]["leave_one_patient_out"]["bad"] == 8

@@ -5,9 +5,9 @@
 A patient is "bad" when its native DSC is below ``--bad`` (0.80). Rules are added greedily,
 each time the single feature limit that catches the most still-uncaught bad patients per
 good patient it newly flags, while the flagged share of good patients stays within
-``--max-good-flagged`` (0.20). With several folds, the catch rate is also estimated
-leave-one-fold-out (rules fitted on the other folds, counted on the left-out one), which is
-the figure to quote; the in-sample figure flatters.
+``--max-good-flagged`` (0.20). The catch rate is also estimated
+leave-one-fold-out (rules fitted on the other folds, counted on the left-out one; with a
+single fold, leave-one-patient-out), which is the figure to quote; the in-sample one flatters.
 """
 from __future__ import annotations
 
@@ -85,17 +85,19 @@ def main(argv=None) -> int:
     rules = fit(cases, args.bad, args.max_good_flagged)
     in_sample = counts(cases, flags(cases, rules), args.bad)
     folds = sorted({c["fold"] for c in cases})
-    held_out = None
-    if len(folds) > 1:
-        f_all = np.zeros(len(cases), dtype=bool)
-        for k in folds:
-            train = [c for c in cases if c["fold"] != k]
-            idx = [i for i, c in enumerate(cases) if c["fold"] == k]
-            f_all[idx] = flags([cases[i] for i in idx], fit(train, args.bad, args.max_good_flagged))
-        held_out = counts(cases, f_all, args.bad)
+    # held-out estimate: rules fitted without the fold (or, with one fold, the patient) they are counted on
+    key = "fold" if len(folds) > 1 else "patient"
+    groups = sorted({c[key] for c in cases})
+    f_all = np.zeros(len(cases), dtype=bool)
+    for g in groups:
+        train = [c for c in cases if c[key] != g]
+        idx = [i for i, c in enumerate(cases) if c[key] == g]
+        f_all[idx] = flags([cases[i] for i in idx], fit(train, args.bad, args.max_good_flagged))
+    held_out = counts(cases, f_all, args.bad)
     summary = {"rules": {k: v for k, v in rules.to_dict().items() if v not in (None, False)},
                "calibrated_on": f"{len(cases)} out-of-fold CV patients ({', '.join(args.cv_json)}), folds {folds}",
-               "bad_means": f"native DSC < {args.bad}", "in_sample": in_sample, "leave_one_fold_out": held_out}
+               "bad_means": f"native DSC < {args.bad}", "in_sample": in_sample,
+               f"leave_one_{key}_out": held_out}
     print(json.dumps(summary, indent=2))
     if args.write_card:
         card = json.loads(Path(args.write_card).read_text())
