@@ -128,6 +128,8 @@ def main() -> None:
     Examples:
       segengine run --patient kaggle_3m/TCGA_CS_4941_19960909 --out results
       segengine run --patients kaggle_3m --out results --backend onnxruntime
+      segengine run --patient case.nii.gz --out results      (4D: pre-contrast, FLAIR, post-contrast)
+      segengine report results                               (rewrite results/index.html)
       segengine evaluate --model --data kaggle_3m --patients-file val.txt --protocol reference
       segengine validate --data kaggle_3m --backend onnxruntime-int8
       segengine bench --data kaggle_3m --patients 10 --json bench.json --plot bench.png
@@ -142,8 +144,10 @@ def _load_spec(model: str | None):
 
 
 @main.command()
-@click.option("--patient", "patient_dir", type=click.Path(path_type=Path), help="one patient folder of <patient>_<n>.tif slices")
-@click.option("--patients", "patients_root", type=click.Path(path_type=Path), help="a folder of patient folders (kaggle_3m)")
+@click.option("--patient", "patient_dir", type=click.Path(path_type=Path),
+              help="one patient: a folder of <patient>_<n>.tif slices, a 4D case.nii[.gz] or a folder of *_flair.nii[.gz]")
+@click.option("--patients", "patients_root", type=click.Path(path_type=Path),
+              help="a folder of patients (kaggle_3m; NIfTI cases may sit beside tif folders)")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="results go to OUT/<patient>/")
 @click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto", show_default=True,
               help="auto = fastest backend available here that passed `segengine validate` for this model; "
@@ -173,13 +177,17 @@ def run(patient_dir, patients_root, out, backend, model, batch_size, threads, no
 
     \b
     Writes OUT/<patient>/: <patient>_<n>_mask.tif per input slice (uint8 0/255),
-    <patient>_mask.nii.gz, overlay.png, report.json (and slices.gif with --gif).
+    <patient>_mask.nii.gz, overlay.png, report.json, review.html (and slices.gif with
+    --gif), and OUT/index.html, the review page of the batch (open it from disk).
     Each patient is written to a temporary folder and renamed when complete.
+    A patient is a folder of Kaggle slices, a 4D case.nii[.gz] (pre, FLAIR, post on the
+    last axis) or a folder of *_flair.nii[.gz] (+ *_pre, *_post, *_mask).
 
     \b
     Examples:
       segengine run --patient kaggle_3m/TCGA_CS_4941_19960909 --out results
       segengine run --patients kaggle_3m --out results --backend onnxruntime --threads 2
+      segengine run --patient case.nii.gz --out results                 (4D NIfTI)
       segengine run --patients kaggle_3m --out results --ray            (local Ray, 1 worker per CPU)
       segengine run --patients /shared/kaggle_3m --out /shared/results --ray auto
     """
@@ -199,6 +207,7 @@ def run(patient_dir, patients_root, out, backend, model, batch_size, threads, no
         summary = run_patients_ray(patients_root, out, backend, model, address=ray_address or None, workers=workers,
                                    threads=threads or 1, batch_size=batch_size, postprocess=not no_postprocess,
                                    fill_holes=fill_holes, gif=gif, overwrite=overwrite, echo=click.echo, limits=limits)
+        _write_review_index(out)
         sys.exit(1 if summary.failed else 0)
     if workers is not None:
         fail("--workers needs --ray")
@@ -206,7 +215,45 @@ def run(patient_dir, patients_root, out, backend, model, batch_size, threads, no
     code = run_patients(patient_dir=patient_dir, patients_root=patients_root, out=out, backend_name=backend,
                         model=model, batch_size=batch_size, threads=threads, postprocess=not no_postprocess,
                         fill_holes=fill_holes, gif=gif, overwrite=overwrite, echo=click.echo, limits=limits)
+    _write_review_index(out)
     sys.exit(code)
+
+
+def _write_review_index(out: Path) -> None:
+    """OUT/index.html after a run; a page that cannot be written costs a warning, not the run."""
+    from segengine.engine.review_page import write_index
+
+    try:
+        write_index(out)
+    except OSError as exc:
+        click.echo(f"segengine: warning: review page not written ({exc})", err=True)
+
+
+# --------------------------------------------------------------------------- report
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@user_errors
+def report(out):
+    """(Re)write OUT/index.html, the review page of every patient result in OUT.
+
+    \b
+    `run` writes it too; use this after a Ray job, an interrupted or partial run, or
+    when results were added by hand. Open it from disk: no server, no network.
+
+    \b
+    Example:
+      segengine report results && xdg-open results/index.html
+    """
+    from segengine.engine.io import NotAFolderError
+    from segengine.engine.review_page import write_index
+
+    if not out.is_dir():
+        raise NotAFolderError(f"{out}: no such folder" if not out.exists() else f"{out}: not a folder")
+    try:
+        path, n, flagged = write_index(out)
+    except OSError as exc:
+        fail(f"{out}: cannot write the review page ({exc.strerror or exc})")
+    click.echo(f"wrote {path} ({n} patients, {flagged} flagged for review)")
 
 
 # --------------------------------------------------------------------------- evaluate

@@ -19,8 +19,11 @@ def select_patients(data_root: Path, patients_file: str | None) -> list[Path]:
     folders = list_patients(data_root)
     if not patients_file:
         return folders
+    from segengine.engine.patient_job import unique_patient_ids
+
     wanted = read_patient_list(patients_file)
-    by_name = {f.name: f for f in folders}
+    # by the run's patient id (slice prefix or NIfTI case name); an ill patient by its name, to fail on reading
+    by_name = {pid or f.name: f for f, pid in unique_patient_ids(folders).items()}
     missing = [p for p in wanted if p not in by_name]
     if missing:
         raise DataError(f"{patients_file}: patient {missing[0]} not found under {data_root}")

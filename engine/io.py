@@ -84,6 +84,8 @@ class PatientVolume:
     image: np.ndarray  # (D, H, W, 3) uint8
     mask: np.ndarray | None = None  # (D, H, W) uint8 0/255, or None without ground truth
     image_paths: list[Path] = field(default_factory=list)
+    spacing_mm: tuple[float, float, float] | None = None  # (slice, row, column); unknown for Kaggle slices
+    source_grid: object | None = None  # NIfTI input: nifti_io.NiftiGrid, to write masks back onto its grid
 
     @property
     def num_slices(self) -> int:
@@ -252,8 +254,15 @@ def list_slices(folder: Path) -> tuple[str, dict[int, Path], dict[int, Path]]:
     return check_patient_id(prefixes.pop(), folder), images, masks
 
 
-def check_patient_id(patient_id: str, folder: Path) -> str:
-    """The one rule for patient ids (the slice prefix): a plain, visible folder name in OUT."""
+SLICE_PREFIX_ID = ("the slices' name prefix", "rename the slices <patient>_<n>.tif")
+
+
+def check_patient_id(patient_id: str, folder: Path, source: tuple[str, str] = SLICE_PREFIX_ID) -> str:
+    """The one rule for patient ids: a plain, visible folder name in OUT.
+
+    ``source`` says where the id came from and how to change it (the slices' prefix here;
+    a NIfTI case's file or folder name in ``nifti_io``).
+    """
     why = None
     if patient_id in (".", "..") or patient_id.startswith("."):
         why = "starts with '.'"
@@ -264,8 +273,7 @@ def check_patient_id(patient_id: str, folder: Path) -> str:
     elif not patient_id.isprintable():
         why = "contains control characters"
     if why:
-        raise PatientIdError(f"{folder}: patient id {patient_id[:60]!r} (the slices' name prefix) {why}; "
-                             "rename the slices <patient>_<n>.tif")
+        raise PatientIdError(f"{folder}: patient id {patient_id[:60]!r} ({source[0]}) {why}; {source[1]}")
     return patient_id
 
 
@@ -281,8 +289,15 @@ def check_headers(folder: Path, images: dict[int, Path], masks: dict[int, Path],
 
 def read_patient(folder: str | os.PathLike, with_mask: bool = True,
                  limits: SliceLimits = DEFAULT_LIMITS) -> PatientVolume:
-    """Read a patient folder into a (D, H, W, 3) volume ordered by slice number."""
+    """Read a patient (Kaggle slice folder or NIfTI case, told apart by file ending) into a (D, H, W, 3) volume.
+
+    Slices are ordered by slice number; every header is checked against ``limits`` first.
+    """
+    from segengine.engine.nifti_io import is_nifti_case, read_nifti_case
+
     folder = Path(folder)
+    if is_nifti_case(folder):
+        return read_nifti_case(folder, with_mask, limits)
     patient_id, images, masks = list_slices(folder)
     numbers = sorted(images)
     check_headers(folder, images, masks if with_mask else {}, limits)
@@ -317,13 +332,15 @@ def read_patient(folder: str | os.PathLike, with_mask: bool = True,
 
 
 def list_patients(root: str | os.PathLike) -> list[Path]:
-    """Patient folders under a dataset root (sorted); files beside them (data.csv) are ignored."""
+    """Patient folders and NIfTI case files under a dataset root (sorted); other files (data.csv) are ignored."""
+    from segengine.engine.nifti_io import is_nifti_file
+
     root = Path(root)
     if not root.is_dir():
         raise NotAFolderError(f"{root}: no such folder" if not root.exists() else f"{root}: not a folder")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p.is_dir() or is_nifti_file(p)))
     if not folders:
-        raise NoSlicesError(f"{root}: no patient folders")
+        raise NoSlicesError(f"{root}: no patient folders or NIfTI case files")
     return folders
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from segengine.engine.io import PatientVolume, write_mask_slices
 from segengine.engine.metrics import volume_metrics
+from segengine.engine.nifti_io import mask_nifti
 from segengine.engine.pipeline import Segmentation
 from segengine.engine.postprocess import border
 
@@ -295,6 +296,7 @@ def report_dict(volume: PatientVolume, seg: Segmentation, backend: str, model_sh
     from segengine.engine.review import assess, review_features
 
     mask = seg.mask
+    spacing_mm = spacing_mm or volume.spacing_mm
     area = mask.reshape(len(mask), -1).sum(axis=1).astype(int)
     with_tumor = np.flatnonzero(area)
     rep = {
@@ -320,6 +322,8 @@ def report_dict(volume: PatientVolume, seg: Segmentation, backend: str, model_sh
         "review": assess(review_features(seg.prob, seg.mask, seg.geometry, postprocess.get("threshold", 0.5)),
                          review_rules),
     }
+    if volume.source_grid is not None:
+        rep["nifti"] = volume.source_grid.report()
     if seg.truth is not None:
         m = volume_metrics(seg.mask, seg.truth)
         rep["metrics"] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()}
@@ -333,19 +337,21 @@ def write_patient(out: Path, volume: PatientVolume, seg: Segmentation, report: d
     import nibabel as nib
     from PIL import Image
 
+    from segengine.engine.review_page import write_patient_review
+
     t = time.perf_counter()
     with atomic_dir(out, volume.patient_id, overwrite) as tmp:
         write_mask_slices(tmp, volume.patient_id, volume.slice_numbers, seg.mask)
-        # NIfTI axes (x=column, y=row, z=slice); spacing unknown -> identity affine. The transposed
-        # (z, y, x) C array is the Fortran-ordered (x, y, z) array NIfTI stores: written without a copy.
-        nii = nib.Nifti1Image(np.asarray(seg.mask, dtype=bool).view(np.uint8).transpose(2, 1, 0), np.eye(4))
-        nib.save(nii, str(tmp / f"{volume.patient_id}_mask.nii.gz"))  # nibabel's gzip level 1
+        nib.save(mask_nifti(volume, seg.mask), str(tmp / f"{volume.patient_id}_mask.nii.gz"))  # nibabel's gzip level 1
         truth = seg.truth
         # zlib level 1: as small as the default level 6 on these sheets, at a third of the time
         contact_sheet(volume, seg.mask, truth).save(tmp / "overlay.png", compress_level=1)
         if gif:
             frames = [Image.fromarray(t) for t in overlay_slices(volume.image, seg.mask, truth)]
             frames[0].save(tmp / "slices.gif", save_all=True, append_images=frames[1:], duration=120, loop=0)
+        t_review = time.perf_counter()
+        write_patient_review(tmp, volume, seg.mask, truth, report)
+        report["timings_s"]["review_page"] = round(time.perf_counter() - t_review, 4)
         report["timings_s"]["write"] = round(time.perf_counter() - t, 4)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
     return out / volume.patient_id

@@ -3,8 +3,10 @@
 ``run --patient``, ``run --patients``, each Ray worker and bench's end-to-end timing go
 through :class:`PatientJob`, which owns what must hold for every one of them:
 
-- the patient id: the slices' name prefix, checked by ``io.check_patient_id``; skip/resume,
-  the results folder and the report all use it;
+- the patient id: the slices' name prefix, or for a NIfTI case (``case.nii[.gz]`` or a folder
+  of ``*_flair.nii[.gz]``) ``nifti_io.case_id``, both checked by ``io.check_patient_id``;
+  skip/resume, the results folder and the report all use it;
+- the limits (``io.SliceLimits``), checked from the slice or NIfTI headers before decoding;
 - OUT/<id> never is, contains or lies inside an input (resolved, symlinks included);
 - a lock file ``OUT/.<id>.segengine-lock`` (``flock``): two processes never write one
   patient; the second is told who holds it and skips;
@@ -21,7 +23,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from segengine.engine.io import DEFAULT_LIMITS, PatientVolume, SliceLimits, check_headers, list_slices, read_patient
+from segengine.engine.io import (DEFAULT_LIMITS, DataError, NotAFolderError, PatientVolume, SliceLimits, check_headers,
+                                 check_patient_id, list_slices, read_patient)
+from segengine.engine.nifti_io import CASE_ID_SOURCE, case_id, check_nifti_case, is_nifti_case, is_nifti_file
 from segengine.engine.outputs import (DiskFullError, OutputError, ResourceError, ResultsExistError, deferred_signals,
                                       recover_interrupted, report_dict, temp_entries, write_patient)
 from segengine.engine.review import ReviewRules
@@ -118,9 +122,45 @@ class PatientLock:
         self.release()
 
 
+def _missing_nifti(path: Path) -> bool:
+    """A path named like a NIfTI file that is no file (a 4D case is given by its file)."""
+    return is_nifti_file(path) and not path.is_file() and not is_nifti_case(path)
+
+
 def patient_id_of(folder: Path) -> str:
-    """The patient id of a folder (its slices' prefix); raises DataError for ill folders."""
+    """The patient id of a patient: its slices' prefix, or a NIfTI case's name; raises DataError for ill ones."""
+    folder = Path(folder)
+    if _missing_nifti(folder):
+        raise NotAFolderError(f"{folder}: no such file" if not folder.exists() else f"{folder}: not a NIfTI file")
+    if is_nifti_case(folder):
+        return check_patient_id(case_id(folder), folder, CASE_ID_SOURCE)
     return list_slices(folder)[0]
+
+
+def _index(folder: Path, limits: SliceLimits) -> tuple[str, list[Path]]:
+    """(patient id, input files) with every header checked against ``limits``; no pixels decoded."""
+    if _missing_nifti(folder) or is_nifti_case(folder):
+        return patient_id_of(folder), check_nifti_case(folder, limits)
+    patient_id, images, masks = list_slices(folder)
+    check_headers(folder, images, masks, limits)  # bad sizes refused before a model is even loaded
+    return patient_id, [*images.values(), *masks.values()]
+
+
+def unique_patient_ids(folders: list[Path]) -> dict[Path, str | None]:
+    """``{folder: id}`` of a batch (None for an ill patient, which its job reports); DataError when
+    two patients share an id, since their results would share OUT/<id>."""
+    ids: dict[Path, str | None] = {}
+    seen: dict[str, Path] = {}
+    for f in folders:
+        try:
+            ids[f] = patient_id_of(f)
+        except DataError:
+            ids[f] = None
+            continue
+        if ids[f] in seen:
+            raise DataError(f"{f}: same patient id as {seen[ids[f]].name} (results would share OUT/{ids[f]})")
+        seen[ids[f]] = f
+    return ids
 
 
 def has_result(out: Path, patient_id: str) -> bool:
@@ -132,10 +172,9 @@ class PatientJob:
 
     def __init__(self, folder: Path, out: Path, overwrite: bool = False, limits: SliceLimits = DEFAULT_LIMITS):
         self.folder, self.out, self.overwrite, self.limits = Path(folder), Path(out), overwrite, limits
-        self.patient_id, images, masks = list_slices(self.folder)
-        check_headers(self.folder, images, masks, limits)  # bad sizes refused before a model is even loaded
+        self.patient_id, inputs = _index(self.folder, limits)
         self.target = self.out / self.patient_id
-        refuse_overlap(self.target, [self.folder, *images.values(), *masks.values()])
+        refuse_overlap(self.target, [self.folder, *inputs])
         self.lock = PatientLock(self.out, self.patient_id)
 
     def start(self) -> "PatientJob":

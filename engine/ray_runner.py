@@ -27,7 +27,7 @@ from segengine.engine.cli import BLAS_ENV_VARS, THREAD_ENV_VARS
 from segengine.engine.io import DEFAULT_LIMITS, DataError, NotAFolderError, SliceLimits, list_patients
 from segengine.engine.model import load_model_spec
 from segengine.engine.outputs import check_out_dir
-from segengine.engine.patient_job import has_result, patient_id_of, tidy_out
+from segengine.engine.patient_job import has_result, tidy_out, unique_patient_ids
 from segengine.engine.postprocess import PostprocessConfig
 from segengine.engine.runner import JobSummary
 
@@ -99,14 +99,12 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
         echo(f"segengine: {note}")
     spec = load_model_spec(model)
     name = registry.resolve(backend_name, spec)
+    # a bad patient's id is None: its worker reports it as failed; two patients sharing an id are refused
     folders = list_patients(patients_root)
+    ids = unique_patient_ids(folders)
     summary = JobSummary()
     todo = []
-    for f in folders:
-        try:
-            pid = patient_id_of(f)
-        except DataError:
-            pid = None  # the worker reports the bad folder as a failed patient
+    for f, pid in ids.items():
         if pid is not None and has_result(out, pid) and not overwrite:
             summary.skipped.append(pid)
         else:

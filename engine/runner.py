@@ -18,7 +18,7 @@ from segengine.engine.model import load_model_spec
 from segengine.engine.outputs import (DiskFullError, OutputError, ResourceError, ResultsExistError, check_out_dir,
                                       report_dict)
 from segengine.engine.patient_job import (PatientBusyError, PatientJob, has_result, patient_id_of, process_patient,
-                                          tidy_out)
+                                          tidy_out, unique_patient_ids)
 from segengine.engine.pipeline import finish_patient, predict_patient, preprocess_patient, segment
 from segengine.engine.postprocess import PostprocessConfig
 from segengine.engine.preprocess import EmptyVolumeError
@@ -106,14 +106,16 @@ def run_patients(patient_dir: Path | None, patients_root: Path | None, out: Path
                  limits: SliceLimits = DEFAULT_LIMITS) -> int:
     """Segment and write; returns the exit code (0 ok, 1 some patients failed)."""
     source = patient_dir if patient_dir is not None else patients_root
-    if not source.exists():
-        raise NotAFolderError(f"{source}: no such folder")
-    if not source.is_dir():
-        raise NotAFolderError(f"{source}: not a folder")
-    if patient_dir is not None:
-        job = PatientJob(patient_dir, out, overwrite, limits)  # id, slices and OUT/<id> checked before loading anything
+    if patient_dir is not None:  # a slice folder or a NIfTI case (file or folder): the job tells which
+        job = PatientJob(patient_dir, out, overwrite, limits)  # id, headers and OUT/<id> checked before loading anything
         if has_result(out, job.patient_id) and not overwrite:
             raise ResultsExistError(f"{job.target}: results exist (use --overwrite to replace them)")
+    else:
+        if not source.exists():
+            raise NotAFolderError(f"{source}: no such folder")
+        if not source.is_dir():
+            raise NotAFolderError(f"{source}: not a folder")
+        unique_patient_ids(list_patients(source))  # two patients sharing OUT/<id>: refused before the model loads
     check_out_dir(out, [source])
     for note in tidy_out(out):
         _stderr(f"segengine: {note}")

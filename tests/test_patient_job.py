@@ -24,6 +24,7 @@ from segengine.engine.cli import main
 from segengine.engine.model import shipped_model_path
 from segengine.engine.outputs import atomic_dir, recover_interrupted
 from segengine.engine.patient_job import PatientBusyError, PatientLock, tidy_out
+from segengine.engine.review_page import INDEX_PAGE as INDEX  # every run writes it beside the results
 
 MODEL = Path(os.environ.get("SEGENGINE_TEST_MODEL", shipped_model_path()))
 SMALL = TRAIN_PATIENT  # 23 slices: the cheapest real patient to segment
@@ -258,7 +259,7 @@ def test_folder_name_and_slice_prefix_differ_resume_uses_the_id(kaggle_root, tmp
     out = tmp_path / "out"
     first = _run("--patients", str(root), "--out", str(out))
     assert first.exit_code == 0, first.output
-    assert [p.name for p in out.iterdir()] == [SMALL]
+    assert sorted(p.name for p in out.iterdir()) == [SMALL, INDEX]
     report = (out / SMALL / "report.json").read_bytes()
     again = _run("--patients", str(root), "--out", str(out))
     assert again.exit_code == 0 and "done 0, skipped 1 (results exist)" in again.output, again.output
@@ -277,7 +278,7 @@ def test_batch_goes_on_past_a_patient_over_the_limits(kaggle_root, tmp_path):
     res = _run("--patients", str(root), "--out", str(tmp_path / "out"))
     assert res.exit_code == 1 and "done 1" in res.output and "failed 1" in res.output
     assert "larger than the limit" in res.output and "Traceback" not in res.output
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [SMALL]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [SMALL, INDEX]
     assert tree_hashes(root) == before
 
 
@@ -306,7 +307,7 @@ def test_full_disk_stops_the_batch_and_keeps_what_completed(kaggle_root, tmp_pat
     assert "no space left on device" in res.output and str(out) in res.output
     assert "done 1" in res.output and "not started 1 (stopped: disk full)" in res.output
     assert "Traceback" not in res.output and calls == patients[:2]
-    assert [p.name for p in out.iterdir()] == [patients[0]]  # complete first patient only, no temp folder
+    assert sorted(p.name for p in out.iterdir()) == [patients[0], INDEX]  # complete first patient only, no temp folder
     assert (out / patients[0] / "report.json").exists()
 
 
@@ -344,7 +345,7 @@ def test_replace_on_a_really_full_disk_keeps_the_old_result(root, tiny_disk):
     res = _run("--patient", str(root / SMALL), "--out", str(out), "--overwrite")  # old + new do not fit
     assert res.exit_code == 1
     _one_line(res, f"{out}: no space left on device")
-    assert tree_hashes(out / SMALL) == kept and [p.name for p in out.iterdir()] == [SMALL]
+    assert tree_hashes(out / SMALL) == kept and sorted(p.name for p in out.iterdir()) == [SMALL, INDEX]
 
 
 def test_memory_error_is_one_line_and_the_batch_goes_on(kaggle_root, tmp_path, monkeypatch):
@@ -364,7 +365,7 @@ def test_memory_error_is_one_line_and_the_batch_goes_on(kaggle_root, tmp_path, m
     out = tmp_path / "out"
     res = _run("--patients", str(root), "--out", str(out))
     assert res.exit_code == 1 and "out of memory" in res.output and "done 1" in res.output, res.output
-    assert [p.name for p in out.iterdir()] == [VAL_PATIENTS[0]]
+    assert sorted(p.name for p in out.iterdir()) == [VAL_PATIENTS[0], INDEX]
 
 
 # ------------------------------------------------------------------ output paths checked first
@@ -433,7 +434,7 @@ def test_locked_patient_is_skipped_and_says_who_holds_it(root, tmp_path):
     assert single.exit_code == 1
     _one_line(single, f"another segengine process (pid {os.getpid()}) is writing this patient")
     assert batch.exit_code == 0 and "skipped 1 (another process is writing them)" in batch.output
-    assert list(out.iterdir()) == []  # the lock file goes with its holder
+    assert [p.name for p in out.iterdir()] == [INDEX]  # the lock file goes with its holder; the batch wrote its page
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o002, 0o775), (0o077, 0o700)])
@@ -540,7 +541,7 @@ def test_four_concurrent_runs_on_one_out(kaggle_root, tmp_path):
     results = [p.communicate(timeout=300) for p in procs]
     for p, (so, se) in zip(procs, results):
         assert p.returncode == 0 and "Traceback" not in se, se
-    assert sorted(p.name for p in out.iterdir()) == patients  # no temp folder or lock left
+    assert sorted(p.name for p in out.iterdir()) == [*patients, INDEX]  # no temp folder or lock left
     for p in patients:
         report = json.loads((out / p / "report.json").read_text())
         masks = sorted((out / p).glob("*_mask.tif"))

@@ -90,7 +90,7 @@ def test_single_patient_and_overwrite(kaggle_root, tmp_path):
     again = _run(args)
     assert again.exit_code == 2 and "--overwrite" in again.output
     assert _run(args + ["--overwrite"]).exit_code == 0
-    assert [p.name for p in out.iterdir()] == [VAL_PATIENTS[1]]  # no temp folders left
+    assert sorted(p.name for p in out.iterdir()) == [VAL_PATIENTS[1], "index.html"]  # no temp folders left
 
 
 # ------------------------------------------------------------------ bad input: one line, exit 2
@@ -246,7 +246,7 @@ def test_one_bad_patient_is_skipped_others_complete(kaggle_root, tmp_path):
     res = _run(["--patients", str(root), "--out", str(tmp_path / "out")])
     assert res.exit_code == 1
     assert "failed 1" in res.output and "RGBA" in res.output
-    assert [p.name for p in (tmp_path / "out").iterdir()] == [VAL_PATIENTS[1]]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [VAL_PATIENTS[1], "index.html"]
 
 
 def test_interrupted_patient_leaves_nothing(kaggle_root, tmp_path, monkeypatch):

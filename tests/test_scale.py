@@ -108,6 +108,37 @@ def test_bad_patient_fails_without_retry(kaggle_root, ray_cluster, tmp_path):
     assert not (tmp_path / "out" / bad.name).exists()
 
 
+def test_ray_nifti_cases_go_through_the_patient_job_and_the_review_page_is_written(kaggle_root, ray_cluster, tmp_path):
+    """On a Ray worker a NIfTI case is one PatientJob like a tif folder: its id, the --max-slices
+    limit from the header (a truncated file claiming 101 slices fails on the limit, not on
+    decoding), its mask on the input's grid; OUT/index.html is written after the Ray job."""
+    import nibabel as nib
+
+    from segengine.bench.nifti_agreement import kaggle_to_input_grid
+    from segengine.engine.io import read_patient
+
+    root = tmp_path / "root"
+    shutil.copytree(kaggle_root / TRAIN_PATIENT, root / TRAIN_PATIENT)
+    data, affine = kaggle_to_input_grid(read_patient(kaggle_root / TRAIN_PATIENT).image)
+    nib.save(nib.Nifti1Image(data.astype(np.int16), affine), str(root / "case.nii.gz"))
+    nib.save(nib.Nifti1Image(np.ones((64, 64, 101, 3), np.int16), np.eye(4)), str(root / "long.nii"))
+    (root / "long.nii").write_bytes((root / "long.nii").read_bytes()[:1000])
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["run", "--patients", str(root), "--out", str(out), "--model", str(MODEL),
+                                    "--backend", "onnxruntime", "--max-slices", "100", "--workers", "1", "--ray"])
+    assert res.exit_code == 1, res.output
+    assert "long.nii: 101 axial slices, more than the limit of 100" in res.output, res.output
+    assert sorted(p.name for p in out.iterdir()) == [TRAIN_PATIENT, "case", "index.html"]
+    mask = nib.load(str(out / "case" / "case_mask.nii.gz"))
+    np.testing.assert_array_equal(mask.affine, nib.load(str(root / "case.nii.gz")).affine)
+    ours, theirs = _masks(out / "case"), _masks(out / TRAIN_PATIENT)
+    assert len(ours) == len(theirs) == 23
+    a, b = np.stack(list(ours.values())) > 0, np.stack(list(theirs.values())) > 0
+    assert b.sum() > 1000 and 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.99
+    index = (out / "index.html").read_text()
+    assert 'data-patient="case"' in index and f'data-patient="{TRAIN_PATIENT.lower()}"' in index
+
+
 @pytest.mark.parametrize("args, words", [
     (["--patient", "{p}", "--ray"], "--patients ROOT"),
     (["--patients", "{root}", "--workers", "2"], "--workers needs --ray"),
