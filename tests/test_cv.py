@@ -95,6 +95,12 @@ def test_tiny_cv_run_trains_scores_out_of_fold_and_compares(kaggle_root, tmp_pat
     card = json.loads((out / "fold1" / "model" / "tiny_fold1.json").read_text())
     assert card["context_slices"] == 1 and card["architecture"]["in_channels"] == 9
     assert "fold 1" in card["training"]["data_split"]["held_out"] or "fold1" in card["training"]["data_split"]["held_out"]
+    card_file = out / "fold0" / "model" / "tiny_fold0.json"
+    assert cv.main(["--data", str(data), "--out", str(out), "--folds", "2", "--score-only", "--card", str(card_file)]) == 0
+    summary = json.loads(card_file.read_text())["cross_validation"]["protocols"]["native_lcc"]
+    dscs = [r["dsc"] for r in result["variants"]["native_lcc"]["per_patient"].values()]
+    assert summary["patients"] == len(patients) and summary["min"] == pytest.approx(min(dscs), abs=1e-4)
+    assert summary["below_0.70"] == sum(d < 0.70 for d in dscs)
     text = cv.compare(result, result)
     assert "mean +0.0000" in text and f"{len(patients)} patients in common" in text
 

@@ -133,6 +133,17 @@ def aggregate(fold_results: list[dict], name: str, n_folds: int, seed: int) -> d
     return out
 
 
+def card_summary(agg: dict, source: str) -> dict:
+    """What a model card says of its recipe's cross-validation (no per-patient rows: see ``source``)."""
+    keep = ("patients", "mean", "median", "min", f"below_{LOW_DSC:.2f}", "per_fold_mean")
+    return {"recipe": agg["recipe"], "folds": agg["folds"], "command": agg["command"], "per_patient": source,
+            "protocols": {v: {k: (round(x, 4) if isinstance(x, float) else
+                                  {f: round(m, 4) for f, m in x.items()} if isinstance(x, dict) else x)
+                              for k, x in agg["variants"][v].items() if k in keep}
+                          for v in ("native_lcc", "reference_lcc", "native_lcc_fill2d", "native_lcc_tta")
+                          if v in agg["variants"]}}
+
+
 def compare(a: dict, b: dict, variant: str = "native_lcc") -> str:
     """Paired per-patient comparison of two CV results on the patients both scored."""
     from scipy.stats import wilcoxon
@@ -180,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--score-only", action="store_true", help="score finished folds; train nothing")
     ap.add_argument("--threads", type=int, default=None, help="scoring threads")
     ap.add_argument("--record", default=None, help="also write the aggregate here (e.g. docs/cv/a1.json)")
+    ap.add_argument("--card", default=None,
+                    help="write the recipe's CV summary into this model card (a model trained with the same recipe)")
     args = ap.parse_args(argv)
 
     data, out = Path(args.data), Path(args.out)
@@ -204,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.record:
         Path(args.record).parent.mkdir(parents=True, exist_ok=True)
         Path(args.record).write_text(text)
+    if args.card:
+        card_file = Path(args.card)
+        card = json.loads(card_file.read_text())
+        card["cross_validation"] = card_summary(agg, args.record or str(out / "cv.json"))
+        card_file.write_text(json.dumps(card, indent=2) + "\n")
     for variant, v in agg["variants"].items():
         print(f"{variant:<16} {v['patients']:>3} patients  mean {v['mean']:.4f}  median {v['median']:.4f}  "
               f"min {v['min']:.4f}  <{LOW_DSC:.2f}: {v[f'below_{LOW_DSC:.2f}']}")
