@@ -101,6 +101,10 @@ def test_tiny_cv_run_trains_scores_out_of_fold_and_compares(kaggle_root, tmp_pat
     dscs = [r["dsc"] for r in result["variants"]["native_lcc"]["per_patient"].values()]
     assert summary["patients"] == len(patients) and summary["min"] == pytest.approx(min(dscs), abs=1e-4)
     assert summary["below_0.70"] == sum(d < 0.70 for d in dscs)
+    png = tmp_path / "worst.png"
+    worst = cv.worst_cases_figure(out, data, png, n=2)
+    dscs_sorted = sorted(result["variants"]["native_lcc"]["per_patient"].items(), key=lambda kv: kv[1]["dsc"])
+    assert worst == [p for p, _ in dscs_sorted[:2]] and png.stat().st_size > 1000
     text = cv.compare(result, result)
     assert "mean +0.0000" in text and f"{len(patients)} patients in common" in text
 

@@ -167,8 +167,51 @@ def compare(a: dict, b: dict, variant: str = "native_lcc") -> str:
     return "\n".join(lines)
 
 
+def worst_cases_figure(cv_out: Path, data: Path, png: Path, n: int = 3, max_tiles: int = 10) -> list[str]:
+    """Contact sheets (FLAIR, ground truth green, prediction red) of the ``n`` worst out-of-fold
+    patients, from the stored probabilities, one band per patient, titled by DSC."""
+    from PIL import Image, ImageDraw
+
+    from segengine.engine.outputs import contact_sheet
+
+    agg = json.loads((cv_out / "cv.json").read_text())
+    rows = agg["variants"]["native_lcc"]["per_patient"]
+    worst = sorted(rows, key=lambda p: rows[p]["dsc"])[:n]
+    bands = []
+    for p in worst:
+        vol = read_patient(data / p)
+        prob = np.load(cv_out / f"fold{rows[p]['fold']}" / "oof" / f"{p}.npz")["prob"].astype(np.float32)
+        sheet = contact_sheet(vol, postprocess(prob, POST_VARIANTS["lcc"]), vol.mask > 0, max_tiles=max_tiles,
+                              columns=max_tiles).convert("RGB")
+        band = Image.new("RGB", (sheet.width, sheet.height + 22), "white")
+        band.paste(sheet, (0, 22))
+        r = rows[p]
+        ImageDraw.Draw(band).text((4, 4), f"{p} (fold {r['fold']}): DSC {r['dsc']:.3f}, precision {r['precision']:.3f}, "
+                                          f"recall {r['recall']:.3f}", fill="black")
+        bands.append(band)
+    width = max(b.width for b in bands)
+    fig = Image.new("RGB", (width, sum(b.height for b in bands)), "white")
+    y = 0
+    for b in bands:
+        fig.paste(b, (0, y))
+        y += b.height
+    fig.thumbnail((1600, 10_000))
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.save(png, optimize=True)
+    return worst
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worst"]:
+        ap = argparse.ArgumentParser(prog="python -m segengine.train.cv worst")
+        ap.add_argument("run", type=Path, help="CV run folder (cv.json, fold*/oof/)")
+        ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/lgg")
+        ap.add_argument("--out", type=Path, default=Path("docs/cv_worst.png"))
+        ap.add_argument("-n", type=int, default=3)
+        args = ap.parse_args(argv[1:])
+        print("worst:", ", ".join(worst_cases_figure(args.run, args.data, args.out, args.n)), "->", args.out)
+        return 0
     if argv[:1] == ["compare"]:
         ap = argparse.ArgumentParser(prog="python -m segengine.train.cv compare")
         ap.add_argument("runs", nargs=2, help="two CV run folders (or their cv.json files)")
