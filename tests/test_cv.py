@@ -101,6 +101,10 @@ def test_tiny_cv_run_trains_scores_out_of_fold_and_compares(kaggle_root, tmp_pat
     dscs = [r["dsc"] for r in result["variants"]["native_lcc"]["per_patient"].values()]
     assert summary["patients"] == len(patients) and summary["min"] == pytest.approx(min(dscs), abs=1e-4)
     assert summary["below_0.70"] == sum(d < 0.70 for d in dscs)
+    rows = cv.flair_only_scores(out, data, 0, threads=1)
+    assert [r[0] for r in rows] == split[0]
+    for patient, given, _ in rows:  # the "as given" column is the recorded out-of-fold score
+        assert given == pytest.approx(result["variants"]["native_lcc"]["per_patient"][patient]["dsc"], abs=1e-6)
     png = tmp_path / "worst.png"
     worst = cv.worst_cases_figure(out, data, png, n=2)
     dscs_sorted = sorted(result["variants"]["native_lcc"]["per_patient"].items(), key=lambda kv: kv[1]["dsc"])

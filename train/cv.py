@@ -201,8 +201,43 @@ def worst_cases_figure(cv_out: Path, data: Path, png: Path, n: int = 3, max_tile
     return worst
 
 
+def flair_only_scores(cv_out: Path, data: Path, k: int, threads: int | None = None) -> list[tuple[str, float, float]]:
+    """(patient, native DSC as given, native DSC with pre/post-contrast replaced by FLAIR) for fold
+    ``k``'s held-out patients: how much the model leans on the sequences a case may lack."""
+    from dataclasses import replace
+
+    from segengine.engine import backends as registry
+    from segengine.engine.metrics import dsc
+    from segengine.engine.model import load_model_spec
+    from segengine.engine.pipeline import segment
+
+    spec = load_model_spec(fold_run(cv_out, k) / "model" / f"{cv_out.name}_fold{k}.pt")
+    held_out = json.loads((fold_run(cv_out, k) / "oof.json").read_text())["scores"]["native_lcc"]["patients"]
+    rows = []
+    with registry.create("torch", spec, threads=threads) as backend:
+        for r in held_out:
+            vol = read_patient(data / r["patient"])
+            flair = vol.image.copy()
+            flair[..., 0] = flair[..., 2] = flair[..., 1]
+            given, only = segment(vol, backend), segment(replace(vol, image=flair), backend)
+            rows.append((r["patient"], dsc(given.mask, given.truth), dsc(only.mask, only.truth)))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["flair-only"]:
+        ap = argparse.ArgumentParser(prog="python -m segengine.train.cv flair-only")
+        ap.add_argument("run", type=Path)
+        ap.add_argument("--fold", type=int, default=0)
+        ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/lgg")
+        args = ap.parse_args(argv[1:])
+        rows = flair_only_scores(args.run, args.data, args.fold)
+        for p, a, b in rows:
+            print(f"{p:<26} as given {a:.4f}  FLAIR in all three channels {b:.4f}")
+        print(f"mean over {len(rows)}: as given {np.mean([r[1] for r in rows]):.4f}, "
+              f"FLAIR in all three channels {np.mean([r[2] for r in rows]):.4f}")
+        return 0
     if argv[:1] == ["worst"]:
         ap = argparse.ArgumentParser(prog="python -m segengine.train.cv worst")
         ap.add_argument("run", type=Path, help="CV run folder (cv.json, fold*/oof/)")
