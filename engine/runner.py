@@ -85,6 +85,11 @@ class JobSummary:
                 echo(f"  review: {patient}: {'; '.join(reasons)}")
 
 
+def _stage_total_s(report: dict) -> float:
+    """Seconds of a patient's stages; ``review_page`` is part of ``write`` and not counted twice."""
+    return sum(v for k, v in report["timings_s"].items() if k != "review_page")
+
+
 def _summary_line(report: dict, total_s: float) -> str:
     tumor = report["tumor_slices"]
     line = (f"{report['patient']}: {report['slices']} slices, tumor on {len(tumor)} "
@@ -216,7 +221,7 @@ def segment_patients(folders: list[Path], out: Path, backend, name: str, spec, p
                 if outcome.ok:
                     summary.done.append(outcome.value["patient"])
                     summary.note_review(outcome.value)
-                    log(_summary_line(outcome.value, sum(outcome.value["timings_s"].values())))
+                    log(_summary_line(outcome.value, _stage_total_s(outcome.value)))
                 elif isinstance(err, ResultsExistError):
                     summary.skipped.append(patient_id_of(outcome.item))
                 elif isinstance(err, PatientBusyError):

@@ -128,3 +128,17 @@ def test_training_neighbours_match_what_inference_stacks(context):
     inferred = np.concatenate([stack_context(images[patient_index == i], context) for i in range(len(sizes))])
     assert trained.shape == (len(images), 3 * (2 * context + 1), 4, 4)
     np.testing.assert_array_equal(trained, inferred)
+
+
+def test_segengine_cv_passes_the_options_after_double_dash_to_training(tmp_path, monkeypatch):
+    """Click consumes the "--" of `segengine cv ... -- --steps N`; the options must still reach train."""
+    from click.testing import CliRunner
+
+    from segengine.engine.cli import main
+
+    seen = []
+    monkeypatch.setattr(cv, "train_fold", lambda data, out, n, k, seed, train_args: seen.append(train_args) or False)
+    res = CliRunner().invoke(main, ["cv", "--data", str(SPLITS.parent), "--out", str(tmp_path / "run"), "--only", "0",
+                                    "--", "--steps", "7", "--epoch-steps", "7"])
+    assert seen == [["--steps", "7", "--epoch-steps", "7"]], res.output
+    assert "fold 0 stopped before its last step" in res.output and res.exit_code == 1

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import REPO, TRAIN_PATIENT, VAL_PATIENTS
+from conftest import REPO, TRAIN_PATIENT, VAL_PATIENTS, running_in_ci
 from segengine.bench.nifti_agreement import kaggle_to_input_grid
 from segengine.engine.cli import main
 from segengine.engine.io import read_patient
@@ -30,7 +30,7 @@ PATIENTS = sorted(VAL_PATIENTS + [TRAIN_PATIENT])
 
 
 def _missing(reason: str):
-    if os.environ.get("CI") == "true":
+    if running_in_ci():
         pytest.fail(f"{reason} (CI must run the browser test; .ci/run installs it)")
     pytest.skip(reason)
 

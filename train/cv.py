@@ -18,12 +18,11 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from segengine.engine.io import read_patient, read_patient_list
+from segengine.engine.io import read_patient
 from segengine.engine.metrics import volume_metrics
 from segengine.engine.postprocess import PostprocessConfig, postprocess
 from segengine.engine.evaluate import summarize_rows
@@ -271,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--record", default=None, help="also write the aggregate here (e.g. docs/cv/a1.json)")
     ap.add_argument("--card", default=None,
                     help="write the recipe's CV summary into this model card (a model trained with the same recipe)")
-    args = ap.parse_args(argv)
+    # `segengine cv` reaches here without the "--" (Click consumes it): options this parser does
+    # not know are the training options either way
+    args, extra = ap.parse_known_args(argv)
+    train_args = train_args or extra
 
     data, out = Path(args.data), Path(args.out)
     folds = [int(f) for f in args.only.split(",")] if args.only else list(range(args.folds))

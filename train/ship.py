@@ -91,7 +91,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     out = Path(args.out)
+    previous = json.loads(card_path(out).read_text()) if card_path(out).exists() else {}
     card = ship_run(Path(args.run), out)
+    # the review rules and the CV summary belong to the recipe, not to these weights' bytes: keep them
+    card.update({k: previous[k] for k in ("review", "cross_validation") if k in previous})
     if args.data:
         from segengine.engine.runner import evaluate_model
 
