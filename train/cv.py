@@ -26,7 +26,7 @@ from segengine.engine.io import read_patient
 from segengine.engine.metrics import volume_metrics
 from segengine.engine.postprocess import PostprocessConfig, postprocess
 from segengine.engine.evaluate import summarize_rows
-from segengine.train.folds import DEFAULT_FOLD_SEED, fold_dir, load_or_write_folds
+from segengine.train.folds import DEFAULT_DATA, DEFAULT_FOLD_SEED, fold_dir, load_or_write_folds, splits_dir
 
 # Post-processing variants scored on every out-of-fold patient (native protocol).
 POST_VARIANTS = {
@@ -110,8 +110,7 @@ def score_fold(data: Path, out: Path, n_folds: int, k: int, seed: int, threads: 
 
 
 def load_or_write_folds_for(data: Path, n_folds: int, seed: int) -> list[list[str]]:
-    splits = data / "splits" if (data / "splits").is_dir() else Path(__file__).resolve().parents[2] / "shared/data/lgg/splits"
-    return load_or_write_folds(splits / "train.txt", n_folds, seed)
+    return load_or_write_folds(splits_dir(data) / "train.txt", n_folds, seed)
 
 
 def aggregate(fold_results: list[dict], name: str, n_folds: int, seed: int) -> dict:
@@ -229,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         ap = argparse.ArgumentParser(prog="python -m segengine.train.cv flair-only")
         ap.add_argument("run", type=Path)
         ap.add_argument("--fold", type=int, default=0)
-        ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/lgg")
+        ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
         args = ap.parse_args(argv[1:])
         rows = flair_only_scores(args.run, args.data, args.fold)
         for p, a, b in rows:
@@ -240,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["worst"]:
         ap = argparse.ArgumentParser(prog="python -m segengine.train.cv worst")
         ap.add_argument("run", type=Path, help="CV run folder (cv.json, fold*/oof/)")
-        ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/lgg")
+        ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
         ap.add_argument("--out", type=Path, default=Path("docs/cv_worst.png"))
         ap.add_argument("-n", type=int, default=3)
         args = ap.parse_args(argv[1:])
@@ -260,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         argv, train_args = argv[:i], argv[i + 1:]
     ap = argparse.ArgumentParser(prog="python -m segengine.train.cv", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/lgg"))
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--out", required=True, help="CV run folder: fold0..foldN-1, cv.json")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--fold-seed", type=int, default=DEFAULT_FOLD_SEED)

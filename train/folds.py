@@ -15,6 +15,7 @@ import numpy as np
 from segengine.engine.io import read_patient_list
 
 FOLDS_DIR = Path(__file__).resolve().parent / "folds"
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lgg"  # ../shared beside the checkout
 DEFAULT_FOLD_SEED = 0
 
 
@@ -38,6 +39,12 @@ def make_folds(patients: list[str], n_folds: int, seed: int = DEFAULT_FOLD_SEED)
     for i, p in enumerate(order):
         folds[i % n_folds].append(p)
     return [sorted(f) for f in folds]
+
+
+def splits_dir(data: str | os.PathLike) -> Path:
+    """The split lists of a dataset root: its own ``splits/`` or, for an unpacked Kaggle layout, the shared data's."""
+    own = Path(data) / "splits"
+    return own if own.is_dir() else DEFAULT_DATA / "splits"
 
 
 def fold_dir(n_folds: int, seed: int = DEFAULT_FOLD_SEED, root: Path | None = None) -> Path:

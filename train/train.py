@@ -26,9 +26,8 @@ from segengine.engine.postprocess import largest_component
 from segengine.engine.preprocess import stack_context
 from segengine.engine.metrics import dsc
 from segengine.train.data import VolumeSet, load_volume_set
-from segengine.train.folds import split_for_fold
+from segengine.train.folds import split_for_fold, splits_dir
 
-DEFAULT_SPLITS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "lgg" / "splits"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -199,7 +198,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data)
-    splits = data / "splits" if (data / "splits").is_dir() else DEFAULT_SPLITS
+    splits = splits_dir(data)
     if (args.fold is None) != (not args.folds):
         raise SystemExit("give --folds N and --fold K together")
     if args.folds:
