@@ -37,6 +37,7 @@ from segengine.export.onnx_export import (
     ort_run,
     ort_session,
     set_metadata,
+    sidecar_identity,
     temp_path_beside,
     tool_versions,
     write_sidecar,
@@ -296,12 +297,7 @@ def export_fp16(
     finally:
         tmp.unlink(missing_ok=True)
     sidecar = {
-        "kind": "onnx-fp16",
-        "file": out_path.name,
-        "source_weights": spec.weights.name,
-        "source_sha256": spec.sha256,
-        "sha256": sha256_file(out_path),
-        "precision": "fp16",
+        **sidecar_identity("onnx-fp16", "fp16", out_path, spec),
         "input_size": int(spec.input_size),
         "source_onnx": {"file": fp32_path.name, "sha256": sha256_file(fp32_path)},
         "conversion": {

@@ -28,6 +28,7 @@ from segengine.export.onnx_export import (
     ort_run,
     ort_session,
     set_metadata,
+    sidecar_identity,
     temp_path_beside,
     tool_versions,
     write_sidecar,
@@ -363,12 +364,7 @@ def export_int8(
         tmp.unlink(missing_ok=True)
 
     sidecar = {
-        "kind": "onnx-int8",
-        "file": out_path.name,
-        "source_weights": spec.weights.name,
-        "source_sha256": spec.sha256,
-        "sha256": sha256_file(out_path),
-        "precision": "int8",
+        **sidecar_identity("onnx-int8", "int8", out_path, spec),
         "opset": opset,
         "input_size": int(size),
         "source_onnx": {"file": fp32_path.name, "sha256": fp32_sha},

@@ -80,6 +80,13 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
 
 
+def sidecar_identity(kind: str, precision: str, out_path: Path, spec: ModelSpec) -> dict[str, Any]:
+    """The fields every export's sidecar opens with: what it is and which weights it came from
+    (what ``check_export`` and the verdict module verify)."""
+    return {"kind": kind, "file": out_path.name, "source_weights": spec.weights.name, "source_sha256": spec.sha256,
+            "sha256": sha256_file(out_path), "precision": precision}
+
+
 def write_sidecar(export_file: Path, sidecar: dict[str, Any]) -> Path:
     """Write ``<export_file>.json`` atomically; returns its path."""
     p = sidecar_path(Path(export_file))
@@ -346,12 +353,7 @@ def export_onnx(
         folded.unlink(missing_ok=True)
 
     sidecar = {
-        "kind": "onnx",
-        "file": out_path.name,
-        "source_weights": spec.weights.name,
-        "source_sha256": spec.sha256,
-        "sha256": sha256_file(out_path),
-        "precision": "fp32",
+        **sidecar_identity("onnx", "fp32", out_path, spec),
         "opset": int(opset),
         "input_size": int(size),
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32"},
