@@ -51,6 +51,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="add per-channel gamma (0.7-1.5) and contrast (0.75-1.25) to the augmentation")
     ap.add_argument("--context-slices", type=int, default=0, metavar="K",
                     help="2.5D input: K neighbouring slices on each side as extra channels (3 * (2K + 1) inputs)")
+    ap.add_argument("--loss", default="dice_bce", choices=["dice_bce", "tversky_bce"],
+                    help="tversky_bce: BCE + MONAI's Tversky loss, which weighs missed tumor (beta) over false "
+                         "tumor (alpha); the CV misses were under-segmentations")
+    ap.add_argument("--tversky-alpha", type=float, default=0.3)
+    ap.add_argument("--tversky-beta", type=float, default=0.7)
+    ap.add_argument("--flair-copy-p", type=float, default=0.0, metavar="P",
+                    help="share of slices whose pre- and post-contrast channels are replaced by FLAIR, as some "
+                         "patients arrive (their missing sequences filled with FLAIR copies)")
+    ap.add_argument("--amp", default="none", choices=["none", "bf16"],
+                    help="bf16: bfloat16 autocast and channels-last memory, ~2.3x faster on CPUs with AMX/AVX-512 "
+                         "BF16; weights stay float32")
     ap.add_argument("--steps", type=int, default=5000)
     ap.add_argument("--epoch-steps", type=int, default=250, help="steps between checkpoints/validation")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -121,6 +132,35 @@ def random_crop(images: torch.Tensor, masks: torch.Tensor, size: int, gen: torch
     windows = [(slice(None), slice(t, t + size), slice(l, l + size)) for t, l in zip(tops, lefts)]
     return (torch.stack([img[win] for img, win in zip(images, windows)]),
             torch.stack([m[win] for m, win in zip(masks, windows)]))
+
+
+def flair_copy(images: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Replace pre- and post-contrast by FLAIR on a share ``p`` of slices (every context group).
+
+    Ten of the 100 shared patients carry FLAIR copies in place of missing sequences; the
+    channels are normalized one by one, so a copied raw channel is a copied normalized one.
+    """
+    if p <= 0:
+        return images
+    n, c = images.shape[:2]
+    pick = torch.rand(n, generator=gen) < p
+    if not bool(pick.any()):
+        return images
+    groups = images.reshape(n, c // 3, 3, *images.shape[2:])
+    copied = groups[:, :, 1:2].expand_as(groups)
+    return torch.where(pick[:, None, None, None, None], copied, groups).reshape(images.shape)
+
+
+def tversky_bce_loss(alpha: float, beta: float):
+    """BCE + MONAI's batch Tversky loss (beta > alpha penalizes missed tumor more)."""
+    from monai.losses import TverskyLoss
+
+    tversky = TverskyLoss(sigmoid=True, alpha=alpha, beta=beta, batch=True, smooth_nr=1.0, smooth_dr=1.0)
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits, target) + tversky(logits, target)
+
+    return loss
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -227,6 +267,10 @@ def main(argv=None) -> int:
             arch["refine_channels"] = args.refine_channels
     model = build_model(arch)
     flops = count_flops(model)
+    loss_fn = dice_bce_loss if args.loss == "dice_bce" else tversky_bce_loss(args.tversky_alpha, args.tversky_beta)
+    amp = args.amp == "bf16"
+    if amp:
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     np_rng = np.random.default_rng(args.seed)
@@ -269,9 +313,13 @@ def main(argv=None) -> int:
             x, y = random_crop(x, y, args.crop, gen)
         if args.intensity_aug:
             x = intensity_augment(x, gen)
-        outputs = model(x)
+        x = flair_copy(x, args.flair_copy_p, gen)
+        if amp:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            outputs = model(x)
         outputs = outputs if isinstance(outputs, list) else [outputs]
-        loss = sum(w * dice_bce_loss(o, y) for w, o in zip(ds_weights, outputs))
+        loss = sum(w * loss_fn(o.float(), y) for w, o in zip(ds_weights, outputs))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -312,6 +360,7 @@ def main(argv=None) -> int:
     if step < args.steps:
         print(f"stopped at step {step} of {args.steps}; continue with --resume", flush=True)
         return 0
+    model = model.to(memory_format=torch.contiguous_format)  # shipped weights in the layout every exporter expects
     torch.save({"architecture": arch, "state_dict": model.state_dict()}, out / "final_weights.pt")
     print(f"done: {step} steps in {elapsed / 60:.1f} min -> {out / 'final_weights.pt'}", flush=True)
     return 0
