@@ -152,6 +152,10 @@ def _load_spec(model: str | None):
               help="auto = fastest backend available here that passed `segengine validate` for this model; "
                    "triton = the model served by a Triton server at $SEGENGINE_TRITON_URL")
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="model .pt with its card (default: shipped)")
+@click.option("--ensemble", is_flag=False, flag_value="", default=None, type=str,
+              metavar="[MANIFEST]", help="accurate mode: average the fold ensemble (bare: the shipped one; "
+                                         "or a *.ensemble.json)")
+@click.option("--tta", is_flag=True, help="accurate mode: also average left-right mirrored slices")
 @click.option("--batch-size", type=click.IntRange(1, 512), default=32, show_default=True)
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="intra-op threads (default: all cores)")
 @click.option("--no-postprocess", is_flag=True, help="threshold only: keep every component")
@@ -170,8 +174,8 @@ def _load_spec(model: str | None):
 @click.option("--max-slices", type=click.IntRange(1, 100000), default=512, show_default=True,
               help="refuse patients with more slices than this")
 @user_errors
-def run(patient_dir, patients_root, out, backend, model, batch_size, threads, no_postprocess, fill_holes, gif, overwrite,
-        ray_address, workers, max_side, min_side, max_slices):
+def run(patient_dir, patients_root, out, backend, model, ensemble, tta, batch_size, threads, no_postprocess, fill_holes,
+        gif, overwrite, ray_address, workers, max_side, min_side, max_slices):
     """Segment one patient (--patient) or every patient under a folder (--patients).
 
     \b
@@ -188,11 +192,13 @@ def run(patient_dir, patients_root, out, backend, model, batch_size, threads, no
       segengine run --patients kaggle_3m --out results --backend onnxruntime --threads 2
       segengine run --patient case.nii.gz --out results                 (4D NIfTI)
       segengine run --patients kaggle_3m --out results --ray            (local Ray, 1 worker per CPU)
+      segengine run --patient kaggle_3m/TCGA_CS_4941_19960909 --out results --ensemble --tta
       segengine run --patients /shared/kaggle_3m --out /shared/results --ray auto
     """
     from segengine.engine.io import SliceLimits
     from segengine.engine.runner import run_patients
 
+    ensemble = None if ensemble is None else (True if ensemble == "" else Path(ensemble))
     if (patient_dir is None) == (patients_root is None):
         fail("give exactly one of --patient DIR or --patients ROOT")
     if min_side > max_side:
@@ -205,7 +211,8 @@ def run(patient_dir, patients_root, out, backend, model, batch_size, threads, no
 
         summary = run_patients_ray(patients_root, out, backend, model, address=ray_address or None, workers=workers,
                                    threads=threads or 1, batch_size=batch_size, postprocess=not no_postprocess,
-                                   fill_holes=fill_holes, gif=gif, overwrite=overwrite, echo=click.echo, limits=limits)
+                                   fill_holes=fill_holes, gif=gif, overwrite=overwrite, echo=click.echo, limits=limits,
+                                   ensemble=ensemble, tta=tta)
         _write_review_index(out)
         sys.exit(1 if summary.failed else 0)
     if workers is not None:
@@ -213,7 +220,8 @@ def run(patient_dir, patients_root, out, backend, model, batch_size, threads, no
     _set_threads(threads)
     code = run_patients(patient_dir=patient_dir, patients_root=patients_root, out=out, backend_name=backend,
                         model=model, batch_size=batch_size, threads=threads, postprocess=not no_postprocess,
-                        fill_holes=fill_holes, gif=gif, overwrite=overwrite, echo=click.echo, limits=limits)
+                        fill_holes=fill_holes, gif=gif, overwrite=overwrite, echo=click.echo, limits=limits,
+                        ensemble=ensemble, tta=tta)
     _write_review_index(out)
     sys.exit(code)
 

@@ -291,8 +291,9 @@ if TYPE_CHECKING:
 
 def report_dict(volume: PatientVolume, seg: Segmentation, backend: str, model_sha256: str, model_name: str,
                 postprocess: dict, timings: dict[str, float], spacing_mm: tuple[float, float, float] | None = None,
-                review_rules: "ReviewRules | None" = None) -> dict:
-    """report.json of one patient; ``review`` applies the model card's calibrated rules."""
+                review_rules: "ReviewRules | None" = None, plan: dict | None = None) -> dict:
+    """report.json of one patient; ``review`` applies the model card's calibrated rules; ``plan``
+    lists an ensemble's or TTA run's member models (``InferencePlan.describe``)."""
     from segengine.engine.review import assess, review_features
 
     mask = seg.mask
@@ -317,6 +318,7 @@ def report_dict(volume: PatientVolume, seg: Segmentation, backend: str, model_sh
         "backend": backend,
         "model": model_name,
         "model_sha256": model_sha256,
+        **({"plan": plan} if plan else {}),
         "postprocess": postprocess,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
         "review": assess(review_features(seg.prob, seg.mask, seg.geometry, postprocess.get("threshold", 0.5)),

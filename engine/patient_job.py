@@ -28,6 +28,7 @@ from segengine.engine.io import (DEFAULT_LIMITS, DataError, NotAFolderError, Pat
 from segengine.engine.nifti_io import CASE_ID_SOURCE, case_id, check_nifti_case, is_nifti_case, is_nifti_file
 from segengine.engine.outputs import (DiskFullError, OutputError, ResourceError, ResultsExistError, deferred_signals,
                                       recover_interrupted, report_dict, temp_entries, write_patient)
+from segengine.engine.ensemble import describe_plan
 from segengine.engine.review import ReviewRules
 from segengine.engine.pipeline import Segmentation, segment
 from segengine.engine.postprocess import PostprocessConfig
@@ -291,6 +292,6 @@ def process_patient(folder: Path, out: Path, backend, name: str | None = None, s
         except MemoryError:
             raise job.out_of_memory(vol) from None
         rep = report_dict(vol, seg, name, spec.sha256, spec.name, asdict(post), {**timings, **seg.timings},
-                          review_rules=ReviewRules.from_card(spec.card))
+                          review_rules=ReviewRules.from_card(spec.card), plan=describe_plan(spec))
         job.write(vol, seg, rep, gif)
     return rep

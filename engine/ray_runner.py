@@ -25,7 +25,7 @@ from segengine.engine import backends as registry
 from segengine.engine.backends.base import BackendUnavailable
 from segengine.engine.cli import BLAS_ENV_VARS, THREAD_ENV_VARS
 from segengine.engine.io import DEFAULT_LIMITS, DataError, NotAFolderError, SliceLimits, list_patients
-from segengine.engine.model import load_model_spec
+from segengine.engine.ensemble import load_plan
 from segengine.engine.outputs import check_out_dir
 from segengine.engine.patient_job import has_result, tidy_out, unique_patient_ids
 from segengine.engine.postprocess import PostprocessConfig
@@ -38,9 +38,10 @@ class SegmentWorker:
     """Ray actor body: one backend session for the actor's lifetime, one patient per call."""
 
     def __init__(self, model: str | None, backend_name: str, threads: int, post: dict, batch_size: int,
-                 overwrite: bool, gif: bool, limits: dict | None = None):
+                 overwrite: bool, gif: bool, limits: dict | None = None, ensemble: bool | str | None = None,
+                 tta: bool = False):
         t = time.perf_counter()
-        self.spec = load_model_spec(model)
+        self.spec = load_plan(model, ensemble, tta)
         self.name = backend_name
         self.backend = registry.create(backend_name, self.spec, threads=threads).load()
         self.load_s = time.perf_counter() - t
@@ -78,7 +79,8 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
                      fill_holes: bool = False, gif: bool = False, overwrite: bool = False,
                      max_attempts: int = DEFAULT_MAX_ATTEMPTS, echo: Callable[..., None] = print,
                      on_submit: Callable[[str, int], None] | None = None,
-                     limits: SliceLimits = DEFAULT_LIMITS) -> JobSummary:
+                     limits: SliceLimits = DEFAULT_LIMITS, ensemble: bool | Path | None = None,
+                     tta: bool = False) -> JobSummary:
     """Segment every patient under ``patients_root`` on Ray; returns the job summary.
 
     ``address`` None starts a local Ray instance (or reuses one already initialised in this
@@ -97,7 +99,7 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
     check_out_dir(out, [patients_root])
     for note in tidy_out(out):
         echo(f"segengine: {note}")
-    spec = load_model_spec(model)
+    spec = load_plan(model, ensemble, tta)
     name = registry.resolve(backend_name, spec)
     # a bad patient's id is None: its worker reports it as failed; two patients sharing an id are refused
     folders = list_patients(patients_root)
@@ -127,12 +129,14 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
         summary.workers = n_workers
         post = asdict(PostprocessConfig(largest_component=postprocess, fill_holes_2d=fill_holes))
         model_arg = None if model is None else str(Path(model).resolve())
+        ensemble_arg = ensemble if ensemble in (None, True, False) else str(Path(ensemble).resolve())
         actor_cls = ray.remote(SegmentWorker).options(
             num_cpus=threads, max_restarts=0, runtime_env={"env_vars": {**{var: str(threads) for var in THREAD_ENV_VARS},
                                                          **{var: "1" for var in BLAS_ENV_VARS}}})
 
         def new_worker():
-            actor = actor_cls.remote(model_arg, name, threads, post, batch_size, overwrite, gif, asdict(limits))
+            actor = actor_cls.remote(model_arg, name, threads, post, batch_size, overwrite, gif, asdict(limits),
+                                     ensemble_arg, tta)
             return actor, ray.get(actor.pid.remote())
 
         try:

@@ -14,6 +14,7 @@ import numpy as np
 from segengine.engine import backends as registry
 from segengine.engine.io import DEFAULT_LIMITS, DataError, NotAFolderError, SliceLimits, list_patients, read_patient
 from segengine.engine.metrics import volume_metrics
+from segengine.engine.ensemble import describe_plan, load_plan
 from segengine.engine.model import load_model_spec
 from segengine.engine.outputs import (DiskFullError, OutputError, ResourceError, ResultsExistError, check_out_dir,
                                       report_dict)
@@ -108,8 +109,11 @@ def _stderr(line: str) -> None:
 def run_patients(patient_dir: Path | None, patients_root: Path | None, out: Path, backend_name: str, model: Path | None,
                  batch_size: int = 32, threads: int | None = None, postprocess: bool = True, fill_holes: bool = False,
                  gif: bool = False, overwrite: bool = False, echo: Callable[..., None] = print,
-                 limits: SliceLimits = DEFAULT_LIMITS) -> int:
-    """Segment and write; returns the exit code (0 ok, 1 some patients failed)."""
+                 limits: SliceLimits = DEFAULT_LIMITS, ensemble: bool | Path | None = None, tta: bool = False) -> int:
+    """Segment and write; returns the exit code (0 ok, 1 some patients failed).
+
+    ``ensemble`` (True: the shipped one, or a manifest) and ``tta`` average several models
+    and/or mirrored slices: the accurate mode (see engine/ensemble.py)."""
     source = patient_dir if patient_dir is not None else patients_root
     if patient_dir is not None:  # a slice folder or a NIfTI case (file or folder): the job tells which
         job = PatientJob(patient_dir, out, overwrite, limits)  # id, headers and OUT/<id> checked before loading anything
@@ -124,7 +128,7 @@ def run_patients(patient_dir: Path | None, patients_root: Path | None, out: Path
     check_out_dir(out, [source])
     for note in tidy_out(out):
         _stderr(f"segengine: {note}")
-    spec = load_model_spec(model)
+    spec = load_plan(model, ensemble, tta)
     name = registry.resolve(backend_name, spec)
     post = PostprocessConfig(largest_component=postprocess, fill_holes_2d=fill_holes)
     t = time.perf_counter()
@@ -201,7 +205,7 @@ def segment_patients(folders: list[Path], out: Path, backend, name: str, spec, p
         try:
             seg = finish_patient(vol, pre, probs, "native", post, timings)
             rep = report_dict(vol, seg, name, spec.sha256, spec.name, asdict(post), timings,
-                              review_rules=ReviewRules.from_card(spec.card))
+                              review_rules=ReviewRules.from_card(spec.card), plan=describe_plan(spec))
         except MemoryError:
             raise job.out_of_memory(vol) from None
         job.write(vol, seg, rep, gif)

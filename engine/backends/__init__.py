@@ -42,20 +42,31 @@ def availability(spec=None) -> dict[str, str | None]:
 
 
 def resolve(name: str, spec) -> str:
-    """Turn ``auto`` into the fastest backend that is available and has a trusted verdict for ``spec``."""
+    """Turn ``auto`` into the fastest backend that is available and has a trusted verdict for ``spec``
+    (for an ensemble or TTA plan: for every member model)."""
+    from segengine.engine.ensemble import members_of
+
+    members = members_of(spec)
     if name != "auto":
-        why = why_unavailable(name, spec)
-        if why:
-            usable = [n for n, w in availability(spec).items() if w is None]
-            raise BackendUnavailable(f"backend {name!r} is not available: {why} (available: {', '.join(usable) or 'none'})")
+        for member in members:
+            why = why_unavailable(name, member)
+            if why:
+                usable = [n for n, w in availability(member).items() if w is None]
+                raise BackendUnavailable(f"backend {name!r} is not available: {why} (available: {', '.join(usable) or 'none'})")
         return name
     from segengine.engine.verdict import why_untrusted
 
     for candidate in AUTO_ORDER:
-        if why_unavailable(candidate, spec) is None and why_untrusted(spec, candidate) is None:
+        if all(why_unavailable(candidate, m) is None and why_untrusted(m, candidate) is None for m in members):
             return candidate
     raise BackendUnavailable("no backend is available (install torch or onnxruntime)")
 
 
 def create(name: str, spec, threads: int | None = None) -> Backend:
-    return backend_class(resolve(name, spec))(spec, threads=threads)
+    """One runner for a model; an averaging runner over one runner per member for a plan."""
+    from segengine.engine.ensemble import AveragingBackend, InferencePlan
+
+    name = resolve(name, spec)
+    if isinstance(spec, InferencePlan):
+        return AveragingBackend(spec, [backend_class(name)(m, threads=threads) for m in spec.members])
+    return backend_class(name)(spec, threads=threads)

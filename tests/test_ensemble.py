@@ -1,0 +1,123 @@
+"""Accurate mode: fold ensembles and flip TTA behind the one Backend interface (engine/ensemble.py)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import VAL_PATIENTS, copy_model
+from segengine.engine import backends as registry
+from segengine.engine.ensemble import InferencePlan, load_ensemble, load_plan
+from segengine.engine.io import read_patient
+from segengine.engine.model import ModelError, load_model_spec, shipped_model_path
+from segengine.engine.pipeline import predict_flipped, preprocess_patient, model_input
+
+
+@pytest.fixture(scope="module")
+def two_member_ensemble(tmp_path_factory, random_model) -> Path:
+    """The shipped model and a seeded random one, side by side with a manifest."""
+    folder = tmp_path_factory.mktemp("ensemble")
+    copy_model(shipped_model_path(), folder)
+    random_copy = folder / "random16.pt"
+    shutil.copy(random_model, random_copy)
+    card = json.loads(random_model.with_suffix(".json").read_text()) | {"name": "random16"}
+    random_copy.with_suffix(".json").write_text(json.dumps(card))
+    manifest = folder / "pair.ensemble.json"
+    manifest.write_text(json.dumps({"name": "pair", "kind": "ensemble", "members": ["resunet16.pt", "random16.pt"]}))
+    return manifest
+
+
+def _grid(spec, backend_name: str, images: np.ndarray, tta: bool = False) -> np.ndarray:
+    with registry.create(backend_name, spec, threads=1) as backend:
+        prob = backend.predict(images)
+        return (prob + predict_flipped(backend, images)) / 2 if tta else prob
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_ensemble_is_the_mean_of_its_members(kaggle_root, two_member_ensemble, tta):
+    """The averaging runner against each member run on its own (and mirrored by the pipeline's TTA rule)."""
+    plan = load_ensemble(two_member_ensemble, tta=tta)
+    vol = read_patient(kaggle_root / VAL_PATIENTS[0])
+    images = model_input(preprocess_patient(vol, "native", plan.input_size), plan)[:12]
+    members = [_grid(m, "torch", images, tta) for m in plan.members]
+    assert not np.allclose(members[0], members[1], atol=1e-2)  # the two members really differ
+    got = _grid(plan, "torch", images)
+    np.testing.assert_allclose(got, (members[0] + members[1]) / 2, atol=1e-5)
+
+
+def test_tta_alone_averages_the_mirrored_slices(kaggle_root):
+    spec = load_model_spec(None)
+    plan = load_plan(None, None, tta=True)
+    assert isinstance(plan, InferencePlan) and plan.members[0].sha256 == spec.sha256 and plan.sha256 != spec.sha256
+    vol = read_patient(kaggle_root / VAL_PATIENTS[1])
+    images = model_input(preprocess_patient(vol, "native", spec.input_size), spec)[:8]
+    np.testing.assert_allclose(_grid(plan, "torch", images), _grid(spec, "torch", images, tta=True), atol=1e-5)
+
+
+def _manifest(folder: Path, body) -> Path:
+    p = folder / "bad.ensemble.json"
+    p.write_text(body if isinstance(body, str) else json.dumps(body))
+    return p
+
+
+@pytest.mark.parametrize("body, message", [
+    ("{not json", "unreadable ensemble manifest"),
+    ({"kind": "model", "members": ["resunet16.pt"]}, "not an ensemble manifest"),
+    ({"kind": "ensemble", "members": []}, "members must be a list"),
+    ({"kind": "ensemble", "members": "resunet16.pt"}, "members must be a list"),
+    ({"kind": "ensemble", "members": ["../resunet16.pt"]}, "must be a file name beside the manifest"),
+    ({"kind": "ensemble", "members": ["missing.pt"]}, "model file not found"),
+])
+def test_bad_manifests_are_refused(tmp_path, body, message):
+    copy_model(shipped_model_path(), tmp_path)
+    with pytest.raises(ModelError, match=message):
+        load_ensemble(_manifest(tmp_path, body))
+
+
+def test_a_corrupt_member_is_refused(tmp_path):
+    weights = copy_model(shipped_model_path(), tmp_path)
+    with open(weights, "r+b") as fh:
+        fh.seek(-8, 2)
+        fh.write(b"\x00" * 8)
+    with pytest.raises(ModelError, match="does not match its card"):
+        load_ensemble(_manifest(tmp_path, {"kind": "ensemble", "members": [weights.name]}))
+
+
+def test_members_must_see_the_same_input(tmp_path, random_model):
+    copy_model(shipped_model_path(), tmp_path)
+    other = tmp_path / "ctx.pt"
+    shutil.copy(random_model, other)
+    card = json.loads(random_model.with_suffix(".json").read_text())
+    card["context_slices"] = 1
+    card["architecture"] = card["architecture"] | {"in_channels": 9}
+    other.with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="members differ in input size or context slices"):
+        load_ensemble(_manifest(tmp_path, {"kind": "ensemble", "members": ["resunet16.pt", "ctx.pt"]}))
+
+
+def _segengine(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "segengine.engine.cli", *args], capture_output=True, text=True)
+
+
+def test_run_ensemble_tta_writes_what_produced_the_mask(kaggle_root, two_member_ensemble, tmp_path):
+    out = tmp_path / "out"
+    r = _segengine("run", "--patient", str(kaggle_root / VAL_PATIENTS[1]), "--out", str(out),
+                   "--ensemble", str(two_member_ensemble), "--tta", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / VAL_PATIENTS[1] / "report.json").read_text())
+    plan = load_ensemble(two_member_ensemble, tta=True)
+    assert rep["model"] == "pair+tta" and rep["model_sha256"] == plan.sha256
+    assert [m["sha256"] for m in rep["plan"]["members"]] == [m.sha256 for m in plan.members]
+    assert rep["plan"]["flip_tta"] is True and rep["backend"] == "torch"
+
+
+def test_run_refuses_model_and_ensemble_together(kaggle_root, two_member_ensemble, tmp_path):
+    r = _segengine("run", "--patient", str(kaggle_root / VAL_PATIENTS[1]), "--out", str(tmp_path / "o"),
+                   "--model", str(shipped_model_path()), "--ensemble", str(two_member_ensemble))
+    assert r.returncode == 2 and "not both" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o" / VAL_PATIENTS[1]).exists()
