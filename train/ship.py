@@ -59,11 +59,16 @@ def ship_run(run: Path, out: Path, data_split: dict | None = None) -> dict:
                                          "validation": "splits/reference_validation.txt (10 patients, logged only)"},
             "steps": history[-1]["step"], "batch_size": config["batch_size"], "optimizer": "AdamW",
             "lr": config["lr"], "weight_decay": config["weight_decay"], "schedule": "one-cycle (10% warm-up, cosine)",
-            "loss": "BCE + batch soft Dice, deep supervision "
+            "loss": ("BCE + batch Tversky (MONAI; alpha {tversky_alpha} on false tumor, beta {tversky_beta} on missed "
+                     "tumor)".format(**config) if config.get("loss") == "tversky_bce" else "BCE + batch soft Dice")
+                    + ", deep supervision "
                     + ("1 (refined) / 0.5 (half resolution) / 0.5 / 0.25" if refine else "1 / 0.5 / 0.25"),
             "augmentation": "flip, rotation +-15 deg, scale 0.9-1.1, shift +-5%, channel gain/bias"
                             + (", per-channel gamma 0.7-1.5 and contrast 0.75-1.25" if config.get("intensity_aug") else "")
-                            + (f", random {config['crop']}x{config['crop']} windows" if config.get("crop") else ""),
+                            + (f", random {config['crop']}x{config['crop']} windows" if config.get("crop") else "")
+                            + (f", pre/post channels replaced by FLAIR on {config['flair_copy_p']:.0%} of slices"
+                               if config.get("flair_copy_p") else ""),
+            "precision": "bfloat16 autocast, channels-last (weights float32)" if config.get("amp") == "bf16" else "float32",
             "sampling": f"{config['tumor_sampling']:.0%} of draws weighted by tumor area, rest uniform",
             "seed": config["seed"], "threads": config["threads"],
             "cpu_minutes": round(history[-1]["elapsed_s"] / 60, 1),
@@ -74,6 +79,11 @@ def ship_run(run: Path, out: Path, data_split: dict | None = None) -> dict:
                        + (f" --refine-channels {refine}" if refine else "")
                        + (f" --context-slices {context}" if context else "")
                        + (" --intensity-aug" if config.get("intensity_aug") else "")
+                       + (f" --loss {config['loss']}" if config.get("loss", "dice_bce") != "dice_bce" else "")
+                       + (f" --tversky-alpha {config['tversky_alpha']} --tversky-beta {config['tversky_beta']}"
+                          if config.get("loss") == "tversky_bce" else "")
+                       + (f" --flair-copy-p {config['flair_copy_p']}" if config.get("flair_copy_p") else "")
+                       + (f" --amp {config['amp']}" if config.get("amp", "none") != "none" else "")
                        + (f" --epoch-steps {config['epoch_steps']}" if config.get("epoch_steps", 250) != 250 else ""),
         },
         "validation_history_reference_protocol": [{"step": h["step"], "dsc": round(h["val_dsc_reference"], 4)} for h in history],
