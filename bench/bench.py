@@ -31,17 +31,19 @@ def run_bench(spec, data_root=None, patients: int = 3, backends: Iterable[str] =
               reference_iterations: int | None = None, log: Callable[[str], None] = print) -> dict:
     """Time every backend x batch size (model only), each backend end to end, and the reference.
 
-    ``spec`` is a :class:`~segengine.engine.model.ModelSpec` (or a path to a weights file).
+    ``spec`` is a :class:`~segengine.engine.model.ModelSpec`, an ensemble/TTA
+    :class:`~segengine.engine.ensemble.InferencePlan`, or a path to a weights file.
     ``reference``: True = model-only and end-to-end, "model" = model-only only, False = skip.
     ``reference_warmup`` / ``reference_iterations`` default to ``warmup`` / ``iterations``.
     Returns a JSON-serializable dict (see ``format_table`` for a human view).
     """
     import torch
 
+    from segengine.engine.ensemble import InferencePlan, members_of
     from segengine.engine.model import ModelSpec, load_model_spec, load_torch_model
     from segengine.engine.network import count_flops
 
-    if not isinstance(spec, ModelSpec):
+    if not isinstance(spec, (ModelSpec, InferencePlan)):
         spec = load_model_spec(spec)
     backends = [b for b in backends]
     batch_sizes = [int(b) for b in batch_sizes]
@@ -64,9 +66,13 @@ def run_bench(spec, data_root=None, patients: int = 3, backends: Iterable[str] =
         notes.append(f"only {len(folders)} patient folder(s) under {data_root} (asked for {patients})")
     log(f"model {spec.name} ({spec.weights}); {len(folders)} patient(s); backends {', '.join(backends)}")
 
-    model = load_torch_model(spec)
-    flops = int(count_flops(model, spec.input_size))
-    del model
+    # an ensemble / TTA plan runs every member on every view: its cost per slice is their sum
+    views = (2 if getattr(spec, "tta", False) else 1)
+    flops = 0
+    for member in members_of(spec):
+        model = load_torch_model(member)
+        flops += views * int(count_flops(model, member.input_size))
+        del model
 
     x, input_info = input_slices(spec, folders, max(batch_sizes + [reference_batch_size]), log)
 
@@ -137,8 +143,9 @@ def run_bench(spec, data_root=None, patients: int = 3, backends: Iterable[str] =
             "iterations": iterations, "end_to_end": bool(end_to_end), "end_to_end_batch_size": E2E_BATCH_SIZE,
             "reference": reference if isinstance(reference, str) else bool(reference), "input": input_info,
         },
-        "model": {"name": spec.name, "architecture": spec.architecture, "input_size": spec.input_size,
-                  "flops_per_slice": flops, "gflop_per_slice": flops / 1e9},
+        "model": {"name": spec.name, "architecture": members_of(spec)[0].architecture, "input_size": spec.input_size,
+                  "flops_per_slice": flops, "gflop_per_slice": flops / 1e9,
+                  **({"plan": spec.describe()} if isinstance(spec, InferencePlan) else {})},
         "peak": peaks,
         "model_only": model_only,
         "end_to_end": e2e,

@@ -132,7 +132,19 @@ def main() -> None:
       segengine evaluate --model --data kaggle_3m --patients-file val.txt --protocol reference
       segengine validate --data kaggle_3m --backend onnxruntime-int8
       segengine bench --data kaggle_3m --patients 10 --json bench.json --plot bench.png
+      segengine bench --data kaggle_3m --ensemble --tta --backends torch     (accurate mode's cost)
     """
+
+
+def accurate_mode_options(fn):
+    """--ensemble [MANIFEST] and --tta, read by engine.ensemble.load_plan."""
+    fn = click.option("--tta", is_flag=True, help="accurate mode: also average left-right mirrored slices")(fn)
+    return click.option("--ensemble", is_flag=False, flag_value="", default=None, type=str, metavar="[MANIFEST]",
+                        help="accurate mode: average the fold ensemble (bare: the shipped one; or a *.ensemble.json)")(fn)
+
+
+def _ensemble_arg(ensemble: str | None) -> bool | Path | None:
+    return None if ensemble is None else (True if ensemble == "" else Path(ensemble))
 
 
 # --------------------------------------------------------------------------- run
@@ -152,10 +164,7 @@ def _load_spec(model: str | None):
               help="auto = fastest backend available here that passed `segengine validate` for this model; "
                    "triton = the model served by a Triton server at $SEGENGINE_TRITON_URL")
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="model .pt with its card (default: shipped)")
-@click.option("--ensemble", is_flag=False, flag_value="", default=None, type=str,
-              metavar="[MANIFEST]", help="accurate mode: average the fold ensemble (bare: the shipped one; "
-                                         "or a *.ensemble.json)")
-@click.option("--tta", is_flag=True, help="accurate mode: also average left-right mirrored slices")
+@accurate_mode_options
 @click.option("--batch-size", type=click.IntRange(1, 512), default=32, show_default=True)
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="intra-op threads (default: all cores)")
 @click.option("--no-postprocess", is_flag=True, help="threshold only: keep every component")
@@ -198,7 +207,7 @@ def run(patient_dir, patients_root, out, backend, model, ensemble, tta, batch_si
     from segengine.engine.io import SliceLimits
     from segengine.engine.runner import run_patients
 
-    ensemble = None if ensemble is None else (True if ensemble == "" else Path(ensemble))
+    ensemble = _ensemble_arg(ensemble)
     if (patient_dir is None) == (patients_root is None):
         fail("give exactly one of --patient DIR or --patients ROOT")
     if min_side > max_side:
@@ -278,20 +287,24 @@ def report(out):
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="with --model")
 @click.option("--no-postprocess", is_flag=True, help="with --model: keep every component")
 @click.option("--fill-holes", is_flag=True, help="with --model: fill holes slice by slice")
+@accurate_mode_options
 @user_errors
 def evaluate(data_root, pred_root, model, protocol, backend, patients_file, out_dir, threads, threshold, no_postprocess,
-             fill_holes):
+             fill_holes, ensemble, tta):
     """Score predicted masks (--pred) or a model (--model) per patient: DSC, HD95, precision, recall.
 
     \b
     Examples:
       segengine evaluate --data kaggle_3m --pred results --patients-file val.txt --out eval
       segengine evaluate --model --data kaggle_3m --patients-file val.txt --protocol reference
+      segengine evaluate --ensemble --tta --data kaggle_3m --patients-file val.txt
     """
     from segengine.engine.evaluate import format_table, score_predictions, write_result
 
-    if (pred_root is None) == (model is None):
-        fail("give exactly one of --pred PRED_ROOT or --model [PATH]")
+    if (pred_root is None) == (model is None and ensemble is None):
+        fail("give exactly one of --pred PRED_ROOT or --model [PATH] / --ensemble [MANIFEST]")
+    if pred_root is not None and tta:
+        fail("--tta averages a model's predictions: use it with --model or --ensemble, not --pred")
     _check_paths(folders={"--out": out_dir})
     _set_threads(threads)
     if pred_root is not None:
@@ -303,7 +316,8 @@ def evaluate(data_root, pred_root, model, protocol, backend, patients_file, out_
         from segengine.engine.runner import evaluate_model
 
         post = PostprocessConfig(threshold=threshold, largest_component=not no_postprocess, fill_holes_2d=fill_holes)
-        result = evaluate_model(data_root, model or None, protocol, backend, patients_file, threads, post)
+        result = evaluate_model(data_root, model or None, protocol, backend, patients_file, threads, post,
+                                ensemble=_ensemble_arg(ensemble), tta=tta)
     click.echo(format_table(result))
     s = result["summary"]["dsc"]
     click.echo(f"\nDSC ({result['protocol']} protocol, {s['n']} patients): mean {s['mean']:.4f}  median {s['median']:.4f}")
@@ -421,19 +435,24 @@ def export(model, kinds, data_root, train_list, calibration_slices, opset, trito
 @click.option("--model", type=click.Path(path_type=Path), default=None)
 @click.option("--json", "json_path", type=click.Path(path_type=Path))
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path))
+@accurate_mode_options
 @user_errors
-def bench(data_root, n_patients, backends, batch_sizes, threads, warmup, iterations, no_reference, model, json_path, plot_path):
+def bench(data_root, n_patients, backends, batch_sizes, threads, warmup, iterations, no_reference, model, json_path, plot_path,
+          ensemble, tta):
     """Latency and throughput per backend and batch size, end to end per patient, vs the reference.
 
     \b
     Example:
       segengine bench --data kaggle_3m --patients 10 --json bench.json --plot bench.png
+      segengine bench --data kaggle_3m --ensemble --tta --backends torch     (accurate mode's cost)
     """
     from segengine.bench.bench import format_table, plot, run_bench
 
     _check_paths(files={"--json": json_path, "--plot": plot_path})
     _set_threads(threads)
-    spec = _load_spec(model)
+    from segengine.engine.ensemble import load_plan
+
+    spec = load_plan(model, _ensemble_arg(ensemble), tta)
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(","))
     except ValueError:

@@ -15,7 +15,6 @@ from segengine.engine import backends as registry
 from segengine.engine.io import DEFAULT_LIMITS, DataError, NotAFolderError, SliceLimits, list_patients, read_patient
 from segengine.engine.metrics import volume_metrics
 from segengine.engine.ensemble import describe_plan, load_plan
-from segengine.engine.model import load_model_spec
 from segengine.engine.outputs import (DiskFullError, OutputError, ResourceError, ResultsExistError, check_out_dir,
                                       report_dict)
 from segengine.engine.patient_job import (PatientBusyError, PatientJob, has_result, patient_id_of, process_patient,
@@ -249,12 +248,12 @@ def segment_patients(folders: list[Path], out: Path, backend, name: str, spec, p
 
 def evaluate_model(data_root: Path, model: str | None, protocol: str, backend_name: str = "torch",
                    patients_file: str | None = None, threads: int | None = None, post: PostprocessConfig = PostprocessConfig(),
-                   progress=None) -> dict:
-    """Per-patient metrics of a model in the reference or native protocol."""
+                   progress=None, ensemble: bool | Path | None = None, tta: bool = False) -> dict:
+    """Per-patient metrics of a model (or an ensemble / TTA plan) in the reference or native protocol."""
     from segengine.engine.evaluate import select_patients, summarize_rows
 
     folders = select_patients(Path(data_root), patients_file)
-    spec = load_model_spec(model)
+    spec = load_plan(model, ensemble, tta)
     name = registry.resolve(backend_name, spec)
     rows = []
     with registry.create(name, spec, threads=threads) as backend:

@@ -121,3 +121,29 @@ def test_run_refuses_model_and_ensemble_together(kaggle_root, two_member_ensembl
                    "--model", str(shipped_model_path()), "--ensemble", str(two_member_ensemble))
     assert r.returncode == 2 and "not both" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o" / VAL_PATIENTS[1]).exists()
+
+
+def test_bench_counts_every_member_and_view(two_member_ensemble):
+    """An accurate-mode plan costs the sum of its members' FLOPs on every view it averages."""
+    from segengine.bench.bench import run_bench
+    from segengine.engine.model import load_torch_model
+    from segengine.engine.network import count_flops
+
+    plan = load_ensemble(two_member_ensemble, tta=True)
+    one = count_flops(load_torch_model(plan.members[0]), plan.input_size)
+    result = run_bench(plan, backends=("torch",), batch_sizes=(1,), threads=1, warmup=0, iterations=1,
+                       reference=False, log=lambda *_: None)
+    assert result["model"]["flops_per_slice"] == 2 * 2 * one
+    assert [m["sha256"] for m in result["model"]["plan"]["members"]] == [m.sha256 for m in plan.members]
+    assert [r["status"] for r in result["model_only"]] == ["ok"]
+
+
+def test_evaluate_ensemble_scores_the_plan(kaggle_root, two_member_ensemble, val_patients_file, tmp_path):
+    r = _segengine("evaluate", "--data", str(kaggle_root), "--patients-file", str(val_patients_file),
+                   "--ensemble", str(two_member_ensemble), "--out", str(tmp_path / "ev"), "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["model_sha256"] == load_ensemble(two_member_ensemble).sha256
+    assert len(metrics["patients"]) == len(VAL_PATIENTS)
+    r = _segengine("evaluate", "--data", str(kaggle_root), "--pred", str(tmp_path), "--tta")
+    assert r.returncode == 2 and "--tta" in r.stderr and "Traceback" not in r.stderr
