@@ -142,6 +142,45 @@ def card_summary(agg: dict, source: str) -> dict:
                           if v in agg["variants"]}}
 
 
+def ship_ensemble(cv_out: Path, n_folds: int, models_dir: Path, name: str, agg: dict, source: str,
+                  review: dict | None = None) -> Path:
+    """Copy every fold's shipped model beside a ``NAME.ensemble.json`` manifest (``run --ensemble``).
+
+    Members are stored as float16 weights (half the bytes; the loader computes in float32),
+    each with its own card and SHA-256; the manifest carries the recipe's CV summary and the
+    review rules. Every fold must be finished: an ensemble of some folds is not the recipe's.
+    """
+    import torch
+
+    from segengine.engine.ensemble import ENSEMBLE_SUFFIX
+    from segengine.engine.model import card_path, sha256_file
+
+    members = []
+    models_dir.mkdir(parents=True, exist_ok=True)
+    for k in range(n_folds):
+        shipped = sorted((fold_run(cv_out, k) / "model").glob("*.pt"))
+        if len(shipped) != 1:
+            raise SystemExit(f"fold {k} of {cv_out} is not scored yet (no fold{k}/model/*.pt): score every fold first")
+        payload = torch.load(shipped[0], map_location="cpu", weights_only=True)
+        payload["state_dict"] = {key: v.half() if v.is_floating_point() else v for key, v in payload["state_dict"].items()}
+        member = models_dir / f"{name}_fold{k}.pt"
+        torch.save(payload, member)
+        card = json.loads(card_path(shipped[0]).read_text())
+        card.update(name=member.stem, sha256=sha256_file(member),
+                    weights_storage="float16 (computed in float32; fold models are ensemble members)")
+        card_path(member).write_text(json.dumps(card, indent=2) + "\n")
+        members.append(member.name)
+    manifest = {"name": name, "kind": "ensemble", "members": members,
+                "combine": "mean of the members' sigmoid probabilities on the model grid (with --tta: and of "
+                           "each member's left-right mirrored slices), then the usual post-processing",
+                "cross_validation": card_summary(agg, source)}
+    if review:
+        manifest["review"] = review
+    path = models_dir / f"{name}{ENSEMBLE_SUFFIX}"
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
 def compare(a: dict, b: dict, variant: str = "native_lcc") -> str:
     """Paired per-patient comparison of two CV results on the patients both scored."""
     from scipy.stats import wilcoxon
@@ -269,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--record", default=None, help="also write the aggregate here (e.g. docs/cv/a1.json)")
     ap.add_argument("--card", default=None,
                     help="write the recipe's CV summary into this model card (a model trained with the same recipe)")
+    ap.add_argument("--ship-ensemble", default=None, metavar="NAME",
+                    help="after scoring every fold: copy the fold models to --models-dir as NAME_foldK.pt "
+                         "beside NAME.ensemble.json (the --ensemble accurate mode)")
+    ap.add_argument("--models-dir", default="models")
+    ap.add_argument("--review-from", default=None, metavar="CARD",
+                    help="with --ship-ensemble: copy this model card's calibrated review rules into the manifest")
     # `segengine cv` reaches here without the "--" (Click consumes it): options this parser does
     # not know are the training options either way
     args, extra = ap.parse_known_args(argv)
@@ -301,6 +346,13 @@ def main(argv: list[str] | None = None) -> int:
         card = json.loads(card_file.read_text())
         card["cross_validation"] = card_summary(agg, args.record or str(out / "cv.json"))
         card_file.write_text(json.dumps(card, indent=2) + "\n")
+    if args.ship_ensemble:
+        if len(results) != args.folds:
+            raise SystemExit(f"--ship-ensemble needs all {args.folds} folds scored; {len(results)} are")
+        review = json.loads(Path(args.review_from).read_text()).get("review") if args.review_from else None
+        path = ship_ensemble(out, args.folds, Path(args.models_dir), args.ship_ensemble, agg,
+                             args.record or str(out / "cv.json"), review)
+        print(f"wrote {path}")
     for variant, v in agg["variants"].items():
         print(f"{variant:<16} {v['patients']:>3} patients  mean {v['mean']:.4f}  median {v['median']:.4f}  "
               f"min {v['min']:.4f}  <{LOW_DSC:.2f}: {v[f'below_{LOW_DSC:.2f}']}")
