@@ -18,6 +18,7 @@ from segengine.engine.model import ModelError, check_export, load_model_spec, sh
 from segengine.export.errors import ExportError, ExportToolMissing, ShapeMismatchError, ToleranceExceededError
 
 from conftest import TRAIN_PATIENT as CALIBRATION_PATIENT  # in splits/train.txt
+from conftest import VAL_PATIENTS
 from conftest import copy_model
 SIZE = 256
 
@@ -836,8 +837,6 @@ def test_context_backends_agree_with_torch_on_a_real_patient(context_exports, ka
     from segengine.engine.io import read_patient
     from segengine.engine.pipeline import segment
 
-    from conftest import VAL_PATIENTS
-
     spec, _ = context_exports
     volume = read_patient(kaggle_root / VAL_PATIENTS[0])
     with create("torch", spec, threads=1) as reference:
@@ -857,8 +856,6 @@ def test_segengine_run_with_int8_on_a_context_model(context_exports, kaggle_root
     from segengine.engine.io import read_patient
     from segengine.engine.pipeline import segment
     from segengine.export.int8 import MASK_DSC_MIN, mask_agreement
-
-    from conftest import VAL_PATIENTS
 
     spec, _ = context_exports
     patient = kaggle_root / VAL_PATIENTS[0]
@@ -881,8 +878,6 @@ def test_segengine_validate_passes_a_context_models_exports(context_exports, kag
     from click.testing import CliRunner
 
     from segengine.engine.cli import main
-
-    from conftest import VAL_PATIENTS
 
     spec, _ = context_exports
     plist = tmp_path / "one.txt"
@@ -952,8 +947,6 @@ def test_run_refuses_a_card_whose_context_does_not_fit_the_model(context_copy, k
     from click.testing import CliRunner
 
     from segengine.engine.cli import main
-
-    from conftest import VAL_PATIENTS
 
     card_file = context_copy.weights.with_suffix(".json")
     card = json.loads(card_file.read_text())
