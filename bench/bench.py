@@ -94,8 +94,9 @@ def run_bench(spec, data_root=None, patients: int = 3, backends: Iterable[str] =
     ref = None
     if reference:
         from segengine.bench.reference import time_reference
+        from segengine.engine.preprocess import centre_slice
 
-        ref = time_reference(x, folders, threads=threads,
+        ref = time_reference(centre_slice(x, spec.context_slices), folders, threads=threads,
                              warmup=warmup if reference_warmup is None else reference_warmup,
                              iterations=iterations if reference_iterations is None else reference_iterations,
                              batch_size=reference_batch_size,

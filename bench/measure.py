@@ -85,18 +85,19 @@ def patient_folders(data_root, n: int) -> list[Path]:
 
 
 def input_slices(spec, folders: list[Path], need: int, log) -> tuple[np.ndarray, dict]:
-    """Real preprocessed slices (native protocol) from the patients, enough for ``need``; else noise."""
+    """Real model inputs (native protocol, ``pipeline.model_input``: 2.5D context stacked per
+    patient) from the patients, enough for ``need``; else noise of the same shape."""
     from segengine.engine.io import read_patient
-    from segengine.engine.pipeline import preprocess_patient
+    from segengine.engine.pipeline import model_input, preprocess_patient
 
     size = spec.input_size
     if not folders:
-        x = np.random.default_rng(0).standard_normal((need, 3, size, size)).astype(np.float32)
+        x = np.random.default_rng(0).standard_normal((need, *spec.input_shape)).astype(np.float32)
         return x, {"source": "synthetic", "detail": "standard normal noise (no --data)", "slices": need}
     parts, used = [], []
     for folder in folders:
         vol = read_patient(folder, with_mask=False)
-        parts.append(preprocess_patient(vol, "native", size).images)
+        parts.append(model_input(preprocess_patient(vol, "native", size), spec))
         used.append(folder.name)
         if sum(len(p) for p in parts) >= need:
             break
@@ -105,7 +106,7 @@ def input_slices(spec, folders: list[Path], need: int, log) -> tuple[np.ndarray,
     if available < need:
         x = np.resize(x, (need,) + x.shape[1:])  # repeat slices to fill the largest batch
     log(f"input: {available} real slices from {len(used)} patient(s), native protocol")
-    return np.ascontiguousarray(x), {"source": "real", "detail": "engine.pipeline.preprocess_patient, protocol native",
+    return np.ascontiguousarray(x), {"source": "real", "detail": "engine.pipeline.preprocess_patient + model_input, protocol native",
                                      "patients": used, "slices": int(available), "repeated_to": int(len(x))}
 
 

@@ -63,7 +63,11 @@ class InferencePlan:
 
     @property
     def in_channels(self) -> int:
-        return 3 * (2 * self.context_slices + 1)
+        return self.members[0].in_channels
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.members[0].input_shape
 
     def describe(self) -> dict[str, Any]:
         """The report's record of the plan: members and their SHA-256s."""

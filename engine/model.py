@@ -28,8 +28,17 @@ class ModelError(ValueError):
 # field; architectures list every keyword their constructor takes (network.ARCHITECTURES).
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 MAX_CONTEXT_SLICES = 8  # 2.5D: neighbouring slices on each side fed as channels
+SLICE_CHANNELS = 3  # one slice's modalities: pre-contrast, FLAIR, post-contrast
+
+
+def input_channels(context_slices: int) -> int:
+    """Channels a network takes: the modalities of a slice and of its ``context_slices`` neighbours
+    on each side (``preprocess.stack_context``); the one rule cards, exports and backends follow."""
+    return SLICE_CHANNELS * (2 * context_slices + 1)
+
+
 ARCHITECTURE_FIELDS: dict[str, dict[str, tuple]] = {
-    "resunet": {"in_channels": (int, 3, 3 * (2 * MAX_CONTEXT_SLICES + 1)), "base_channels": (int, 1, 256), "depth": (int, 1, 6),
+    "resunet": {"in_channels": (int, 3, input_channels(MAX_CONTEXT_SLICES)), "base_channels": (int, 1, 256), "depth": (int, 1, 6),
                 "stem_stride": (int, 1, 4), "deep_supervision": (bool,), "refine_channels": (int, 0, 256)},
     "reference_unet": {"in_channels": (int, 3, 3), "base_channels": (int, 1, 256)},
 }
@@ -75,9 +84,9 @@ def check_card(card: Any, where: Path) -> dict[str, Any]:
     if unknown:
         raise ModelError(f"{where}: architecture {arch['name']} has no parameter {unknown[0]!r}")
     _check_fields(where, "architecture.", arch, fields)
-    want = 3 * (2 * card.get("context_slices", 0) + 1)
-    if arch.get("in_channels", 3) != want:
-        raise ModelError(f"{where}: architecture.in_channels = {arch.get('in_channels', 3)} does not fit "
+    want = input_channels(card.get("context_slices", 0))
+    if arch.get("in_channels", SLICE_CHANNELS) != want:
+        raise ModelError(f"{where}: architecture.in_channels = {arch.get('in_channels', SLICE_CHANNELS)} does not fit "
                          f"context_slices = {card.get('context_slices', 0)} (expected {want})")
     return card
 
@@ -149,6 +158,17 @@ class ModelSpec:
     def context_slices(self) -> int:
         """Neighbouring slices on each side fed as extra channels (0: plain 2D slices)."""
         return int(self.card.get("context_slices", 0))
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels of the network and of every export (``check_card`` holds the
+        architecture's ``in_channels`` to this)."""
+        return input_channels(self.context_slices)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, S, S): one item of the network's input batch."""
+        return (self.in_channels, self.input_size, self.input_size)
 
     @property
     def architecture(self) -> dict[str, Any]:

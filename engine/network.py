@@ -1,6 +1,7 @@
 """Networks: segengine's residual U-Net and the course's reference U-Net (for comparison).
 
-Both take (N, 3, 256, 256) normalized slices and return (N, 1, 256, 256) logits, so every
+Both take (N, C, 256, 256) normalized slices (C = in_channels: 3, or 3 per slice of a 2.5D
+ResUNet's context) and return (N, 1, 256, 256) logits, so every
 backend, export and evaluation works on the reference grid. The residual U-Net runs at
 half resolution inside (a stride-2 stem, a bilinear x2 head): 1/14 of the reference cost.
 """

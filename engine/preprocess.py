@@ -270,3 +270,11 @@ def stack_context(images: np.ndarray, context: int) -> np.ndarray:
     d = len(images)
     idx = np.clip(np.arange(d)[:, None] + np.arange(-context, context + 1)[None, :], 0, d - 1)
     return images[idx].reshape(d, -1, *images.shape[2:])
+
+
+def centre_slice(stacked: np.ndarray, context: int) -> np.ndarray:
+    """The slice's own channels of a ``stack_context`` batch (what a 2D model takes), a view."""
+    if context <= 0:
+        return stacked
+    per_slice = stacked.shape[1] // (2 * context + 1)
+    return stacked[:, context * per_slice : (context + 1) * per_slice]

@@ -27,14 +27,16 @@ def _pick(images: np.ndarray, n: int) -> np.ndarray:
     return images[np.linspace(0, len(images) - 1, n).round().astype(int)]
 
 
-def _real_slices(data_root, train_list, n: int, log) -> tuple[np.ndarray | None, dict | None]:
-    """(slices, info) from the training patients; without a train list, from any non-validation
+def _real_slices(spec: ModelSpec, data_root, train_list, n: int, log) -> tuple[np.ndarray | None, dict | None]:
+    """(model inputs, info) from the training patients, shaped as ``spec`` takes them (its input
+    size, 2.5D context stacked per patient); without a train list, from any non-validation
     patients under ``data_root`` (fine for fp32/fp16 checks, never used to calibrate)."""
     from segengine.engine.io import list_patients
     from segengine.export.int8 import _resolve_root, calibration_slices, reference_validation_ids
 
+    as_model_input = {"size": spec.input_size, "context_slices": spec.context_slices, "return_info": True}
     if train_list is not None:
-        return calibration_slices(data_root, train_list, n_slices=n, return_info=True)
+        return calibration_slices(data_root, train_list, n_slices=n, **as_model_input)
     root = Path(data_root)
     forbidden = reference_validation_ids()
     try:
@@ -45,7 +47,7 @@ def _real_slices(data_root, train_list, n: int, log) -> tuple[np.ndarray | None,
     ids = [f.name for f in folders if f.name not in forbidden][:2]
     if not ids:
         return None, None
-    return calibration_slices(_resolve_root(root, ids), ids, n_slices=n, return_info=True)
+    return calibration_slices(_resolve_root(root, ids), ids, n_slices=n, **as_model_input)
 
 
 def export_model(
@@ -82,7 +84,7 @@ def export_model(
         # training slices: INT8 calibration and the FP16 range measurement (never validation patients)
         want_train = train_list is not None and ("onnx-int8" in kinds or "onnx-fp16" in kinds)
         n = calibration_slices_n + N_VERIFY_INT8 if want_train else N_VERIFY_ONNX
-        slices, info = _real_slices(data_root, train_list if want_train else None, n, say)
+        slices, info = _real_slices(spec, data_root, train_list if want_train else None, n, say)
         if slices is not None:
             if want_train:
                 held = np.zeros(len(slices), bool)

@@ -14,12 +14,12 @@ class ExportError(RuntimeError):
 
 
 class ShapeMismatchError(ExportError):
-    """The exported model's output shape differs from its source's."""
+    """An output (or input) shape differs from what the source model gives (or takes)."""
 
-    def __init__(self, what: str, expected, got):
+    def __init__(self, what: str, expected, got, kind: str = "output"):
         self.expected = tuple(expected)
         self.got = tuple(got)
-        super().__init__(f"{what}: output shape mismatch: expected {self.expected}, got {self.got}")
+        super().__init__(f"{what}: {kind} shape mismatch: expected {self.expected}, got {self.got}")
 
 
 class ToleranceExceededError(ExportError):

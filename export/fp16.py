@@ -31,6 +31,7 @@ import numpy as np
 from segengine.engine.model import ModelSpec, check_export, sha256_file
 from segengine.export.errors import ExportError, ExportToolMissing
 from segengine.export.onnx_export import (
+    check_images,
     compare_outputs,
     count_ops,
     now_iso,
@@ -38,6 +39,7 @@ from segengine.export.onnx_export import (
     ort_session,
     set_metadata,
     sidecar_identity,
+    synthetic_images,
     temp_path_beside,
     tool_versions,
     write_sidecar,
@@ -161,10 +163,45 @@ def convert_to_fp16(fp32_model, keep_fp32: Iterable[str] = ()):
         from onnxconverter_common import float16
     except ImportError as exc:
         raise ConverterMissing(f"the float16 converter needs onnxconverter-common ({exc}); pip install onnxconverter-common") from None
+    keep = list(keep_fp32)
     with warnings.catch_warnings():  # "float32 number 3e-08 will be truncated to 1e-07": tiny weights, expected
         warnings.simplefilter("ignore", UserWarning)
-        model = float16.convert_float_to_float16(fp32_model, keep_io_types=True, node_block_list=list(keep_fp32) or None)
+        model = float16.convert_float_to_float16(_unshared_weights(fp32_model, keep), keep_io_types=True,
+                                                 node_block_list=keep or None)
     _float32_outputs(model)
+    return model
+
+
+def _unshared_weights(fp32_model, keep_fp32: list[str]):
+    """A copy where each ``keep_fp32`` node has its own initializers.
+
+    ORT's constant folding shares equal initializers between nodes (e.g. the zero biases of
+    folded BatchNorms); onnxconverter-common 1.16 then keeps a blocked node's shared bias float32
+    for every user, and the float16 nodes among them fail to load (Conv bound to float16 and float).
+    """
+    import onnx
+
+    if not keep_fp32:
+        return fp32_model
+    model = onnx.ModelProto()
+    model.CopyFrom(fp32_model)
+    kept = set(keep_fp32)
+    inits = {t.name: t for t in model.graph.initializer}
+    users: dict[str, set[str]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            if i in inits:
+                users.setdefault(i, set()).add(n.name)
+    for n in model.graph.node:
+        if n.name not in kept:
+            continue
+        for k, name in enumerate(n.input):
+            if name in inits and users[name] - kept:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(inits[name])
+                copy.name = f"{name}__fp32__{n.name}"
+                model.graph.initializer.append(copy)
+                n.input[k] = copy.name
     return model
 
 
@@ -254,7 +291,8 @@ def export_fp16(
 ) -> dict[str, Any]:
     """Convert the current fp32 ONNX export to float16; returns the sidecar.
 
-    ``range_images`` (training slices) decide which nodes stay float32 (module doc); without
+    ``range_images`` (training model inputs, (n, C, S, S) as ``spec`` takes them) decide which
+    nodes stay float32 (module doc); without
     them no node is kept and the sidecar says the ranges were not measured (``validate``
     measures them on the validation patients and fails an unsafe node running in fp16).
     The result is checked with onnx.checker and compared with the fp32 export on
@@ -266,11 +304,13 @@ def export_fp16(
     say = log or (lambda *_: None)
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     check_export(spec, "onnx")
+    if verify_images is not None:
+        verify_images = check_images(verify_images, spec.input_shape)
     ranges = None
     keep: list[str] = []
     if range_images is not None and len(range_images):
         meter = RangeMeter(fp32_path, threads=threads)
-        meter.add(np.asarray(range_images, np.float32))
+        meter.add(check_images(range_images, spec.input_shape, "range images"))
         keep = meter.report()["unsafe"]
         ranges = meter.report(keep)
         ranges.update(range_info or {})
@@ -279,16 +319,14 @@ def export_fp16(
     proto = convert_to_fp16(onnx.load(str(fp32_path)), keep)
     set_metadata(proto, {"segengine.model": spec.name, "segengine.source_sha256": spec.sha256, "segengine.precision": "fp16"})
     try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as exc:
+        onnx.checker.check_model(proto, full_check=True)  # with type inference: float16/float32 mix-ups
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"float16 ONNX fails onnx.checker: {str(exc).splitlines()[0][:200]}") from None
     graph_fp32 = fp32_compute_nodes(proto)
     tmp = temp_path_beside(out_path, "fp16")
     try:
         onnx.save(proto, str(tmp))
-        from segengine.export.onnx_export import synthetic_images
-
-        check = synthetic_images(8, spec.input_size) if verify_images is None else np.asarray(verify_images, np.float32)
+        check = synthetic_images(8, spec.input_size, channels=spec.in_channels) if verify_images is None else verify_images
         expected = ort_run(ort_session(fp32_path, threads=threads), check)
         got = ort_run(emulation_session(tmp, threads=threads), check)
         max_diff = compare_outputs(expected, got, atol, "FP16 (storage emulated) vs fp32 ONNX")

@@ -4,7 +4,8 @@ Settings (ONNX Runtime's advice for x86 CPUs without VNNI, like this AVX2 machin
 QDQ format, activations QUInt8, weights QInt8 per channel with ``reduce_range=True``
 (7-bit weights, so u8 x s8 products cannot saturate the 16-bit intermediate of the
 AVX2 kernels), MinMax calibration over real training slices. Calibration slices come
-from ``calibration_slices``, which refuses any patient of the reference validation split.
+from ``calibration_slices``, which refuses any patient of the reference validation split and
+builds each patient's slices as the engine's model input (2.5D neighbours from that patient only).
 The result is checked against the fp32 ONNX model: max abs diff is reported, and the
 mask agreement (DSC of the two masks at threshold 0.5) must be >= 0.98.
 """
@@ -22,6 +23,7 @@ from segengine.engine.model import ModelSpec, sha256_file
 from segengine.export.errors import ExportError, ToleranceExceededError
 from segengine.export.onnx_export import (
     INPUT_NAME,
+    check_images,
     compare_outputs,
     count_ops,
     now_iso,
@@ -78,19 +80,24 @@ def calibration_slices(
     seed: int = 0,
     size: int = 256,
     *,
+    context_slices: int = 0,
     exclude: Iterable[str] | None = None,
     return_info: bool = False,
 ):
-    """``n_slices`` preprocessed training slices (n, 3, size, size) float32, sampled deterministically.
+    """``n_slices`` training model inputs (n, C, size, size) float32, sampled deterministically.
 
     ``train_list`` is a patient-list file (one id a line) or a sequence of ids. Patients are
-    read with ``read_patient`` and preprocessed with ``preprocess_volume(drop_ends=False)``
-    (the native protocol the engine runs). Raises ExportError when the list contains a
-    reference-validation patient (or one of ``exclude``), or when no listed patient is found.
-    With ``return_info`` returns ``(images, info)`` (patients used, skipped, seed).
+    read with ``read_patient`` and preprocessed as the engine runs them (native protocol,
+    every slice); with ``context_slices`` K > 0 each patient's slices are stacked with their
+    K neighbours on each side (``preprocess.stack_context``, what ``pipeline.model_input``
+    feeds a 2.5D model: C = 3 * (2K + 1)) before slices are sampled, so no input mixes patients.
+    Raises ExportError when the list contains a reference-validation patient (or one of
+    ``exclude``), or when no listed patient is found. With ``return_info`` returns
+    ``(images, info)`` (patients used, skipped, seed).
     """
     from segengine.engine.io import DataError, read_patient, read_patient_list
-    from segengine.engine.preprocess import EmptyVolumeError, preprocess_volume
+    from segengine.engine.pipeline import preprocess_patient
+    from segengine.engine.preprocess import EmptyVolumeError, stack_context
 
     if n_slices < 1:
         raise ExportError(f"need at least 1 calibration slice, got {n_slices}")
@@ -124,13 +131,13 @@ def calibration_slices(
     for pid in chosen:
         try:
             vol = read_patient(root / pid, with_mask=False)
-            pre = preprocess_volume(vol.image, None, size=size, drop_ends=False)
+            pre = preprocess_patient(vol, "native", size)
         except (DataError, EmptyVolumeError) as exc:
             skipped[pid] = str(exc)
             continue
         k = min(quota, len(pre.images))
         idx = np.sort(rng.choice(len(pre.images), k, replace=False))
-        parts.append(pre.images[idx])
+        parts.append(stack_context(pre.images, context_slices)[idx])
         used.append(pid)
     if not parts:
         raise ExportError(f"{root}: no listed training patient could be read ({next(iter(skipped.values()))})")
@@ -141,7 +148,8 @@ def calibration_slices(
     if not return_info:
         return images
     info = {"num_slices": int(len(images)), "requested": int(n_slices), "seed": int(seed), "patients": used,
-            "num_patients": len(used), "missing": missing, "skipped": skipped, "protocol": "native (drop_ends=False)"}
+            "num_patients": len(used), "missing": missing, "skipped": skipped, "protocol": "native (drop_ends=False)",
+            "context_slices": int(context_slices)}
     return images, info
 
 
@@ -149,7 +157,7 @@ def _data_reader(images: np.ndarray, batch_size: int):
     from onnxruntime.quantization import CalibrationDataReader
 
     class SliceBatches(CalibrationDataReader):
-        """Calibration batches of (b, 3, S, S) slices for the ``images`` input."""
+        """Calibration batches of (b, C, S, S) model inputs for the ``images`` input."""
 
         def __init__(self):
             self.starts = list(range(0, len(images), batch_size))
@@ -259,7 +267,7 @@ def export_int8(
 ) -> dict[str, Any]:
     """Quantize the fp32 ONNX model statically to INT8 (QDQ); returns the sidecar.
 
-    ``calibration_images``: (n, 3, S, S) float32 training slices (see ``calibration_slices``),
+    ``calibration_images``: (n, C, S, S) float32 training model inputs (``calibration_slices``),
     fed in batches of ``batch_size``. ``verify_images`` (default: ``n_verify`` of the
     calibration slices) are run through both models: the mean abs diff must be <= ``mean_atol``
     and the mask DSC at 0.5 >= ``dsc_min``, else ToleranceExceededError; the max abs diff is
@@ -282,9 +290,9 @@ def export_int8(
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[method_key]
     size = spec.input_size
-    calibration_images = np.asarray(calibration_images, dtype=np.float32)
-    if calibration_images.ndim != 4 or calibration_images.shape[1:] != (3, size, size) or len(calibration_images) == 0:
-        raise ExportError(f"calibration images: expected (n>=1, 3, {size}, {size}), got {calibration_images.shape}")
+    calibration_images = check_images(calibration_images, spec.input_shape, "calibration images")
+    if verify_images is not None:
+        verify_images = check_images(verify_images, spec.input_shape)
     if fp32_path.resolve() == spec.export_path("onnx").resolve():
         from segengine.engine.model import ModelError, check_export
 
@@ -340,7 +348,7 @@ def export_int8(
         del proto
 
         # ---- verify against the fp32 ONNX model
-        check = np.asarray(verify_images, dtype=np.float32) if verify_images is not None else _pick(calibration_images, n_verify)
+        check = verify_images if verify_images is not None else _pick(calibration_images, n_verify)
         fp32_sess = ort_session(fp32_path, threads=threads)
         int8_sess = ort_session(tmp, threads=threads)
         ref, got = [], []

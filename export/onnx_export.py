@@ -1,6 +1,7 @@
 """PyTorch -> ONNX (fp32 probabilities), BatchNorm folded, verified against PyTorch.
 
-The exported graph takes ``images`` (N, 3, S, S) float32 normalized slices and returns
+The exported graph takes ``images`` (N, C, S, S) float32 normalized slices (C = the card's
+``ModelSpec.in_channels``: 3, or 3 per slice of a 2.5D model's context) and returns
 ``probabilities`` (N, 1, S, S) float32 (the logits model wrapped in a sigmoid), with a
 dynamic batch axis. After export it is checked with ``onnx.checker``, folded by ONNX
 Runtime's offline *basic* optimizer (constant folding, Conv+BatchNorm fusion: standard
@@ -18,7 +19,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from segengine.engine.model import ModelSpec, sha256_file, sidecar_path
+from segengine.engine.model import SLICE_CHANNELS, ModelSpec, sha256_file, sidecar_path
 from segengine.export.errors import ExportError, ExportToolMissing, ShapeMismatchError, ToleranceExceededError
 
 INPUT_NAME = "images"
@@ -94,10 +95,10 @@ def write_sidecar(export_file: Path, sidecar: dict[str, Any]) -> Path:
     return p
 
 
-def synthetic_images(n: int = 8, size: int = 256, seed: int = 0) -> np.ndarray:
-    """A deterministic (n, 3, size, size) float32 batch shaped like z-normalized slices."""
+def synthetic_images(n: int = 8, size: int = 256, seed: int = 0, channels: int = SLICE_CHANNELS) -> np.ndarray:
+    """A deterministic (n, channels, size, size) float32 batch shaped like z-normalized slices."""
     rng = np.random.default_rng(seed)
-    return rng.standard_normal((n, 3, size, size), dtype=np.float32)
+    return rng.standard_normal((n, channels, size, size), dtype=np.float32)
 
 
 def repeat_to(images: np.ndarray, n: int) -> np.ndarray:
@@ -166,10 +167,12 @@ def set_metadata(proto, values: dict[str, str]) -> None:
         entry.key, entry.value = key, str(value)
 
 
-def _check_images(images: np.ndarray, size: int) -> np.ndarray:
+def check_images(images: np.ndarray, item_shape: tuple[int, ...], what: str = "verify_images") -> np.ndarray:
+    """``images`` as contiguous float32 if they are (N >= 1, *item_shape) (``ModelSpec.input_shape``
+    or an export's input dims), else ShapeMismatchError: a 3-channel batch never reaches a 2.5D model."""
     images = np.asarray(images)
-    if images.ndim != 4 or images.shape[1:] != (3, size, size):
-        raise ShapeMismatchError("verify_images", ("N", 3, size, size), images.shape)
+    if images.ndim != 1 + len(item_shape) or tuple(images.shape[1:]) != tuple(item_shape) or len(images) == 0:
+        raise ShapeMismatchError(what, ("N", *item_shape), images.shape, kind="input")
     return np.ascontiguousarray(images, dtype=np.float32)
 
 
@@ -251,8 +254,9 @@ def export_onnx(
 ) -> dict[str, Any]:
     """Export ``spec``'s weights to an fp32 ONNX file of probabilities; returns the sidecar.
 
-    ``verify_images``: (N, 3, S, S) float32 preprocessed slices to compare with PyTorch on
-    (repeated to reach each batch size); None uses a deterministic synthetic batch.
+    ``verify_images``: (N, C, S, S) float32 model input (``pipeline.model_input`` of preprocessed
+    patients) to compare with PyTorch on (repeated to reach each batch size); None uses a
+    deterministic synthetic batch.
     ``exporter``: "torchscript", "dynamo", or "auto" (TorchScript, dynamo if it is unavailable).
     Raises ShapeMismatchError / ToleranceExceededError when the ONNX model disagrees.
     """
@@ -271,9 +275,9 @@ def export_onnx(
     if exporter not in ("auto", "torchscript", "dynamo"):
         raise ExportError(f"unknown exporter {exporter!r} (expected auto, torchscript or dynamo)")
     if verify_images is None:
-        images, image_source = synthetic_images(8, size), "synthetic"
+        images, image_source = synthetic_images(8, size, channels=spec.in_channels), "synthetic"
     else:
-        images, image_source = _check_images(verify_images, size), "real"
+        images, image_source = check_images(verify_images, spec.input_shape), "real"
 
     model = ProbabilityModel(load_torch_model(spec)).eval()
     example = torch.from_numpy(repeat_to(images, 2))  # batch 2: nothing specializes on 1
@@ -337,8 +341,8 @@ def export_onnx(
         with torch.inference_mode():
             expected = model(torch.from_numpy(big)).numpy()
         session = ort_session(folded, threads=threads)
-        if [d for d in session.get_inputs()[0].shape[1:]] != [3, size, size]:
-            raise ShapeMismatchError("ONNX input", (3, size, size), tuple(session.get_inputs()[0].shape[1:]))
+        if tuple(session.get_inputs()[0].shape[1:]) != spec.input_shape:
+            raise ShapeMismatchError("ONNX input", spec.input_shape, tuple(session.get_inputs()[0].shape[1:]), kind="input")
         per_batch = {}
         for b in batch_sizes:
             got = ort_run(session, big[:b])
@@ -356,7 +360,8 @@ def export_onnx(
         **sidecar_identity("onnx", "fp32", out_path, spec),
         "opset": int(opset),
         "input_size": int(size),
-        "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32"},
+        "input": {"name": INPUT_NAME, "shape": ["batch", *spec.input_shape], "dtype": "float32",
+                  "context_slices": spec.context_slices},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", 1, size, size], "dtype": "float32", "meaning": "sigmoid probabilities"},
         "exporter": used,
         "graph_optimization": "onnxruntime offline ORT_ENABLE_BASIC (constant folding, Conv+BatchNorm fusion)",

@@ -17,6 +17,7 @@ from segengine.engine.model import sha256_file, sidecar_path
 from segengine.export.errors import ExportError, ExportToolMissing
 from segengine.export.fp16 import FP16_ATOL
 from segengine.export.onnx_export import (
+    check_images,
     compare_outputs,
     now_iso,
     ort_run,
@@ -77,7 +78,8 @@ def constrain_to_fp32(trt, network, names) -> list[str]:
 
 
 def _source_of(onnx_path: Path) -> dict[str, Any]:
-    """source_sha256 / input size of the fp32 ONNX file (its sidecar, else its metadata)."""
+    """source_sha256, input name and dims of the fp32 ONNX file (its sidecar, else its metadata);
+    the input's per-item dims (C, S, S) are the graph's and must agree with its sidecar's."""
     import onnx
 
     side_p = sidecar_path(onnx_path)
@@ -85,6 +87,9 @@ def _source_of(onnx_path: Path) -> dict[str, Any]:
     model = onnx.load(str(onnx_path), load_external_data=False)
     meta = {p.key: p.value for p in model.metadata_props}
     dims = [d.dim_value if d.HasField("dim_value") else None for d in model.graph.input[0].type.tensor_type.shape.dim]
+    declared = (side.get("input") or {}).get("shape")
+    if isinstance(declared, list) and declared[1:] != dims[1:]:
+        raise ExportError(f"{onnx_path}: input dims {dims[1:]} differ from its sidecar's {list(declared[1:])}; re-export it")
     return {
         "source_sha256": side.get("source_sha256") or meta.get("segengine.source_sha256"),
         "source_weights": side.get("source_weights"),
@@ -135,8 +140,10 @@ def build_tensorrt_engine(
     source = _source_of(onnx_path)
     dims = source["input_dims"]
     if len(dims) != 4 or dims[0] is not None or None in dims[1:]:
-        raise ExportError(f"{onnx_path}: input {source['input_name']} has shape {dims}; expected (batch, 3, S, S)")
-    chw = tuple(int(d) for d in dims[1:])
+        raise ExportError(f"{onnx_path}: input {source['input_name']} has shape {dims}; expected (batch, C, S, S)")
+    chw = tuple(int(d) for d in dims[1:])  # C: 3, or 3 per slice of a 2.5D model's context
+    if verify_images is not None:
+        verify_images = check_images(verify_images, chw)
 
     started = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -167,7 +174,7 @@ def build_tensorrt_engine(
     build_s = time.perf_counter() - started
 
     # ---- verify against ONNX Runtime fp32 on the CPU
-    images = synthetic_images(8, chw[-1]) if verify_images is None else np.asarray(verify_images, dtype=np.float32)
+    images = synthetic_images(8, chw[-1], channels=chw[0]) if verify_images is None else verify_images
     sizes = sorted({b for b in (1, 7, opt_batch) if min_batch <= b <= max_batch} | {min_batch})
     big = repeat_to(images, max(sizes))
     expected = ort_run(ort_session(onnx_path), big)

@@ -51,6 +51,7 @@ class TritonModel:
     export_file: Path
     source_sha256: str
     input_size: int
+    in_channels: int  # ModelSpec.in_channels: 3, or 3 per slice of a 2.5D model's context
     max_batch_size: int
     preferred_batch_sizes: list[int]
     instance_kind: str  # KIND_CPU or KIND_GPU
@@ -73,7 +74,7 @@ class TritonModel:
             f'platform: "{self.platform}"\n'
             f"max_batch_size: {self.max_batch_size}\n"
             "input [\n"
-            f'  {{ name: "{INPUT_NAME}" data_type: TYPE_FP32 dims: [ 3, {s}, {s} ] }}\n'
+            f'  {{ name: "{INPUT_NAME}" data_type: TYPE_FP32 dims: [ {self.in_channels}, {s}, {s} ] }}\n'
             "]\n"
             "output [\n"
             f'  {{ name: "{OUTPUT_NAME}" data_type: TYPE_FP32 dims: [ 1, {s}, {s} ] }}\n'
@@ -153,14 +154,14 @@ def check_repository(repo: Path) -> dict[str, Any]:
     return models
 
 
-def _onnx_io_matches(path: Path, size: int) -> None:
+def _onnx_io_matches(path: Path, channels: int, size: int) -> None:
     """The ONNX graph's tensor names and per-item dims must be what the config declares."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
     dims = lambda t: [d.dim_value if d.HasField("dim_value") else -1 for d in t.type.tensor_type.shape.dim]  # noqa: E731
     got = {t.name: dims(t) for t in [*graph.input, *graph.output]}
-    want = {INPUT_NAME: [-1, 3, size, size], OUTPUT_NAME: [-1, 1, size, size]}
+    want = {INPUT_NAME: [-1, channels, size, size], OUTPUT_NAME: [-1, 1, size, size]}
     if got != want:
         raise TritonRepositoryError(f"{path.name}: graph tensors {got} differ from the Triton config {want}")
 
@@ -187,7 +188,7 @@ def plan_models(spec: ModelSpec, device: str = "cpu", max_batch_size: int = 64, 
         note = f"segengine validate: {'trusted PASS recorded' if why is None else why}"
         models.append(TritonModel(
             name=spec.name + suffix, platform=platform, export_file=path, source_sha256=spec.sha256,
-            input_size=spec.input_size, max_batch_size=max_batch_size,
+            input_size=spec.input_size, in_channels=spec.in_channels, max_batch_size=max_batch_size,
             preferred_batch_sizes=preferred_batch_sizes(bench_json, BENCH_BACKEND[kind], max_batch_size),
             instance_kind="KIND_GPU" if gpu else "KIND_CPU", notes=[note]))
     if not models:
@@ -210,7 +211,7 @@ def write_repository(spec: ModelSpec, repo: Path, device: str = "cpu", max_batch
     written = []
     for m in models:
         if m.platform == "onnxruntime_onnx":
-            _onnx_io_matches(m.export_file, m.input_size)
+            _onnx_io_matches(m.export_file, m.in_channels, m.input_size)
         # existing folders were refused above unless --overwrite
         with atomic_dir(repo, m.name, overwrite=True) as stage:
             (stage / "1").mkdir()

@@ -85,21 +85,52 @@ def copy_model(weights: Path, folder: Path, exports: bool = False) -> Path:
     return folder / weights.name
 
 
+def save_random_model(folder: Path, name: str, arch: dict, **card) -> Path:
+    """Seeded random weights of ``arch`` saved as ``folder/name.pt`` with a valid card (``card``:
+    more card fields, e.g. input_size, context_slices); returns the weights path."""
+    import torch
+
+    from segengine.engine.model import sha256_file
+    from segengine.engine.network import build_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / f"{name}.pt"
+    torch.manual_seed(0)
+    torch.save({"architecture": arch, "state_dict": build_model(arch).state_dict()}, weights)
+    card = {"name": name, "architecture": arch, "input_size": 256, "sha256": sha256_file(weights),
+            "note": "random weights for tests", **card}
+    weights.with_suffix(".json").write_text(json.dumps(card))
+    return weights
+
+
 @pytest.fixture(scope="session")
 def random_model(tmp_path_factory) -> Path:
     """A model with seeded random weights and a valid card: for export/bench mechanics,
     where what is measured does not depend on what the weights learned."""
-    import torch
-
-    from segengine.engine.model import sha256_file
-    from segengine.engine.network import ResUNet
-
-    folder = tmp_path_factory.mktemp("random-model")
-    weights = folder / "resunet16.pt"
     arch = {"name": "resunet", "base_channels": 16, "deep_supervision": False}
-    torch.manual_seed(0)
-    torch.save({"architecture": arch, "state_dict": ResUNet(base_channels=16, deep_supervision=False).state_dict()}, weights)
-    card = {"name": "resunet16", "architecture": arch, "input_size": 256, "sha256": sha256_file(weights),
-            "note": "random weights for tests"}
-    weights.with_suffix(".json").write_text(json.dumps(card))
-    return weights
+    return save_random_model(tmp_path_factory.mktemp("random-model"), "resunet16", arch)
+
+
+CONTEXT_SLICES = 1  # the 2.5D test model: each slice with one neighbour on each side, 9 channels
+CONTEXT_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def context_model(tmp_path_factory) -> Path:
+    """A tiny 2.5D model (seeded random weights, 9 input channels, 64 x 64 grid) with a valid card."""
+    from segengine.engine.model import input_channels
+
+    arch = {"name": "resunet", "base_channels": 4, "in_channels": input_channels(CONTEXT_SLICES), "deep_supervision": False}
+    return save_random_model(tmp_path_factory.mktemp("context-model"), "ctx", arch, input_size=CONTEXT_SIZE,
+                             context_slices=CONTEXT_SLICES)
+
+
+@pytest.fixture(scope="session")
+def lgg_root() -> Path:
+    """The shared dataset as the engine reads it (lossless WebP/PNG, one folder a patient)."""
+    root = SHARED / "data" / "lgg"
+    if not (root / TRAIN_PATIENT).is_dir():
+        if running_in_ci():
+            pytest.fail(f"shared data not found at {root}: CI needs ../shared beside the clone")
+        pytest.skip(f"shared data not found at {root}")
+    return root

@@ -143,3 +143,29 @@ def test_amx_machines_also_record_the_vnni_peak():
     m = machine.machine_info(CPUS[1][0])
     m["usable_cpus"] = 2
     assert machine.peak(m)["int8"]["without_amx"] == {"isa": "AVX-512 VNNI", "gops": pytest.approx(2 * 2.6 * 256)}
+
+
+def test_bench_times_a_context_model_on_its_own_input(context_model, kaggle_root):
+    """A 2.5D model is timed on its model input (neighbours stacked per patient, 9 channels);
+    the course reference, a 2D model, on the slices themselves."""
+    import numpy as np
+
+    from segengine.bench.bench import run_bench
+    from segengine.bench.measure import input_slices
+    from segengine.engine.io import read_patient
+    from segengine.engine.model import load_model_spec
+    from segengine.engine.pipeline import model_input, preprocess_patient
+    from segengine.engine.preprocess import centre_slice
+
+    spec = load_model_spec(context_model)
+    pre = preprocess_patient(read_patient(kaggle_root / PATIENT, with_mask=False), "native", spec.input_size)
+    x, info = input_slices(spec, [kaggle_root / PATIENT], 4, log=lambda *_: None)
+    assert x.shape == (len(pre.images), 9, 64, 64) and info["source"] == "real"
+    np.testing.assert_array_equal(x, model_input(pre, spec))
+    np.testing.assert_array_equal(centre_slice(x, spec.context_slices), pre.images)
+    res = run_bench(context_model, data_root=kaggle_root, patients=1, backends=("torch",), batch_sizes=(2,), threads=1,
+                    warmup=0, iterations=1, end_to_end=False, reference="model", reference_batch_size=1,
+                    reference_warmup=0, reference_iterations=1, log=lambda *_: None)
+    (row,) = res["model_only"]
+    assert row["status"] == "ok" and row["batch_size"] == 2
+    assert res["reference"]["model_only"]["batch_size"] == 1

@@ -18,6 +18,7 @@ from segengine.engine.model import ModelError, check_export, load_model_spec, sh
 from segengine.export.errors import ExportError, ExportToolMissing, ShapeMismatchError, ToleranceExceededError
 
 from conftest import TRAIN_PATIENT as CALIBRATION_PATIENT  # in splits/train.txt
+from conftest import VAL_PATIENTS
 from conftest import copy_model
 SIZE = 256
 
@@ -727,3 +728,270 @@ def test_tensorrt_version_is_checked_at_availability_time(monkeypatch, version, 
     monkeypatch.setattr(tensorrt_backend, "cuda_missing_reason", lambda: None)
     why = tensorrt_backend.TensorRTBackend.availability(None)
     assert (why is None) if words is None else (words in why and "\n" not in why)
+
+
+# --------------------------------------------------------------------------- 2.5D: channels from the model card
+CONTEXT_TRAIN = [CALIBRATION_PATIENT, "TCGA_CS_4942_19970222"]  # both in splits/train.txt
+CONTEXT_KINDS = ("onnx", "onnx-int8", "onnx-fp16")
+
+
+@pytest.fixture(scope="module")
+def context_exports(context_model, lgg_root, tmp_path_factory):
+    """The tiny 2.5D model exported as `segengine export` does: real training slices of two
+    patients for verification, INT8 calibration and FP16 ranges. (spec, {kind: sidecar})."""
+    from segengine.export.api import export_model
+
+    weights = copy_model(context_model, tmp_path_factory.mktemp("ctx"))
+    train_list = weights.parent / "train.txt"
+    train_list.write_text("\n".join(CONTEXT_TRAIN) + "\n")
+    results = export_model(load_model_spec(weights), kinds=CONTEXT_KINDS, data_root=lgg_root, train_list=train_list,
+                           calibration_slices_n=24, log=None, threads=1)
+    return load_model_spec(weights), results
+
+
+@pytest.fixture()
+def context_copy(context_exports, tmp_path):
+    """A private copy of the exported 2.5D model folder, free to damage."""
+    spec, _ = context_exports
+    shutil.copytree(spec.weights.parent, tmp_path / "m")
+    return load_model_spec(tmp_path / "m" / spec.weights.name)
+
+
+def _input_dims(path: Path) -> list:
+    import onnx
+
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_param if d.dim_param else d.dim_value for d in dims]
+
+
+def test_model_card_gives_the_channel_count(context_model, random_model):
+    ctx, plain = load_model_spec(context_model), load_model_spec(random_model)
+    assert (ctx.context_slices, ctx.in_channels, ctx.input_shape) == (1, 9, (9, 64, 64))
+    assert ctx.in_channels == ctx.architecture["in_channels"]
+    assert (plain.context_slices, plain.in_channels, plain.input_shape) == (0, 3, (3, SIZE, SIZE))
+
+
+@pytest.mark.parametrize("kind", CONTEXT_KINDS)
+def test_context_exports_take_the_cards_channel_count(context_exports, kind):
+    from segengine.export.onnx_export import ort_session
+
+    spec, results = context_exports
+    path = check_export(spec, kind)
+    assert _input_dims(path) == ["batch", 9, 64, 64]
+    assert ort_session(path, threads=1).get_inputs()[0].shape == ["batch", 9, 64, 64]
+    assert results[kind]["sha256"] == sha256_file(path) and results[kind]["input_size"] == 64
+
+
+def test_context_exports_verified_and_calibrated_on_real_training_slices(context_exports):
+    spec, results = context_exports
+    assert results["onnx"]["input"]["shape"] == ["batch", 9, 64, 64]
+    assert results["onnx"]["verification"]["images"] == "real"
+    calib = results["onnx-int8"]["quantization"]["calibration"]
+    assert sorted(calib["patients"]) == sorted(CONTEXT_TRAIN) and calib["context_slices"] == 1
+    assert calib["num_slices"] == 24 and calib["held_out_for_verification"] > 0
+    assert results["onnx-fp16"]["ranges"]["patients"] == calib["patients"]
+
+
+def test_calibration_inputs_are_stacked_within_each_patient(lgg_root):
+    """Every calibration input is the engine's model input of one patient (neighbours from that
+    patient only, nearest slice repeated at its ends), never slices of two patients."""
+    from segengine.engine.io import read_patient
+    from segengine.engine.pipeline import preprocess_patient
+    from segengine.engine.preprocess import stack_context
+    from segengine.export.int8 import calibration_slices
+
+    per_patient = [preprocess_patient(read_patient(lgg_root / p, with_mask=False), "native", 64).images
+                   for p in sorted(CONTEXT_TRAIN)]
+    total = sum(len(x) for x in per_patient)
+    got, info = calibration_slices(lgg_root, CONTEXT_TRAIN, n_slices=total, size=64, context_slices=1, return_info=True)
+    assert got.shape == (total, 9, 64, 64) and info["patients"] == sorted(CONTEXT_TRAIN)
+    np.testing.assert_array_equal(got, np.concatenate([stack_context(x, 1) for x in per_patient]))
+    seam = len(per_patient[0])  # stacking the patients' concatenation would mix them here
+    assert not np.array_equal(got[seam - 1 : seam + 1], stack_context(np.concatenate(per_patient), 1)[seam - 1 : seam + 1])
+    np.testing.assert_array_equal(got[:, 3:6], np.concatenate(per_patient))  # the slice itself in the middle
+
+
+def _fp32_agrees(ref, got):
+    assert float(np.max(np.abs(got.prob - ref.prob))) <= 1e-4
+
+
+def _int8_agrees(ref, got):
+    from segengine.export.int8 import MASK_DSC_MIN, MEAN_ATOL, mask_agreement
+
+    assert float(np.mean(np.abs(got.prob - ref.prob))) <= MEAN_ATOL
+    assert mask_agreement(ref.mask, got.mask)["dsc"] >= MASK_DSC_MIN
+
+
+def _fp16_agrees(ref, got):
+    from segengine.export.fp16 import FP16_ATOL
+
+    assert float(np.max(np.abs(got.prob - ref.prob))) <= FP16_ATOL
+
+
+@pytest.mark.parametrize("backend, agrees", [("onnxruntime", _fp32_agrees), ("onnxruntime-int8", _int8_agrees),
+                                             ("onnxruntime-fp16", _fp16_agrees)], ids=["fp32", "int8", "fp16"])
+def test_context_backends_agree_with_torch_on_a_real_patient(context_exports, kaggle_root, backend, agrees):
+    """The whole pipeline (preprocess, 2.5D stacking, infer, map back) on a validation patient,
+    each export against torch with the floors its export was verified with."""
+    from segengine.engine.backends import create
+    from segengine.engine.io import read_patient
+    from segengine.engine.pipeline import segment
+
+    spec, _ = context_exports
+    volume = read_patient(kaggle_root / VAL_PATIENTS[0])
+    with create("torch", spec, threads=1) as reference:
+        ref = segment(volume, reference, batch_size=8)
+    with create(backend, spec, threads=1) as runner:
+        got = segment(volume, runner, batch_size=8)
+    assert got.prob.shape == ref.prob.shape == volume.mask.shape and ref.mask.any()
+    agrees(ref, got)
+
+
+def test_segengine_run_with_int8_on_a_context_model(context_exports, kaggle_root, tmp_path):
+    import tifffile
+    from click.testing import CliRunner
+
+    from segengine.engine.backends import create
+    from segengine.engine.cli import main
+    from segengine.engine.io import read_patient
+    from segengine.engine.pipeline import segment
+    from segengine.export.int8 import MASK_DSC_MIN, mask_agreement
+
+    spec, _ = context_exports
+    patient = kaggle_root / VAL_PATIENTS[0]
+    res = CliRunner().invoke(main, ["run", "--model", str(spec.weights), "--patient", str(patient), "--out", str(tmp_path),
+                                    "--backend", "onnxruntime-int8", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / VAL_PATIENTS[0] / "report.json").read_text())
+    assert (report["backend"], report["model_sha256"]) == ("onnxruntime-int8", spec.sha256)
+    volume = read_patient(patient)
+    written = np.stack([tifffile.imread(tmp_path / VAL_PATIENTS[0] / f"{VAL_PATIENTS[0]}_{n}_mask.tif") > 0
+                        for n in volume.slice_numbers])
+    with create("torch", spec, threads=1) as reference:
+        ref = segment(volume, reference)
+    assert written.any() and mask_agreement(ref.mask, written)["dsc"] >= MASK_DSC_MIN
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-int8"])
+def test_segengine_validate_passes_a_context_models_exports(context_exports, kaggle_root, tmp_path, backend):
+    """`segengine validate` (per-patient DSC and agreement vs torch) ships a 2.5D export as it ships today's."""
+    from click.testing import CliRunner
+
+    from segengine.engine.cli import main
+
+    spec, _ = context_exports
+    plist = tmp_path / "one.txt"
+    plist.write_text(VAL_PATIENTS[0] + "\n")
+    res = CliRunner().invoke(main, ["validate", "--model", str(spec.weights), "--data", str(kaggle_root), "--patients-file",
+                                    str(plist), "--backend", backend, "--threads", "1", "--json", str(tmp_path / "v.json")])
+    assert res.exit_code == 0 and f"PASS: {backend}" in res.output, res.output
+    verdict = json.loads((tmp_path / "v.json").read_text())
+    assert verdict["passed"] and verdict["export_sha256"] == sha256_file(spec.export_path(BACKEND_KINDS[backend]))
+
+
+BACKEND_KINDS = {"onnxruntime": "onnx", "onnxruntime-int8": "onnx-int8"}
+
+
+def _three_channel_verify(spec, out):
+    from segengine.export.onnx_export import export_onnx
+
+    export_onnx(spec, out / "x.onnx", verify_images=np.zeros((2, 3, 64, 64), np.float32), threads=1)
+
+
+def _three_channel_calibration(spec, out):
+    from segengine.export.int8 import export_int8
+
+    export_int8(spec, spec.export_path("onnx"), out / "x.int8.onnx", np.zeros((2, 3, 64, 64), np.float32), threads=1)
+
+
+def _three_channel_int8_verify(spec, out):
+    from segengine.export.int8 import export_int8
+
+    export_int8(spec, spec.export_path("onnx"), out / "x.int8.onnx", np.zeros((2, 9, 64, 64), np.float32),
+                verify_images=np.zeros((2, 3, 64, 64), np.float32), threads=1)
+
+
+def _three_channel_fp16(spec, out):
+    from segengine.export.fp16 import export_fp16
+
+    export_fp16(spec, spec.export_path("onnx"), out / "x.fp16.onnx", range_images=np.zeros((2, 3, 64, 64), np.float32),
+                threads=1)
+
+
+ILL_CHANNELS = [
+    (_three_channel_verify, "verify_images: input shape mismatch: expected ('N', 9, 64, 64), got (2, 3, 64, 64)"),
+    (_three_channel_calibration, "calibration images: input shape mismatch: expected ('N', 9, 64, 64), got (2, 3, 64, 64)"),
+    (_three_channel_int8_verify, "verify_images: input shape mismatch: expected ('N', 9, 64, 64), got (2, 3, 64, 64)"),
+    (_three_channel_fp16, "range images: input shape mismatch: expected ('N', 9, 64, 64), got (2, 3, 64, 64)"),
+]
+
+
+@pytest.mark.parametrize("export, words", ILL_CHANNELS, ids=[e.__name__.strip("_") for e, _ in ILL_CHANNELS])
+def test_exports_refuse_inputs_of_another_channel_count(context_copy, tmp_path, export, words):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ShapeMismatchError) as info:
+        export(context_copy, out)
+    assert str(info.value) == words and "\n" not in str(info.value)
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("backend, words", [
+    ("onnxruntime", "ctx.onnx takes input (N, 9, 64, 64) but ctx.pt's card says (N, 3, 64, 64) (context_slices 0)"),
+    ("onnxruntime-int8", "ctx.int8.onnx takes input (N, 9, 64, 64) but ctx.pt's card says (N, 3, 64, 64)"),
+    ("torch", "weights do not fit architecture"),
+])
+def test_run_refuses_a_card_whose_context_does_not_fit_the_model(context_copy, kaggle_root, tmp_path, backend, words):
+    """A card edited to another context keeps the weights' SHA-256 (exports stay 'current'):
+    every backend must refuse it in one line before any patient is written."""
+    from click.testing import CliRunner
+
+    from segengine.engine.cli import main
+
+    card_file = context_copy.weights.with_suffix(".json")
+    card = json.loads(card_file.read_text())
+    card["context_slices"], card["architecture"]["in_channels"] = 0, 3
+    card_file.write_text(json.dumps(card))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["run", "--model", str(context_copy.weights), "--patient",
+                                    str(kaggle_root / VAL_PATIENTS[0]), "--out", str(out), "--backend", backend,
+                                    "--threads", "1"])
+    assert res.exit_code == 2 and words in res.output, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    assert not out.exists() or not any(out.rglob("*_mask.tif"))
+
+
+def test_triton_config_declares_the_cards_channels(context_copy, tmp_path):
+    from segengine.export.triton import TritonRepositoryError, _onnx_io_matches, check_model_dir, write_repository
+
+    (folder,) = write_repository(context_copy, tmp_path / "repo", kinds=("onnx",), log=None)
+    cfg = check_model_dir(folder)
+    assert list(cfg.input[0].dims) == [9, 64, 64] and list(cfg.output[0].dims) == [1, 64, 64]
+    with pytest.raises(TritonRepositoryError, match=r"differ from the Triton config"):
+        _onnx_io_matches(context_copy.export_path("onnx"), 3, 64)
+
+
+def test_tensorrt_build_and_backend_take_the_channels_of_the_onnx_input(context_copy, fake_trt, tmp_path):
+    from segengine.engine.backends.tensorrt_backend import TensorRTBackend
+    from segengine.export.onnx_export import ort_run, ort_session, synthetic_images
+    from segengine.export.tensorrt_build import build_tensorrt_engine
+
+    spec = context_copy
+    images = synthetic_images(3, 64, seed=2, channels=9)
+    side = build_tensorrt_engine(spec.export_path("onnx"), spec.export_path("tensorrt-fp16"), min_batch=1, opt_batch=2,
+                                 max_batch=4, verify_images=images)
+    (network, config), = fake_trt.built
+    assert config.profiles[0].shapes == {"images": ((1, 9, 64, 64), (2, 9, 64, 64), (4, 9, 64, 64))}
+    assert side["profile"]["max"] == [4, 9, 64, 64]
+    with TensorRTBackend(load_model_spec(spec.weights)) as backend:
+        probs = backend.predict(images, batch_size=3)
+    np.testing.assert_allclose(probs, ort_run(ort_session(spec.export_path("onnx"), threads=1), images)[:, 0], atol=1e-5)
+    with pytest.raises(ShapeMismatchError, match=r"expected \('N', 9, 64, 64\), got \(3, 3, 64, 64\)"):
+        build_tensorrt_engine(spec.export_path("onnx"), tmp_path / "x.plan", verify_images=images[:, :3])
+    onnx_side = sidecar_path(spec.export_path("onnx"))
+    forged = json.loads(onnx_side.read_text())
+    forged["input"]["shape"] = ["batch", 3, 64, 64]
+    onnx_side.write_text(json.dumps(forged))
+    with pytest.raises(ExportError, match=r"input dims \[9, 64, 64\] differ from its sidecar's \[3, 64, 64\]"):
+        build_tensorrt_engine(spec.export_path("onnx"), tmp_path / "x.plan")
+    assert not (tmp_path / "x.plan").exists()

@@ -336,6 +336,7 @@ class _FakeTritonClient:
     """tritonclient.http.InferenceServerClient as far as TritonBackend.load uses it; serves ``config``."""
 
     config: dict = {}
+    input_shape: list = [-1, 3, 256, 256]  # the shipped model's, as Triton reports it (batch first)
 
     def __init__(self, url, **kwargs):
         self.url = url
@@ -347,18 +348,20 @@ class _FakeTritonClient:
         return self.config
 
     def get_model_metadata(self, name):
-        return {"inputs": [{"name": "images"}], "outputs": [{"name": "probabilities"}]}
+        return {"inputs": [{"name": "images", "datatype": "FP32", "shape": self.input_shape}],
+                "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 1, 256, 256]}]}
 
     def close(self):
         pass
 
 
-@pytest.mark.parametrize("served, words", [
-    ("same", None),
-    ("0" * 64, "serves weights 000000000000..., not resunet16.pt"),
-    (None, "does not say which weights it serves"),
-], ids=["same-weights", "other-weights", "no-parameter"])
-def test_triton_backend_checks_which_weights_the_server_serves(monkeypatch, served, words):
+@pytest.mark.parametrize("served, input_shape, words", [
+    ("same", [-1, 3, 256, 256], None),
+    ("0" * 64, [-1, 3, 256, 256], "serves weights 000000000000..., not resunet16.pt"),
+    (None, [-1, 3, 256, 256], "does not say which weights it serves"),
+    ("same", [-1, 9, 256, 256], "takes input (N, 9, 256, 256) but resunet16.pt's card says (N, 3, 256, 256)"),
+], ids=["same-weights", "other-weights", "no-parameter", "other-channels"])
+def test_triton_backend_checks_which_weights_the_server_serves(monkeypatch, served, input_shape, words):
     httpclient = pytest.importorskip("tritonclient.http")
     from segengine.engine.backends.base import BackendUnavailable
     from segengine.engine.backends.triton_backend import TritonBackend
@@ -366,7 +369,8 @@ def test_triton_backend_checks_which_weights_the_server_serves(monkeypatch, serv
     spec = load_model_spec(MODEL)
     sha = sha256_file(MODEL) if served == "same" else served
     config = {"name": "resunet16", "parameters": {} if sha is None else {"segengine.source_sha256": {"string_value": sha}}}
-    monkeypatch.setattr(httpclient, "InferenceServerClient", type("Client", (_FakeTritonClient,), {"config": config}))
+    monkeypatch.setattr(httpclient, "InferenceServerClient",
+                        type("Client", (_FakeTritonClient,), {"config": config, "input_shape": input_shape}))
     monkeypatch.setenv("SEGENGINE_TRITON_URL", "triton.example:8000")
     backend = TritonBackend(spec)
     if words is None:

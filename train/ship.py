@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from segengine.engine.model import card_path, sha256_file
+from segengine.engine.model import card_path, input_channels, sha256_file
 from segengine.engine.network import build_model, count_flops
 
 
@@ -48,7 +48,7 @@ def ship_run(run: Path, out: Path, data_split: dict | None = None) -> dict:
         "architecture": arch,
         "input_size": 256,
         "context_slices": context,
-        "input": f"(N, {3 * (2 * context + 1)}, 256, 256) float32: pre-contrast, FLAIR, post-contrast after the reference "
+        "input": f"(N, {input_channels(context)}, 256, 256) float32: pre-contrast, FLAIR, post-contrast after the reference "
                  "preprocessing" + (f", slices i-{context}..i+{context} in order" if context else ""),
         "output": "(N, 1, 256, 256) logits (exports add the sigmoid: probabilities)",
         "internal_resolution": 256 // arch.get("stem_stride", 2) if arch["name"] == "resunet" else 256,

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from segengine.engine.io import read_patient_list
+from segengine.engine.model import input_channels
 from segengine.engine.network import build_model, count_flops
 from segengine.engine.postprocess import largest_component
 from segengine.engine.preprocess import stack_context
@@ -260,7 +261,7 @@ def main(argv=None) -> int:
 
     arch = {"name": args.arch, "base_channels": args.base_channels}
     if args.context_slices:
-        arch["in_channels"] = 3 * (2 * args.context_slices + 1)
+        arch["in_channels"] = input_channels(args.context_slices)
     if args.arch == "resunet":
         arch["deep_supervision"] = not args.no_deep_supervision
         if args.refine_channels:

@@ -17,8 +17,9 @@ class BackendUnavailable(RuntimeError):
 class Backend(abc.ABC):
     """load() once, infer(batch) many times, close() at the end.
 
-    ``infer`` takes (N, 3, S, S) float32 normalized slices and returns (N, S, S) float32
-    probabilities. Heavy runtimes are imported in ``load``, never at module import.
+    ``infer`` takes (N, C, S, S) float32 normalized slices (``spec.input_shape``: C = 3, or 3 per
+    slice of a 2.5D model's context, as ``pipeline.model_input`` stacks them) and returns
+    (N, S, S) float32 probabilities. Heavy runtimes are imported in ``load``, never at module import.
     """
 
     name: str = ""
@@ -42,6 +43,17 @@ class Backend(abc.ABC):
 
     def close(self) -> None:
         self.loaded = False
+
+    def check_input_shape(self, declared, where: str) -> None:
+        """Refuse a runtime whose input per item (``declared``: C, S, S; None or a string for a
+        dynamic dim) is not what the model card says: a card edited to another context, or an
+        export of another input size, would otherwise fail inside the runtime on the first batch."""
+        got = tuple(d if isinstance(d, int) and d > 0 else None for d in declared)
+        if got != self.spec.input_shape:
+            c, s, _ = self.spec.input_shape
+            raise BackendUnavailable(f"{where} takes input (N, {', '.join(str(d) for d in got)}) but "
+                                     f"{self.spec.weights.name}'s card says (N, {c}, {s}, {s}) "
+                                     f"(context_slices {self.spec.context_slices}); re-export it")
 
     def __enter__(self) -> "Backend":
         if not self.loaded:

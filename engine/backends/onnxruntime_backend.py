@@ -44,10 +44,11 @@ class OnnxRuntimeBackend(Backend):
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         try:
-            self.session = ort.InferenceSession(self.model_source(path), sess_options=opts, providers=self.providers())
+            session = ort.InferenceSession(self.model_source(path), sess_options=opts, providers=self.providers())
         except Exception as exc:  # noqa: BLE001
             raise BackendUnavailable(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:160]})") from None
-        self.input_name = self.session.get_inputs()[0].name
+        self.check_input_shape(session.get_inputs()[0].shape[1:], path.name)
+        self.session, self.input_name = session, session.get_inputs()[0].name
         self.loaded = True
         return self
 

@@ -116,7 +116,7 @@ class CudaBuffers:
 
 
 class TrtPlanRunner:
-    """Run a serialized TensorRT engine: (N, 3, S, S) float32 -> (N, 1, S, S) float32.
+    """Run a serialized TensorRT engine: (N, C, S, S) float32 -> (N, 1, S, S) float32.
 
     Batches above the optimization profile's max are split; below its min are zero-padded.
     ``buffers`` holds device memory (default: torch CUDA tensors, ``CudaBuffers``).
@@ -141,6 +141,7 @@ class TrtPlanRunner:
         self.input_name, self.output_name = inputs[0], outputs[0]
         lo, opt, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)
         self.min_batch, self.opt_batch, self.max_batch = int(lo[0]), int(opt[0]), int(hi[0])
+        self.item_shape = tuple(int(d) for d in hi[1:])  # (C, S, S): fixed in the profile, only the batch varies
         dtypes = {trt.float32: "float32", trt.float16: "float16"}
         try:
             self.input_dtype = dtypes[self.engine.get_tensor_dtype(self.input_name)]
@@ -205,6 +206,11 @@ class TensorRTBackend(Backend):
             raise BackendUnavailable(f"{path.name} was built for a GPU of compute capability {built_for}, "
                                      f"this one is {here}; rebuild it on this machine")
         self.runner = TrtPlanRunner(path.read_bytes())
+        try:
+            self.check_input_shape(self.runner.item_shape, path.name)
+        except BackendUnavailable:
+            self.close()
+            raise
         self.loaded = True
         return self
 

@@ -51,6 +51,11 @@ class TritonBackend(Backend):
         self.check_identity(self.client.get_model_config(self.model_name()), url)
         meta = self.client.get_model_metadata(self.model_name())
         self.input_name, self.output_name = meta["inputs"][0]["name"], meta["outputs"][0]["name"]
+        where = f"Triton model {self.model_name()!r} at {url}"
+        shape = meta["inputs"][0].get("shape")
+        if not isinstance(shape, list) or len(shape) < 3:
+            raise BackendUnavailable(f"{where} does not report its input shape ({shape!r})")
+        self.check_input_shape([int(d) for d in shape[-3:]], where)
         self.loaded = True
         return self
 
