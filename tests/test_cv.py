@@ -111,6 +111,30 @@ def test_tiny_cv_run_trains_scores_out_of_fold_and_compares(kaggle_root, tmp_pat
     assert worst == [p for p, _ in dscs_sorted[:2]] and png.stat().st_size > 1000
     text = cv.compare(result, result)
     assert "mean +0.0000" in text and f"{len(patients)} patients in common" in text
+    # the fold models ship as an ensemble: float16 members that verify and predict like the fold models
+    models = tmp_path / "models"
+    assert cv.main(["--data", str(data), "--out", str(out), "--folds", "2", "--score-only",
+                    "--ship-ensemble", "tinyens", "--models-dir", str(models)]) == 0
+    from segengine.engine.backends.torch_backend import TorchBackend
+    from segengine.engine.ensemble import load_ensemble
+    from segengine.engine.model import load_model_spec
+    from segengine.engine.pipeline import model_input, preprocess_patient
+
+    plan = load_ensemble(models / "tinyens.ensemble.json")
+    assert [m.name for m in plan.members] == ["tinyens_fold0", "tinyens_fold1"]
+    assert plan.card["cross_validation"]["protocols"]["native_lcc"]["patients"] == len(patients)
+    vol = read_patient(data / p)
+    for k, member in enumerate(plan.members):
+        import torch
+
+        state = torch.load(member.weights, weights_only=True)["state_dict"]
+        assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
+        x = model_input(preprocess_patient(vol, "native", member.input_size), member)[:4]
+        with TorchBackend(member, threads=1) as a, TorchBackend(load_model_spec(out / f"fold{k}" / "model" / f"tiny_fold{k}.pt"), threads=1) as b:
+            np.testing.assert_allclose(a.predict(x), b.predict(x), atol=2e-2)
+    with pytest.raises(SystemExit, match="needs all 3 folds"):
+        cv.main(["--data", str(data), "--out", str(out), "--folds", "3", "--only", "0,1", "--score-only",
+                 "--ship-ensemble", "x", "--models-dir", str(models)])
 
 
 @pytest.mark.parametrize("context", [0, 1, 2])
