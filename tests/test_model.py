@@ -66,6 +66,35 @@ def test_shipped_model_segments_a_validation_patient(kaggle_root, tmp_path):
     assert result["patients"][0]["dsc"] >= 0.8
 
 
+SHIPPED = sorted(p.name for p in shipped_model_path().parent.glob("*.pt"))
+ENSEMBLES = sorted(p.name for p in shipped_model_path().parent.glob("*.ensemble.json"))
+
+
+@pytest.mark.parametrize("weights", SHIPPED + ENSEMBLES)
+def test_every_shipped_model_verifies_and_segments(kaggle_root, tmp_path, weights):
+    """Each model file in models/ (and each ensemble of them) loads with its checksum verified and
+    segments a real validation patient with DSC >= 0.8 (reference protocol)."""
+    from segengine.engine.ensemble import load_plan, members_of
+
+    path = shipped_model_path().parent / weights
+    plan = load_plan(None, path) if weights in ENSEMBLES else load_model_spec(path)
+    for member in members_of(plan):
+        assert sha256_file(member.weights) == member.card["sha256"] == member.sha256
+    plist = tmp_path / "one.txt"
+    plist.write_text(VAL_PATIENTS[1] + "\n")
+    which = ["--ensemble", str(path)] if weights in ENSEMBLES else ["--model", str(path)]
+    res = CliRunner().invoke(main, ["evaluate", *which, "--data", str(kaggle_root), "--patients-file", str(plist),
+                                    "--protocol", "reference", "--out", str(tmp_path / "e"), "--threads", "2"])
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert result["model_sha256"] == plan.sha256 and result["patients"][0]["dsc"] >= 0.8
+
+
+def test_shipped_model_files_stay_under_60_mb():
+    files = [p for p in shipped_model_path().parent.iterdir() if p.is_file() and p.suffix != ".py"]
+    assert sum(p.stat().st_size for p in files) < 60e6
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-int8", "onnxruntime-fp16"])
 def test_validate_on_real_patients(kaggle_root, val_patients_file, tmp_path, backend):
     out = tmp_path / "v.json"
