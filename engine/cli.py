@@ -207,6 +207,8 @@ def run(patient_dir, patients_root, out, backend, model, ensemble, tta, batch_si
     from segengine.engine.io import SliceLimits
     from segengine.engine.runner import run_patients
 
+    if model is not None and ensemble is not None:
+        fail("give --model or --ensemble, not both")
     ensemble = _ensemble_arg(ensemble)
     if (patient_dir is None) == (patients_root is None):
         fail("give exactly one of --patient DIR or --patients ROOT")
@@ -303,6 +305,8 @@ def evaluate(data_root, pred_root, model, protocol, backend, patients_file, out_
 
     if (pred_root is None) == (model is None and ensemble is None):
         fail("give exactly one of --pred PRED_ROOT or --model [PATH] / --ensemble [MANIFEST]")
+    if model is not None and ensemble is not None:
+        fail("give --model or --ensemble, not both")
     if pred_root is not None and tta:
         fail("--tta averages a model's predictions: use it with --model or --ensemble, not --pred")
     _check_paths(folders={"--out": out_dir})

@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from segengine.engine.backends.base import Backend
 from segengine.engine.model import ModelError, ModelSpec, load_model_spec, read_json, shipped_model_dir
+from segengine.engine.review import ReviewRules
 
 ENSEMBLE_SUFFIX = ".ensemble.json"
 MAX_MEMBERS = 16
+MAX_MANIFEST_BYTES = 1 << 20
+_NAME = re.compile(r"^[\w.+-]{1,100}$")
 
 
 @dataclass
@@ -84,19 +88,36 @@ def shipped_ensemble_path() -> Path:
 def load_ensemble(manifest: str | os.PathLike | None = None, tta: bool = False) -> InferencePlan:
     """Read an ensemble manifest and verify every member (card schema, SHA-256, same input)."""
     path = Path(manifest) if manifest else shipped_ensemble_path()
-    if not path.is_file():
+    try:
+        size = path.stat().st_size if path.is_file() else None
+    except OSError as exc:
+        raise ModelError(f"{path}: unreadable ensemble manifest ({exc.strerror or exc})") from None
+    if size is None:
         raise ModelError(f"{path}: ensemble manifest not found")
+    if size > MAX_MANIFEST_BYTES:
+        raise ModelError(f"{path}: {size} bytes is not an ensemble manifest (limit {MAX_MANIFEST_BYTES})")
     card = read_json(path, "ensemble manifest")
     if not isinstance(card, dict) or card.get("kind") != "ensemble":
         raise ModelError(f"{path}: not an ensemble manifest (kind must be \"ensemble\")")
+    if not isinstance(card.get("name", "ensemble"), str) or not _NAME.match(card.get("name", "ensemble")):
+        raise ModelError(f"{path}: name must be 1-100 letters, digits or . + - _")
     members = card.get("members")
     if not isinstance(members, list) or not 1 <= len(members) <= MAX_MEMBERS or not all(isinstance(m, str) for m in members):
         raise ModelError(f"{path}: members must be a list of 1..{MAX_MEMBERS} model file names")
+    if len(set(members)) != len(members):
+        raise ModelError(f"{path}: a member is listed twice (it would weigh double in the mean)")
     specs = []
     for member in members:
-        if Path(member).name != member:  # members lie beside the manifest: no paths out of the model folder
-            raise ModelError(f"{path}: member {member!r} must be a file name beside the manifest")
-        specs.append(load_model_spec(path.parent / member))
+        # members lie beside the manifest as plain .pt files: no paths, no "..", nothing out of the model folder
+        if not (_NAME.match(member) and member.endswith(".pt") and member not in (".pt", "..pt")):
+            raise ModelError(f"{path}: member {member[:60]!r} must be a .pt file name beside the manifest")
+        weights = path.parent / member
+        if not weights.is_file() or weights.resolve().parent != path.parent.resolve():
+            raise ModelError(f"{path}: member {member} is not a model file beside the manifest")
+        specs.append(load_model_spec(weights))
+    if len({s.sha256 for s in specs}) != len(specs):
+        raise ModelError(f"{path}: two members are the same weights (it would weigh double in the mean)")
+    ReviewRules.from_card(card, path)  # a manifest's rules are checked like a card's before any work
     shapes = {(s.input_size, s.context_slices) for s in specs}
     if len(shapes) != 1:
         raise ModelError(f"{path}: members differ in input size or context slices ({sorted(shapes)})")
@@ -111,7 +132,12 @@ def load_plan(model: str | os.PathLike | None, ensemble: bool | str | os.PathLik
             raise ModelError("give --model or --ensemble, not both")
         return load_ensemble(None if ensemble is True else ensemble, tta)
     spec = load_model_spec(model)
-    return InferencePlan(members=[spec], tta=True, card=spec.card, source=spec.weights) if tta else spec
+    if not tta:
+        return spec
+    # the card's review rules were calibrated on this model's plain probabilities, not on their
+    # mean with the mirrored ones (which widens the uncertain band): not applied under --tta
+    card = {k: v for k, v in spec.card.items() if k != "review"}
+    return InferencePlan(members=[spec], tta=True, card=card, source=spec.weights)
 
 
 def describe_plan(spec) -> dict[str, Any] | None:
@@ -142,16 +168,19 @@ class AveragingBackend(Backend):
     def infer(self, batch):
         import numpy as np
 
+        from segengine.engine.pipeline import mirror
+
+        inputs = [batch, mirror(batch)] if self.spec.tta else [batch]  # the mirrored batch is built once
         total = None
-        count = 0
         for member in self.members:
-            views = [member.infer(batch)]
-            if self.spec.tta:
-                views.append(member.infer(np.ascontiguousarray(batch[..., ::-1]))[..., ::-1])
-            for prob in views:
-                total = prob.astype(np.float32, copy=True) if total is None else total + prob
-                count += 1
-        return total / np.float32(count)
+            for view, x in enumerate(inputs):
+                prob = member.infer(x)
+                prob = mirror(prob) if view else prob
+                if total is None:
+                    total = prob.astype(np.float32, copy=True)
+                else:
+                    total += prob
+        return total / np.float32(len(self.members) * len(inputs))
 
     def close(self) -> None:
         for member in self.members:

@@ -109,8 +109,8 @@ def check_sidecar(side: Any, where: Path) -> dict[str, Any]:
 def read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path}: unreadable {what} ({str(exc).splitlines()[0][:120]})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ModelError(f"{path}: unreadable {what} ({(str(exc).splitlines() or [type(exc).__name__])[0][:120]})") from None
 
 
 def shipped_model_dir() -> Path:

@@ -42,9 +42,15 @@ def model_input(pre: Preprocessed, spec) -> np.ndarray:
     return stack_context(pre.images, spec.context_slices)
 
 
+def mirror(slices: np.ndarray) -> np.ndarray:
+    """Left-right mirror of (N, C, S, S) inputs or (N, S, S) probabilities (the last axis is the
+    image width: every context group of a 2.5D input is mirrored alike); its own inverse."""
+    return np.ascontiguousarray(slices[..., ::-1])
+
+
 def predict_flipped(backend: Backend, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Probabilities of the left-right mirrored slices, mirrored back (flip test-time augmentation)."""
-    return backend.predict(np.ascontiguousarray(images[..., ::-1]), batch_size=batch_size)[..., ::-1]
+    return mirror(backend.predict(mirror(images), batch_size=batch_size))
 
 
 def balanced_batch_size(slices: int, batch_size: int) -> int:

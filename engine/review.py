@@ -29,12 +29,21 @@ class ReviewRules:
     flag_border: bool = False  # tumor in the first/last slice of the volume: it may continue outside
 
     @classmethod
-    def from_card(cls, card: dict) -> "ReviewRules | None":
+    def from_card(cls, card: dict, where=None) -> "ReviewRules | None":
+        """The card's (or manifest's) rules; a limit of the wrong type is refused before any work."""
         rules = card.get("review", {}).get("rules") if isinstance(card.get("review"), dict) else None
         if not isinstance(rules, dict):
             return None
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in rules.items() if k in known})
+        chosen = {k: v for k, v in rules.items() if k in known}
+        for k, v in chosen.items():
+            ok = isinstance(v, bool) if k == "flag_border" else (
+                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == v))
+            if not ok:
+                from segengine.engine.model import ModelError
+
+                raise ModelError(f"{where or 'model card'}: review rule {k} = {str(v)[:40]!r} is not a number")
+        return cls(**chosen)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,7 +75,8 @@ def assess(features: dict, rules: ReviewRules | None) -> dict:
     """``{"flag", "reasons", "features"}`` for report.json (no rules: unflagged, and says why)."""
     if rules is None:
         return {"flag": False, "reasons": [], "features": features,
-                "note": "this model's card has no calibrated review rules"}
+                "note": "no review rules are calibrated for this model or mode (--tta and --ensemble "
+                        "average probabilities the rules were not fitted on)"}
     reasons = []
 
     def below(value, limit, text):

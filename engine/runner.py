@@ -264,4 +264,4 @@ def evaluate_model(data_root: Path, model: str | None, protocol: str, backend_na
             seg = segment(vol, backend, protocol, post=post)
             rows.append({"patient": vol.patient_id, **volume_metrics(seg.mask, seg.truth)})
     return summarize_rows(rows, protocol=protocol, model=str(spec.weights), model_sha256=spec.sha256, backend=name,
-                          postprocess=asdict(post))
+                          postprocess=asdict(post), **({"plan": describe_plan(spec)} if describe_plan(spec) else {}))

@@ -14,7 +14,7 @@ from conftest import VAL_PATIENTS, copy_model
 from segengine.engine import backends as registry
 from segengine.engine.ensemble import InferencePlan, load_ensemble, load_plan
 from segengine.engine.io import read_patient
-from segengine.engine.model import ModelError, load_model_spec, shipped_model_path
+from segengine.engine.model import ModelError, load_model_spec, sha256_file, shipped_model_path
 from segengine.engine.pipeline import predict_flipped, preprocess_patient, model_input
 
 
@@ -70,13 +70,40 @@ def _manifest(folder: Path, body) -> Path:
     ({"kind": "model", "members": ["resunet16.pt"]}, "not an ensemble manifest"),
     ({"kind": "ensemble", "members": []}, "members must be a list"),
     ({"kind": "ensemble", "members": "resunet16.pt"}, "members must be a list"),
-    ({"kind": "ensemble", "members": ["../resunet16.pt"]}, "must be a file name beside the manifest"),
-    ({"kind": "ensemble", "members": ["missing.pt"]}, "model file not found"),
+    ({"kind": "ensemble", "members": ["../resunet16.pt"]}, "must be a .pt file name beside the manifest"),
+    ({"kind": "ensemble", "members": ["missing.pt"]}, "is not a model file beside the manifest"),
+    ({"kind": "ensemble", "members": [".."]}, "must be a .pt file name"),
+    ({"kind": "ensemble", "members": [""]}, "must be a .pt file name"),
+    ({"kind": "ensemble", "members": ["x" * 300 + ".pt"]}, "must be a .pt file name"),
+    ({"kind": "ensemble", "members": ["resunet16.json"]}, "must be a .pt file name"),
+    ({"kind": "ensemble", "members": ["resunet16.pt", "resunet16.pt"]}, "listed twice"),
+    ({"kind": "ensemble", "name": 5, "members": ["resunet16.pt"]}, "name must be"),
+    ({"kind": "ensemble", "members": ["resunet16.pt"], "review": {"rules": {"min_volume_px": "x"}}}, "is not a number"),
+    ("[" * 100000 + "]" * 100000, "unreadable ensemble manifest"),
+    ("{" + " " * (1 << 20) + "}", "is not an ensemble manifest"),
 ])
 def test_bad_manifests_are_refused(tmp_path, body, message):
     copy_model(shipped_model_path(), tmp_path)
     with pytest.raises(ModelError, match=message):
         load_ensemble(_manifest(tmp_path, body))
+
+
+def test_a_member_linked_from_outside_the_folder_is_refused(tmp_path):
+    outside = copy_model(shipped_model_path(), tmp_path / "elsewhere")
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "resunet16.pt").symlink_to(outside)
+    (folder / "resunet16.json").symlink_to(outside.with_suffix(".json"))
+    with pytest.raises(ModelError, match="not a model file beside the manifest"):
+        load_ensemble(_manifest(folder, {"kind": "ensemble", "members": ["resunet16.pt"]}))
+
+
+def test_the_same_weights_twice_are_refused(tmp_path):
+    copy_model(shipped_model_path(), tmp_path)
+    shutil.copy(tmp_path / "resunet16.pt", tmp_path / "again.pt")
+    shutil.copy(tmp_path / "resunet16.json", tmp_path / "again.json")
+    with pytest.raises(ModelError, match="same weights"):
+        load_ensemble(_manifest(tmp_path, {"kind": "ensemble", "members": ["resunet16.pt", "again.pt"]}))
 
 
 def test_a_corrupt_member_is_refused(tmp_path):
@@ -110,17 +137,32 @@ def test_run_ensemble_tta_writes_what_produced_the_mask(kaggle_root, two_member_
                    "--ensemble", str(two_member_ensemble), "--tta", "--threads", "1")
     assert r.returncode == 0, r.stderr
     rep = json.loads((out / VAL_PATIENTS[1] / "report.json").read_text())
+    folder = two_member_ensemble.parent
+    assert rep["model"] == "pair+tta" and rep["plan"]["flip_tta"] is True and rep["backend"] == "torch"
+    assert [m["sha256"] for m in rep["plan"]["members"]] == [sha256_file(folder / f) for f in ("resunet16.pt", "random16.pt")]
+    # the written mask is the averaged prediction, post-processed as usual
+    from segengine.engine.io import read_patient as read
+    from segengine.engine.pipeline import segment
+
     plan = load_ensemble(two_member_ensemble, tta=True)
-    assert rep["model"] == "pair+tta" and rep["model_sha256"] == plan.sha256
-    assert [m["sha256"] for m in rep["plan"]["members"]] == [m.sha256 for m in plan.members]
-    assert rep["plan"]["flip_tta"] is True and rep["backend"] == "torch"
+    with registry.create("torch", plan, threads=1) as backend:
+        expected = segment(read(kaggle_root / VAL_PATIENTS[1]), backend).mask
+    import tifffile
+
+    written = np.stack([tifffile.imread(out / VAL_PATIENTS[1] / f"{VAL_PATIENTS[1]}_{n}_mask.tif") > 0
+                        for n in rep["slice_numbers"]])
+    assert np.array_equal(written, expected) and rep["tumor_volume_px"] == int(expected.sum())
+    assert "calibrated" in rep["review"]["note"]  # single-model review rules are not applied to averaged output
 
 
-def test_run_refuses_model_and_ensemble_together(kaggle_root, two_member_ensemble, tmp_path):
-    r = _segengine("run", "--patient", str(kaggle_root / VAL_PATIENTS[1]), "--out", str(tmp_path / "o"),
-                   "--model", str(shipped_model_path()), "--ensemble", str(two_member_ensemble))
+@pytest.mark.parametrize("command", ["run", "evaluate"])
+def test_model_and_ensemble_together_are_refused(kaggle_root, two_member_ensemble, tmp_path, command):
+    where = (["--patient", str(kaggle_root / VAL_PATIENTS[1]), "--out", str(tmp_path / "o")] if command == "run"
+             else ["--data", str(kaggle_root), "--out", str(tmp_path / "o")])
+    model = ["--model", str(shipped_model_path())] if command == "run" else ["--model"]  # evaluate: bare --model too
+    r = _segengine(command, *where, *model, "--ensemble", str(two_member_ensemble))
     assert r.returncode == 2 and "not both" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "o" / VAL_PATIENTS[1]).exists()
+    assert not (tmp_path / "o").exists()
 
 
 def test_bench_counts_every_member_and_view(two_member_ensemble):
@@ -130,10 +172,10 @@ def test_bench_counts_every_member_and_view(two_member_ensemble):
     from segengine.engine.network import count_flops
 
     plan = load_ensemble(two_member_ensemble, tta=True)
-    one = count_flops(load_torch_model(plan.members[0]), plan.input_size)
+    each = [count_flops(load_torch_model(m), m.input_size) for m in plan.members]
     result = run_bench(plan, backends=("torch",), batch_sizes=(1,), threads=1, warmup=0, iterations=1,
                        reference=False, log=lambda *_: None)
-    assert result["model"]["flops_per_slice"] == 2 * 2 * one
+    assert result["model"]["flops_per_slice"] == 2 * sum(each)  # two views (plain, mirrored) of every member
     assert [m["sha256"] for m in result["model"]["plan"]["members"]] == [m.sha256 for m in plan.members]
     assert [r["status"] for r in result["model_only"]] == ["ok"]
 
@@ -144,6 +186,7 @@ def test_evaluate_ensemble_scores_the_plan(kaggle_root, two_member_ensemble, val
     assert r.returncode == 0, r.stderr
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["model_sha256"] == load_ensemble(two_member_ensemble).sha256
+    assert [m["name"] for m in metrics["plan"]["members"]] == ["resunet16", "random16"] and not metrics["plan"]["flip_tta"]
     assert len(metrics["patients"]) == len(VAL_PATIENTS)
     r = _segengine("evaluate", "--data", str(kaggle_root), "--pred", str(tmp_path), "--tta")
     assert r.returncode == 2 and "--tta" in r.stderr and "Traceback" not in r.stderr

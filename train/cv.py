@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -142,20 +143,24 @@ def card_summary(agg: dict, source: str) -> dict:
                           if v in agg["variants"]}}
 
 
-def ship_ensemble(cv_out: Path, n_folds: int, models_dir: Path, name: str, agg: dict, source: str,
-                  review: dict | None = None) -> Path:
+def ship_ensemble(cv_out: Path, n_folds: int, models_dir: Path, name: str, agg: dict, source: str) -> Path:
     """Copy every fold's shipped model beside a ``NAME.ensemble.json`` manifest (``run --ensemble``).
 
     Members are stored as float16 weights (half the bytes; the loader computes in float32),
-    each with its own card and SHA-256; the manifest carries the recipe's CV summary and the
-    review rules. Every fold must be finished: an ensemble of some folds is not the recipe's.
+    each with its own card and SHA-256; the manifest carries the recipe's CV summary. No review
+    rules: a single model's rules were not fitted on averaged probabilities. Every fold must be
+    finished: an ensemble of some folds is not the recipe's.
     """
     import torch
 
     from segengine.engine.ensemble import ENSEMBLE_SUFFIX
     from segengine.engine.model import card_path, sha256_file
 
-    members = []
+    import re
+
+    if not re.fullmatch(r"[\w.+-]{1,90}", name) or name.startswith("."):
+        raise SystemExit(f"--ship-ensemble {name!r}: a plain name (letters, digits, . + - _), written into --models-dir")
+    members, staged = [], []
     models_dir.mkdir(parents=True, exist_ok=True)
     for k in range(n_folds):
         shipped = sorted((fold_run(cv_out, k) / "model").glob("*.pt"))
@@ -163,19 +168,24 @@ def ship_ensemble(cv_out: Path, n_folds: int, models_dir: Path, name: str, agg: 
             raise SystemExit(f"fold {k} of {cv_out} is not scored yet (no fold{k}/model/*.pt): score every fold first")
         payload = torch.load(shipped[0], map_location="cpu", weights_only=True)
         payload["state_dict"] = {key: v.half() if v.is_floating_point() else v for key, v in payload["state_dict"].items()}
+        if not all(bool(torch.isfinite(v).all()) for v in payload["state_dict"].values() if v.is_floating_point()):
+            raise SystemExit(f"fold {k}: a weight overflows float16; ship this ensemble in float32")
         member = models_dir / f"{name}_fold{k}.pt"
-        torch.save(payload, member)
+        tmp = models_dir / f".{member.name}.tmp"  # every member is written before any is put in place
+        torch.save(payload, tmp)
         card = json.loads(card_path(shipped[0]).read_text())
-        card.update(name=member.stem, sha256=sha256_file(member),
+        card.update(name=member.stem, sha256=sha256_file(tmp),
                     weights_storage="float16 (computed in float32; fold models are ensemble members)")
-        card_path(member).write_text(json.dumps(card, indent=2) + "\n")
+        card_tmp = models_dir / f".{member.stem}.json.tmp"
+        card_tmp.write_text(json.dumps(card, indent=2) + "\n")
+        staged += [(tmp, member), (card_tmp, card_path(member))]
         members.append(member.name)
+    for tmp, final in staged:
+        os.replace(tmp, final)
     manifest = {"name": name, "kind": "ensemble", "members": members,
                 "combine": "mean of the members' sigmoid probabilities on the model grid (with --tta: and of "
                            "each member's left-right mirrored slices), then the usual post-processing",
                 "cross_validation": card_summary(agg, source)}
-    if review:
-        manifest["review"] = review
     path = models_dir / f"{name}{ENSEMBLE_SUFFIX}"
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return path
@@ -312,8 +322,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="after scoring every fold: copy the fold models to --models-dir as NAME_foldK.pt "
                          "beside NAME.ensemble.json (the --ensemble accurate mode)")
     ap.add_argument("--models-dir", default="models")
-    ap.add_argument("--review-from", default=None, metavar="CARD",
-                    help="with --ship-ensemble: copy this model card's calibrated review rules into the manifest")
     # `segengine cv` reaches here without the "--" (Click consumes it): options this parser does
     # not know are the training options either way
     args, extra = ap.parse_known_args(argv)
@@ -349,9 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ship_ensemble:
         if len(results) != args.folds:
             raise SystemExit(f"--ship-ensemble needs all {args.folds} folds scored; {len(results)} are")
-        review = json.loads(Path(args.review_from).read_text()).get("review") if args.review_from else None
         path = ship_ensemble(out, args.folds, Path(args.models_dir), args.ship_ensemble, agg,
-                             args.record or str(out / "cv.json"), review)
+                             args.record or str(out / "cv.json"))
         print(f"wrote {path}")
     for variant, v in agg["variants"].items():
         print(f"{variant:<16} {v['patients']:>3} patients  mean {v['mean']:.4f}  median {v['median']:.4f}  "
