@@ -58,7 +58,7 @@ def test_rules_table(rules, features, reasons):
 
 def test_no_rules_means_no_flag_and_says_why():
     out = assess({"volume_px": 0}, None)
-    assert out["flag"] is False and "no calibrated review rules" in out["note"]
+    assert out["flag"] is False and "no review rules are calibrated" in out["note"]
 
 
 def test_rules_round_trip_through_a_card():
@@ -138,4 +138,4 @@ def test_run_writes_the_review_flag_and_the_batch_lists_flagged_patients(kaggle_
                                     str(root / VAL_PATIENTS[0]), "--out", str(tmp_path / "out2")])
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "out2" / VAL_PATIENTS[0] / "report.json").read_text())
-    assert rep["review"]["flag"] is False and "no calibrated review rules" in rep["review"]["note"]
+    assert rep["review"]["flag"] is False and "no review rules are calibrated" in rep["review"]["note"]
