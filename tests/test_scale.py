@@ -181,7 +181,7 @@ def test_triton_repository_matches_triton_layout(exported_model, tmp_path):
     configs = check_repository(repo)
     fp32, int8 = configs["resunet16"], configs["resunet16_int8"]
     assert fp32.platform == "onnxruntime_onnx" and fp32.max_batch_size == 64
-    assert list(fp32.input[0].dims) == [3, 256, 256] and list(fp32.output[0].dims) == [1, 256, 256]
+    assert list(fp32.input[0].dims) == [spec.in_channels, 256, 256] and list(fp32.output[0].dims) == [1, 256, 256]
     assert (fp32.input[0].name, fp32.output[0].name) == ("images", "probabilities")
     assert list(fp32.dynamic_batching.preferred_batch_size) == [8]  # 32 is >10% slower, batch 1 never preferred
     assert list(int8.dynamic_batching.preferred_batch_size) == [8, 32]
@@ -355,11 +355,15 @@ class _FakeTritonClient:
         pass
 
 
+_C = load_model_spec(MODEL).in_channels  # the shipped card's input width (9 for a 2.5D model)
+_OTHER_C = 3 if _C != 3 else 9
+
+
 @pytest.mark.parametrize("served, input_shape, words", [
-    ("same", [-1, 3, 256, 256], None),
-    ("0" * 64, [-1, 3, 256, 256], "serves weights 000000000000..., not resunet16.pt"),
-    (None, [-1, 3, 256, 256], "does not say which weights it serves"),
-    ("same", [-1, 9, 256, 256], "takes input (N, 9, 256, 256) but resunet16.pt's card says (N, 3, 256, 256)"),
+    ("same", [-1, _C, 256, 256], None),
+    ("0" * 64, [-1, _C, 256, 256], f"serves weights 000000000000..., not {MODEL.name}"),
+    (None, [-1, _C, 256, 256], "does not say which weights it serves"),
+    ("same", [-1, _OTHER_C, 256, 256], f"takes input (N, {_OTHER_C}, 256, 256) but {MODEL.name}'s card says (N, {_C}, 256, 256)"),
 ], ids=["same-weights", "other-weights", "no-parameter", "other-channels"])
 def test_triton_backend_checks_which_weights_the_server_serves(monkeypatch, served, input_shape, words):
     httpclient = pytest.importorskip("tritonclient.http")

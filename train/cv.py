@@ -191,18 +191,19 @@ def ship_ensemble(cv_out: Path, n_folds: int, models_dir: Path, name: str, agg: 
     return path
 
 
-def compare(a: dict, b: dict, variant: str = "native_lcc") -> str:
-    """Paired per-patient comparison of two CV results on the patients both scored."""
+def compare(a: dict, b: dict, variant: str = "native_lcc", variant_b: str | None = None) -> str:
+    """Paired per-patient comparison of two CV results on the patients both scored (or, with
+    ``variant_b``, of two scoring variants, e.g. a post-processing step, of one result)."""
     from scipy.stats import wilcoxon
 
-    pa, pb = a["variants"][variant]["per_patient"], b["variants"][variant]["per_patient"]
+    pa, pb = a["variants"][variant]["per_patient"], b["variants"][variant_b or variant]["per_patient"]
     common = sorted(set(pa) & set(pb))
     if not common:
         return "no patients in common"
     da = np.array([pa[p]["dsc"] for p in common])
     db = np.array([pb[p]["dsc"] for p in common])
     diff = db - da
-    lines = [f"{variant}: {len(common)} patients in common",
+    lines = [f"{variant}{' vs ' + variant_b if variant_b else ''}: {len(common)} patients in common",
              f"  {a['recipe']}: mean {da.mean():.4f} median {np.median(da):.4f} min {da.min():.4f}",
              f"  {b['recipe']}: mean {db.mean():.4f} median {np.median(db):.4f} min {db.min():.4f}",
              f"  {b['recipe']} - {a['recipe']}: mean {diff.mean():+.4f}, better on {(diff > 0).sum()}, "
@@ -212,6 +213,27 @@ def compare(a: dict, b: dict, variant: str = "native_lcc") -> str:
     worst = np.argsort(diff)[:3]
     lines.append("  largest losses: " + ", ".join(f"{common[i]} {diff[i]:+.3f}" for i in worst))
     return "\n".join(lines)
+
+
+def threshold_sweep(cv_out: Path, data: Path, thresholds: list[float]) -> list[str]:
+    """Native out-of-fold DSC at each probability threshold (largest component after it), from
+    the stored probabilities, paired with 0.5: a threshold is chosen on training folds or not at all."""
+    from segengine.engine.metrics import dsc
+
+    scores: dict[float, list[float]] = {t: [] for t in thresholds}
+    for npz in sorted(cv_out.glob("fold*/oof/*.npz")):
+        prob = np.load(npz)["prob"].astype(np.float32)
+        truth = read_patient(data / npz.stem).mask > 0
+        for t in thresholds:
+            scores[t].append(dsc(postprocess(prob, PostprocessConfig(threshold=t)), truth))
+    base = np.array(scores.get(0.5) or scores[thresholds[0]])
+    lines = []
+    for t in thresholds:
+        d = np.array(scores[t])
+        diff = d - base
+        lines.append(f"threshold {t:.2f}: {len(d)} patients, mean {d.mean():.4f}, median {np.median(d):.4f}, "
+                     f"vs 0.5 {diff.mean() * 100:+.2f} points, better on {(diff > 1e-9).sum()}, worse on {(diff < -1e-9).sum()}")
+    return lines
 
 
 def worst_cases_figure(cv_out: Path, data: Path, png: Path, n: int = 3, max_tiles: int = 10) -> list[str]:
@@ -298,9 +320,19 @@ def main(argv: list[str] | None = None) -> int:
         ap = argparse.ArgumentParser(prog="python -m segengine.train.cv compare")
         ap.add_argument("runs", nargs=2, help="two CV run folders (or their cv.json files)")
         ap.add_argument("--variant", default="native_lcc")
+        ap.add_argument("--variant-b", default=None, help="score the second run with this variant (e.g. native_lcc_fill2d)")
         args = ap.parse_args(argv[1:])
         res = [json.loads((Path(r) / "cv.json" if Path(r).is_dir() else Path(r)).read_text()) for r in args.runs]
-        print(compare(res[0], res[1], args.variant))
+        print(compare(res[0], res[1], args.variant, args.variant_b))
+        return 0
+    if argv[:1] == ["thresholds"]:
+        ap = argparse.ArgumentParser(prog="python -m segengine.train.cv thresholds")
+        ap.add_argument("run", type=Path, help="CV run folder (fold*/oof/*.npz)")
+        ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+        ap.add_argument("--thresholds", default="0.3,0.4,0.5,0.6,0.7,0.8")
+        args = ap.parse_args(argv[1:])
+        for line in threshold_sweep(args.run, args.data, [float(t) for t in args.thresholds.split(",")]):
+            print(line)
         return 0
     train_args: list[str] = []
     if "--" in argv:
