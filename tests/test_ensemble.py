@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import VAL_PATIENTS, copy_model
+from conftest import VAL_PATIENTS, copy_model, save_random_model
 from segengine.engine import backends as registry
 from segengine.engine.ensemble import InferencePlan, load_ensemble, load_plan
 from segengine.engine.io import read_patient
@@ -19,14 +19,12 @@ from segengine.engine.pipeline import predict_flipped, preprocess_patient, model
 
 
 @pytest.fixture(scope="module")
-def two_member_ensemble(tmp_path_factory, random_model) -> Path:
-    """The shipped model and a seeded random one, side by side with a manifest."""
+def two_member_ensemble(tmp_path_factory) -> Path:
+    """The shipped default model and seeded random weights of its own architecture and input,
+    side by side with a manifest."""
     folder = tmp_path_factory.mktemp("ensemble")
-    copy_model(shipped_model_path(), folder)
-    random_copy = folder / "random16.pt"
-    shutil.copy(random_model, random_copy)
-    card = json.loads(random_model.with_suffix(".json").read_text()) | {"name": "random16"}
-    random_copy.with_suffix(".json").write_text(json.dumps(card))
+    shipped = load_model_spec(copy_model(shipped_model_path(), folder))
+    save_random_model(folder, "random16", shipped.architecture, context_slices=shipped.context_slices)
     manifest = folder / "pair.ensemble.json"
     manifest.write_text(json.dumps({"name": "pair", "kind": "ensemble", "members": ["resunet16.pt", "random16.pt"]}))
     return manifest
@@ -115,14 +113,10 @@ def test_a_corrupt_member_is_refused(tmp_path):
         load_ensemble(_manifest(tmp_path, {"kind": "ensemble", "members": [weights.name]}))
 
 
-def test_members_must_see_the_same_input(tmp_path, random_model):
-    copy_model(shipped_model_path(), tmp_path)
-    other = tmp_path / "ctx.pt"
-    shutil.copy(random_model, other)
-    card = json.loads(random_model.with_suffix(".json").read_text())
-    card["context_slices"] = 1
-    card["architecture"] = card["architecture"] | {"in_channels": 9}
-    other.with_suffix(".json").write_text(json.dumps(card))
+def test_members_must_see_the_same_input(tmp_path):
+    shipped = load_model_spec(copy_model(shipped_model_path(), tmp_path))
+    other = shipped.context_slices + 1  # the shipped model's architecture, one more neighbour each side
+    save_random_model(tmp_path, "ctx", shipped.architecture | {"in_channels": 3 * (2 * other + 1)}, context_slices=other)
     with pytest.raises(ModelError, match="members differ in input size or context slices"):
         load_ensemble(_manifest(tmp_path, {"kind": "ensemble", "members": ["resunet16.pt", "ctx.pt"]}))
 

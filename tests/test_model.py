@@ -6,7 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from conftest import VAL_PATIENTS, copy_model
+from conftest import VAL_PATIENTS, copy_model, save_random_model
 from segengine.engine import backends as registry
 from segengine.engine.cli import main
 from segengine.engine.model import load_model_spec, sha256_file, shipped_model_path
@@ -116,12 +116,14 @@ def test_validate_on_real_patients(kaggle_root, val_patients_file, tmp_path, bac
         assert "emulated" in result["numerics"] and 0 < max(r["max_abs_delta_prob"] for r in result["patients"])
 
 
-def test_validate_fails_on_a_mismatching_export(kaggle_root, val_patients_file, tmp_path, random_model):
-    """An export of other weights put beside the shipped ones must FAIL (exit 1), not pass."""
+def test_validate_fails_on_a_mismatching_export(kaggle_root, val_patients_file, tmp_path):
+    """An export of other weights (same architecture and input) put beside the shipped ones must FAIL (exit 1), not pass."""
     from segengine.export.onnx_export import export_onnx
 
     folder = copy_model(shipped_model_path(), tmp_path / "m", exports=True).parent
-    other = load_model_spec(random_model)
+    shipped = load_model_spec(folder / "resunet16.pt")
+    other = load_model_spec(save_random_model(tmp_path / "other", "random16", shipped.architecture,
+                                              context_slices=shipped.context_slices))
     export_onnx(other, folder / "resunet16.onnx", threads=1)
     sidecar = json.loads((folder / "resunet16.onnx.json").read_text())
     sidecar["source_sha256"] = sha256_file(folder / "resunet16.pt")  # pretend it came from the shipped weights
