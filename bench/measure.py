@@ -36,11 +36,9 @@ def _one_line(exc: BaseException) -> str:
 def _availability(name: str, spec) -> str | None:
     """None if ``name`` can run here for ``spec``, else the reason (never raises)."""
     from segengine.engine import backends as registry
-    from segengine.engine.ensemble import members_of
 
     try:
-        cls = registry.backend_class(name)
-        return next((why for why in (cls.availability(m) for m in members_of(spec)) if why), None)
+        return registry.why_unavailable(name, spec)
     except ImportError as exc:
         return f"backend module not importable ({_one_line(exc)})"
     except Exception as exc:  # noqa: BLE001 - unknown name, broken runtime: report, do not crash

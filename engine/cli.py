@@ -143,7 +143,11 @@ def accurate_mode_options(fn):
                         help="accurate mode: average the fold ensemble (bare: the shipped one; or a *.ensemble.json)")(fn)
 
 
-def _ensemble_arg(ensemble: str | None) -> bool | Path | None:
+def _ensemble_arg(model, ensemble: str | None) -> bool | Path | None:
+    """--ensemble's value for load_plan (bare: True, the shipped one); refuses it beside --model
+    (bare --model included, which load_plan cannot see), before any work."""
+    if model is not None and ensemble is not None:
+        fail("give --model or --ensemble, not both")
     return None if ensemble is None else (True if ensemble == "" else Path(ensemble))
 
 
@@ -207,9 +211,7 @@ def run(patient_dir, patients_root, out, backend, model, ensemble, tta, batch_si
     from segengine.engine.io import SliceLimits
     from segengine.engine.runner import run_patients
 
-    if model is not None and ensemble is not None:
-        fail("give --model or --ensemble, not both")
-    ensemble = _ensemble_arg(ensemble)
+    ensemble = _ensemble_arg(model, ensemble)
     if (patient_dir is None) == (patients_root is None):
         fail("give exactly one of --patient DIR or --patients ROOT")
     if min_side > max_side:
@@ -305,8 +307,7 @@ def evaluate(data_root, pred_root, model, protocol, backend, patients_file, out_
 
     if (pred_root is None) == (model is None and ensemble is None):
         fail("give exactly one of --pred PRED_ROOT or --model [PATH] / --ensemble [MANIFEST]")
-    if model is not None and ensemble is not None:
-        fail("give --model or --ensemble, not both")
+    ensemble = _ensemble_arg(model, ensemble)
     if pred_root is not None and tta:
         fail("--tta averages a model's predictions: use it with --model or --ensemble, not --pred")
     _check_paths(folders={"--out": out_dir})
@@ -321,7 +322,7 @@ def evaluate(data_root, pred_root, model, protocol, backend, patients_file, out_
 
         post = PostprocessConfig(threshold=threshold, largest_component=not no_postprocess, fill_holes_2d=fill_holes)
         result = evaluate_model(data_root, model or None, protocol, backend, patients_file, threads, post,
-                                ensemble=_ensemble_arg(ensemble), tta=tta)
+                                ensemble=ensemble, tta=tta)
     click.echo(format_table(result))
     s = result["summary"]["dsc"]
     click.echo(f"\nDSC ({result['protocol']} protocol, {s['n']} patients): mean {s['mean']:.4f}  median {s['median']:.4f}")
@@ -456,7 +457,7 @@ def bench(data_root, n_patients, backends, batch_sizes, threads, warmup, iterati
     _set_threads(threads)
     from segengine.engine.ensemble import load_plan
 
-    spec = load_plan(model, _ensemble_arg(ensemble), tta)
+    spec = load_plan(model, _ensemble_arg(model, ensemble), tta)
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(","))
     except ValueError:

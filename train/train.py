@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from segengine.engine.io import read_patient_list
-from segengine.engine.model import input_channels
+from segengine.engine.model import SLICE_CHANNELS, input_channels
 from segengine.engine.network import build_model, count_flops
 from segengine.engine.postprocess import largest_component
 from segengine.engine.preprocess import stack_context
@@ -147,7 +147,7 @@ def flair_copy(images: torch.Tensor, p: float, gen: torch.Generator) -> torch.Te
     pick = torch.rand(n, generator=gen) < p
     if not bool(pick.any()):
         return images
-    groups = images.reshape(n, c // 3, 3, *images.shape[2:])
+    groups = images.reshape(n, c // SLICE_CHANNELS, SLICE_CHANNELS, *images.shape[2:])
     copied = groups[:, :, 1:2].expand_as(groups)
     return torch.where(pick[:, None, None, None, None], copied, groups).reshape(images.shape)
 

@@ -29,9 +29,13 @@ def backend_class(name: str) -> type[Backend]:
 
 
 def why_unavailable(name: str, spec=None) -> str | None:
-    """None when ``name`` is usable here for ``spec``, else the reason."""
+    """None when ``name`` is usable here for ``spec`` (for an ensemble or TTA plan: for every
+    member model), else the reason."""
+    from segengine.engine.ensemble import members_of
+
     try:
-        return backend_class(name).availability(spec)
+        cls = backend_class(name)
+        return next((why for why in map(cls.availability, members_of(spec)) if why), None)
     except BackendUnavailable as exc:
         return str(exc)
 
@@ -46,18 +50,16 @@ def resolve(name: str, spec) -> str:
     (for an ensemble or TTA plan: for every member model)."""
     from segengine.engine.ensemble import members_of
 
-    members = members_of(spec)
     if name != "auto":
-        for member in members:
-            why = why_unavailable(name, member)
-            if why:
-                usable = [n for n, w in availability(member).items() if w is None]
-                raise BackendUnavailable(f"backend {name!r} is not available: {why} (available: {', '.join(usable) or 'none'})")
+        why = why_unavailable(name, spec)
+        if why:
+            usable = [n for n, w in availability(spec).items() if w is None]
+            raise BackendUnavailable(f"backend {name!r} is not available: {why} (available: {', '.join(usable) or 'none'})")
         return name
     from segengine.engine.verdict import why_untrusted
 
     for candidate in AUTO_ORDER:
-        if all(why_unavailable(candidate, m) is None and why_untrusted(m, candidate) is None for m in members):
+        if why_unavailable(candidate, spec) is None and all(why_untrusted(m, candidate) is None for m in members_of(spec)):
             return candidate
     raise BackendUnavailable("no backend is available (install torch or onnxruntime)")
 
