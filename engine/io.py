@@ -72,6 +72,9 @@ class SliceLimits:
 DEFAULT_LIMITS = SliceLimits()
 _PATH_SEPARATORS = {"/", "\\", os.sep, os.altsep} - {None}
 PATIENT_ID_MAX_LEN = 200
+ACCEPTED_LAYOUTS = ("Kaggle slices <patient>_<n>.tif/.png/.webp; a 4D case.nii[.gz]; a folder of "
+                    "<case>_flair.nii[.gz] (+ _pre, _post, _mask); nnU-Net <case>_0000/_0001/_0002.nii[.gz] "
+                    "(+ dataset.json); a DICOM study (one folder or sub-folders per series)")
 
 
 @dataclass
@@ -237,7 +240,7 @@ def list_slices(folder: Path) -> tuple[str, dict[int, Path], dict[int, Path]]:
         if masks:
             n = min(masks)
             raise OrphanMaskError(f"{masks[n]}: mask without its image slice")
-        raise NoSlicesError(f"{folder}: no image slices named <patient>_<n>.tif/.png/.webp")
+        raise NoSlicesError(f"{folder}: not a patient in any accepted layout ({ACCEPTED_LAYOUTS})")
     if len(prefixes) > 1:
         raise SliceNumberingError(f"{folder}: slices of several patients ({', '.join(sorted(prefixes))})")
     orphans = sorted(set(masks) - set(images))
@@ -298,6 +301,10 @@ def read_patient(folder: str | os.PathLike, with_mask: bool = True,
     folder = Path(folder)
     if is_nifti_case(folder):
         return read_nifti_case(folder, with_mask, limits)
+    from segengine.engine.dicom_io import is_dicom_study, read_dicom_study  # DICOM study: engine/dicom_io.py
+
+    if is_dicom_study(folder):
+        return read_dicom_study(folder, with_mask, limits)
     patient_id, images, masks = list_slices(folder)
     numbers = sorted(images)
     check_headers(folder, images, masks if with_mask else {}, limits)
@@ -328,6 +335,7 @@ def read_patient(folder: str | os.PathLike, with_mask: bool = True,
         image=np.stack(slices),
         mask=mask,
         image_paths=[images[n] for n in numbers],
+        spacing_mm=getattr(limits, "spacing_mm", None),  # --spacing (options.RunOptions); unknown otherwise
     )
 
 
