@@ -240,7 +240,8 @@ def list_slices(folder: Path) -> tuple[str, dict[int, Path], dict[int, Path]]:
         if masks:
             n = min(masks)
             raise OrphanMaskError(f"{masks[n]}: mask without its image slice")
-        raise NoSlicesError(f"{folder}: not a patient in any accepted layout ({ACCEPTED_LAYOUTS})")
+        raise NoSlicesError(f"{folder}: no image slices named <patient>_<n>.tif/.png/.webp nor another accepted layout "
+                            f"(accepted: {ACCEPTED_LAYOUTS})")
     if len(prefixes) > 1:
         raise SliceNumberingError(f"{folder}: slices of several patients ({', '.join(sorted(prefixes))})")
     orphans = sorted(set(masks) - set(images))

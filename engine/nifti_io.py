@@ -76,17 +76,25 @@ def sequence_files(folder: Path) -> dict[str, Path]:
         if seq in found:
             raise NiftiError(f"{entry}: a second {seq} volume (also {found[seq].name})")
         found[seq] = entry
+    from segengine.engine.nnunet_io import channel_files  # <case>_0000.nii.gz naming
+
+    for seq, entry in channel_files(folder).items():
+        if seq in found:
+            raise NiftiError(f"{entry}: a second {seq} volume (also {found[seq].name})")
+        found[seq] = entry
     return found
 
 
 def is_nifti_case(path: Path) -> bool:
-    """A ``.nii[.gz]`` file, or a folder holding ``*_pre|flair|post.nii[.gz]`` volumes."""
+    """A ``.nii[.gz]`` file, or a folder holding ``*_pre|flair|post.nii[.gz]`` or nnU-Net ``*_0000.nii[.gz]`` volumes."""
+    from segengine.engine.nnunet_io import is_nnunet_name
+
     path = Path(path)
     if path.is_file():
         return is_nifti_file(path)
     if not path.is_dir():
         return False
-    return any(SEQUENCE_FILE.match(e.name) for e in path.iterdir())
+    return any(SEQUENCE_FILE.match(e.name) or is_nnunet_name(e.name) for e in path.iterdir())
 
 
 @dataclass(frozen=True)
@@ -239,7 +247,8 @@ def _open_case(path: Path, with_mask: bool = True, limits: SliceLimits = DEFAULT
         return {"stack": img}, {"stack": path}
     files = sequence_files(path)
     if "flair" not in files:
-        raise NiftiError(f"{path}: no *_flair.nii[.gz] volume (FLAIR is required; pre/post-contrast are optional)")
+        raise NiftiError(f"{path}: no *_flair.nii[.gz] volume or nnU-Net FLAIR channel (<case>_0001, or as dataset.json "
+                         "names it) (FLAIR is required; pre/post-contrast are optional)")
     images = {}
     for seq in ("flair", "pre", "post", "mask"):
         if seq not in files or (seq == "mask" and not with_mask):
