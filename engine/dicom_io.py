@@ -119,7 +119,8 @@ PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 
 
 def _read_header(path: Path):
-    """(dataset without pixels, file offset of its PixelData element or None).
+    """(dataset without pixels, file offset of its PixelData element or None), or None for a
+    file that is not a regular DICOM Part-10 file (one open per file).
 
     pydicom stops in front of the pixel data element; for uncompressed little-endian files that
     offset lets the pixels be read later without parsing the header a second time.
@@ -128,9 +129,12 @@ def _read_header(path: Path):
 
     fh = _open_regular(path)
     if fh is None:
-        raise DicomError(f"{path}: not a regular file")
+        return None
     try:
         with fh:
+            if fh.read(DICM_OFFSET + 4)[DICM_OFFSET:] != b"DICM":
+                return None
+            fh.seek(0)
             ds = pydicom.dcmread(fh, stop_before_pixels=True)
             offset = fh.tell()
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
@@ -148,9 +152,10 @@ def scan_study(folder: Path) -> list[Series]:
     """The study's image series, grouped by SeriesInstanceUID (headers only)."""
     series: dict[str, Series] = {}
     for path in _walk(folder):
-        if not _is_dicom_file(path):
+        header = _read_header(path)
+        if header is None:
             continue
-        ds, offset = _read_header(path)
+        ds, offset = header
         uid = str(ds.get("SeriesInstanceUID", "") or "")
         if not uid or "Rows" not in ds:
             continue  # DICOMDIR, structured reports, presentation states: no image
@@ -564,7 +569,8 @@ def read_dicom_study(folder: str | Path, with_mask: bool = True, limits: SliceLi
                              for r, g in plan.grids.items()},
                      ignored=tuple((s.uid, s.description) for s in plan.ignored))
     # separate series, separate units: each rescaled to 8 bits on its own, as NIfTI files are
-    channels = {r: to_uint8(grid.to_kaggle(_read_series(g))) for r, g in plan.grids.items()}
+    # (8 bits before reorienting: min/max do not depend on the axes, and the copy is 4x smaller)
+    channels = {r: grid.to_kaggle(to_uint8(_read_series(g))) for r, g in plan.grids.items()}
     image = np.stack([channels.get(r, channels["flair"]) for r in SEQUENCES], axis=-1)
     return PatientVolume(patient_id=study_id(plan.folder), folder=plan.folder,
                          slice_numbers=list(range(1, image.shape[0] + 1)), image=np.ascontiguousarray(image),
