@@ -3,6 +3,7 @@ with ``--save-probabilities``, the probability map. Called by ``outputs.write_pa
 inside the patient's temporary folder, so they are written all or nothing with the rest."""
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -22,8 +23,15 @@ def write_extra_outputs(folder: Path, volume: PatientVolume, seg: Segmentation, 
     if isinstance(grid, DicomGrid) and seg.protocol == "native":
         t = time.perf_counter()
         path = folder / SEG_NAME.format(patient=volume.patient_id)
-        report.setdefault(grid.REPORT_KEY, {})["seg"] = write_seg(path, grid, seg.mask, report.get("model", "segengine"),
-                                                                  report.get("model_sha256", ""))
+        try:
+            info = write_seg(path, grid, seg.mask, report.get("model", "segengine"), report.get("model_sha256", ""))
+        except Exception as exc:  # noqa: BLE001 - highdicom refuses source headers it finds incomplete
+            # the masks, NIfTI and report are still right: keep them, say why there is no SEG
+            path.unlink(missing_ok=True)
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            info = {"error": f"no DICOM SEG written: {why}"}
+            print(f"segengine: warning: {volume.patient_id}: {info['error']}", file=sys.stderr, flush=True)
+        report.setdefault(grid.REPORT_KEY, {})["seg"] = info
         report["timings_s"]["dicom_seg"] = round(time.perf_counter() - t, 4)
     if probabilities:
         name = f"{volume.patient_id}_prob.nii.gz"

@@ -332,3 +332,21 @@ def test_series_override_picks_among_two_flairs_and_fills_pre(small_study, tmp_p
     assert report["dicom"]["series"]["flair"]["uid"] == study.series_uid["flair"]
     assert report["dicom"]["filled_with_flair"] == ["pre"] and "pre" not in report["dicom"]["series"]
     assert {s["description"] for s in report["dicom"]["ignored_series"]} == {"AX FLAIR 2", "AX T1 PRE", "3-PLANE LOC"}
+
+
+def test_study_without_frame_of_reference_keeps_its_results_and_says_why_there_is_no_seg(small_study, tmp_path):
+    """highdicom needs a frame of reference for the SEG; the masks and report do not."""
+    src, study = small_study
+    folder = tmp_path / "study"
+    shutil.copytree(src, folder)
+    for p in [p for ps in _mine(study, folder).values() for p in ps]:
+        ds = pydicom.dcmread(p)
+        del ds.FrameOfReferenceUID
+        ds.save_as(p, enforce_file_format=True)
+    res = _run(["--patient", str(folder), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert "warning: study: no DICOM SEG written: Source images have no Frame Of Reference UID" in res.output
+    result = tmp_path / "out" / "study"
+    report = json.loads((result / "report.json").read_text())
+    assert report["dicom"]["seg"]["error"].startswith("no DICOM SEG written")
+    assert not (result / "study_seg.dcm").exists() and (result / "study_mask.nii.gz").exists()
