@@ -26,6 +26,7 @@ from segengine.bench.nifti_agreement import write_three_files
 from segengine.engine.cli import main
 from segengine.engine.io import read_patient
 from test_run import MODEL, _dice
+from test_scale import ray_cluster  # noqa: F401 - the Ray fixture, for the options' trip to a worker
 
 DCM2NIIX = Path(sys.executable).parent / "dcm2niix"
 
@@ -350,3 +351,19 @@ def test_study_without_frame_of_reference_keeps_its_results_and_says_why_there_i
     report = json.loads((result / "report.json").read_text())
     assert report["dicom"]["seg"]["error"].startswith("no DICOM SEG written")
     assert not (result / "study_seg.dcm").exists() and (result / "study_mask.nii.gz").exists()
+
+
+def test_ray_workers_get_the_series_choice_and_write_the_seg_and_probabilities(small_study, ray_cluster, tmp_path):
+    """--series, --spacing and --save-probabilities travel to Ray workers with the limits (options.RunOptions)."""
+    src, study = small_study
+    root = tmp_path / "root"
+    shutil.copytree(src, root / "study")
+    _two_flair_series(study, root / "study")  # refused without --series
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["run", "--patients", str(root), "--out", str(out), "--model", str(MODEL),
+                                    "--backend", "onnxruntime", "--workers", "1", "--ray", "--series", "flair=AX FLAIR 2",
+                                    "--save-probabilities"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "study" / "report.json").read_text())
+    assert report["dicom"]["series"]["flair"]["description"] == "AX FLAIR 2"
+    assert (out / "study" / "study_seg.dcm").is_file() and (out / "study" / "study_prob.nii.gz").is_file()
