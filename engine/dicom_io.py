@@ -193,8 +193,8 @@ def classify(s: Series) -> str | None:
     if "LOCALIZER" in image_type or LOCALIZER_WORDS.search(text):
         return None
     t1 = bool(T1_WORDS.search(text))
-    scanning = {str(v).upper() for v in (ds.get("ScanningSequence") or [])} if not isinstance(
-        ds.get("ScanningSequence"), str) else {str(ds.ScanningSequence).upper()}
+    raw = ds.get("ScanningSequence") or []
+    scanning = {str(v).upper() for v in ([raw] if isinstance(raw, str) else raw)}
     long_ir = ("IR" in scanning and float(ds.get("InversionTime") or 0) >= 1500 and float(ds.get("EchoTime") or 0) >= 60)
     if (FLAIR_WORDS.search(text) and not t1) or (not t1 and not FLAIR_WORDS.search(text) and long_ir):
         return "flair"
@@ -216,7 +216,7 @@ def choose_series(folder: Path, series: list[Series], overrides: dict[str, str] 
     for role, value in overrides.items():
         if value.lower() == "none":
             if role == "flair":
-                raise DicomError(f"--series flair=none: FLAIR is required")
+                raise DicomError("--series flair=none: FLAIR is required")
             continue
         hits = [s for s in series if s.uid == value] or [s for s in series if s.description.lower() == value.lower()]
         if not hits:

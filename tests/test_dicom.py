@@ -367,3 +367,31 @@ def test_ray_workers_get_the_series_choice_and_write_the_seg_and_probabilities(s
     report = json.loads((out / "study" / "report.json").read_text())
     assert report["dicom"]["series"]["flair"]["description"] == "AX FLAIR 2"
     assert (out / "study" / "study_seg.dcm").is_file() and (out / "study" / "study_prob.nii.gz").is_file()
+
+
+# ------------------------------------------------------------------ nnU-Net naming refused with one line
+def _nnunet_folder(tmp_path, names, dataset=None):
+    case = tmp_path / "case"
+    case.mkdir()
+    for name in names:
+        nib.save(nib.Nifti1Image(np.ones((40, 48, 6), np.int16), np.diag([0.9, 0.9, 3.0, 1.0])), str(case / name))
+    if dataset is not None:
+        (case / "dataset.json").write_text(json.dumps(dataset) if isinstance(dataset, dict) else dataset)
+    return case
+
+
+BAD_NNUNET = [
+    (["a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz", "b_0001.nii.gz"], None, "several nnU-Net cases (a, b)"),
+    (["a_0000.nii.gz", "a_0001.nii.gz", "a_0003.nii.gz"], None, "channel 0003 has no role in the Kaggle order"),
+    (["a_0000.nii.gz", "a_0001.nii.gz"], {"channel_names": {"0": "T1", "1": "T2"}}, "no FLAIR channel"),
+    (["a_0000.nii.gz", "a_0001.nii.gz"], "{not json", "not a dataset.json with channel_names"),
+    (["a_0000.nii.gz", "a_0002.nii.gz"], None, "no *_flair.nii[.gz] volume or nnU-Net FLAIR channel"),
+]
+
+
+@pytest.mark.parametrize("names, dataset, words", BAD_NNUNET, ids=["two-cases", "extra-channel", "json-no-flair",
+                                                                   "json-broken", "no-flair"])
+def test_bad_nnunet_case_is_one_line_and_exit_2(tmp_path, names, dataset, words):
+    case = _nnunet_folder(tmp_path, names, dataset)
+    res = _run(["--patient", str(case), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and words in res.output, res.output
