@@ -571,9 +571,11 @@ def read_dicom_study(folder: str | Path, with_mask: bool = True, limits: SliceLi
     # separate series, separate units: each rescaled to 8 bits on its own, as NIfTI files are
     # (8 bits before reorienting: min/max do not depend on the axes, and the copy is 4x smaller)
     channels = {r: grid.to_kaggle(to_uint8(_read_series(g))) for r, g in plan.grids.items()}
-    image = np.stack([channels.get(r, channels["flair"]) for r in SEQUENCES], axis=-1)
+    image = np.empty(channels["flair"].shape + (len(SEQUENCES),), dtype=np.uint8)  # C order whatever the views' axes
+    for c, r in enumerate(SEQUENCES):
+        image[..., c] = channels.get(r, channels["flair"])
     return PatientVolume(patient_id=study_id(plan.folder), folder=plan.folder,
-                         slice_numbers=list(range(1, image.shape[0] + 1)), image=np.ascontiguousarray(image),
+                         slice_numbers=list(range(1, image.shape[0] + 1)), image=image,
                          mask=None, spacing_mm=grid.spacing_mm(), source_grid=grid)
 
 

@@ -202,7 +202,8 @@ def to_uint8(volume: np.ndarray, lo: float | None = None, hi: float | None = Non
     hi = float(volume.max()) if hi is None else hi
     if hi <= lo:
         return np.zeros(volume.shape, dtype=np.uint8)
-    scaled = (volume.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+    scaled = np.subtract(volume, np.float32(lo), dtype=np.float32)  # one float32 array, then in place
+    scaled *= np.float32(255.0 / (hi - lo))
     return np.rint(scaled, out=scaled).astype(np.uint8)
 
 
