@@ -14,6 +14,7 @@ instances, frame by frame, so viewers overlay it on the images it was computed f
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import stat
@@ -30,6 +31,8 @@ from segengine.engine.nifti_io import MAX_VOXELS, SEQUENCES, NiftiGrid, check_li
 
 DICM_OFFSET = 128
 MAX_DEPTH = 4  # study/series/... folders below the given one that are searched for files
+DETECT_FILES = 64  # a folder is a DICOM study if one of its first files (in walk order) is DICOM
+MAX_STUDY_FILES = 20000  # files looked at in one study: a mistaken --patient ~ is refused, not walked for hours
 ROLES = ("flair", "pre", "post")
 POSITION_ATOL_MM = 0.01
 ORIENTATION_ATOL = 1e-4
@@ -92,7 +95,7 @@ def is_dicom_study(path: Path) -> bool:
             return False  # a Kaggle folder: the slice reader answers for it
     except OSError:
         return False
-    return any(_is_dicom_file(p) for p in _walk(path))
+    return any(_is_dicom_file(p) for p in itertools.islice(_walk(path), DETECT_FILES))
 
 
 def study_id(path: Path) -> str:
@@ -151,7 +154,9 @@ def _first_line(exc: BaseException) -> str:
 def scan_study(folder: Path) -> list[Series]:
     """The study's image series, grouped by SeriesInstanceUID (headers only)."""
     series: dict[str, Series] = {}
-    for path in _walk(folder):
+    for i, path in enumerate(_walk(folder)):
+        if i == MAX_STUDY_FILES:
+            raise SliceLimitError(f"{folder}: more than {MAX_STUDY_FILES} files in the study folder; give one study")
         header = _read_header(path)
         if header is None:
             continue
