@@ -59,6 +59,33 @@ def test_study_reads_back_the_kaggle_slices(kaggle_root, tmp_path, layout, in_pl
     assert [s["description"] for s in got.source_grid.report()["ignored_series"]] == ["3-PLANE LOC"]
 
 
+def _rle_compressed(study):
+    for p in study.files["flair"]:
+        ds = pydicom.dcmread(p)
+        ds.compress(pydicom.uid.RLELossless)  # decoded by pydicom, not by the native little-endian path
+        ds.save_as(p, enforce_file_format=True)
+
+
+def _per_image_rescale(study):
+    for k, p in enumerate(study.files["flair"]):
+        if k % 2:  # stored values doubled, RescaleSlope 0.5: the same real values, another encoding per image
+            ds = pydicom.dcmread(p)
+            ds.PixelData = (ds.pixel_array.astype(np.uint16) * 2).tobytes()
+            ds.RescaleSlope, ds.RescaleIntercept = 0.5, 0
+            ds.save_as(p, enforce_file_format=True)
+
+
+@pytest.mark.parametrize("encode", [_rle_compressed, _per_image_rescale], ids=lambda f: f.__name__[1:])
+def test_encodings_read_back_the_same_slices(small_study, tmp_path, encode):
+    src, study = small_study
+    expected = read_patient(src).image
+    folder = tmp_path / "study"
+    shutil.copytree(src, folder)
+    encode(type(study)(folder, study.in_plane, study.slice_numbers, study.sop_to_slice, study.series_uid,
+                       _mine(study, folder)))
+    np.testing.assert_array_equal(read_patient(folder).image, expected)
+
+
 def test_flair_only_study_fills_pre_and_post_with_flair(kaggle_root, tmp_path):
     kaggle = read_patient(kaggle_root / TRAIN_PATIENT)
     make_study(kaggle_root / TRAIN_PATIENT, tmp_path / "study", sequences=("flair",))
