@@ -185,7 +185,8 @@ def _load_spec(model: str | None):
               help="one patient: a folder of <patient>_<n>.tif slices, a 4D case.nii[.gz], a folder of "
                    "*_flair.nii[.gz] or nnU-Net <case>_0000.nii.gz files, or a DICOM study folder")
 @click.option("--patients", "patients_root", type=click.Path(path_type=Path),
-              help="a folder of patients (kaggle_3m; NIfTI cases may sit beside tif folders)")
+              help="a folder of patients (kaggle_3m; NIfTI cases, nnU-Net imagesTs cases and DICOM study "
+                   "folders may sit beside tif folders)")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="results go to OUT/<patient>/")
 @click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto", show_default=True,
               help="auto = fastest backend available here that passed `segengine validate` for this model; "

@@ -343,11 +343,14 @@ def read_patient(folder: str | os.PathLike, with_mask: bool = True,
 def list_patients(root: str | os.PathLike) -> list[Path]:
     """Patient folders and NIfTI case files under a dataset root (sorted); other files (data.csv) are ignored."""
     from segengine.engine.nifti_io import is_nifti_file
+    from segengine.engine.nnunet_io import other_channel_files
 
     root = Path(root)
     if not root.is_dir():
         raise NotAFolderError(f"{root}: no such folder" if not root.exists() else f"{root}: not a folder")
-    folders = sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p.is_dir() or is_nifti_file(p)))
+    channels = other_channel_files(root)  # a flat nnU-Net folder: one patient per case, its <case>_0000 file
+    folders = sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p.is_dir() or is_nifti_file(p))
+                     and p not in channels)
     if not folders:
         raise NoSlicesError(f"{root}: no patient folders or NIfTI case files")
     return folders

@@ -56,9 +56,12 @@ CASE_ID_SOURCE = ("the NIfTI case's file name without .nii[.gz], or its folder's
 def case_id(path: Path) -> str:
     """Patient id of a NIfTI case: the file name without .nii[.gz], or the folder's name.
 
-    Unchecked; ``patient_job.patient_id_of`` validates it with the slices' rule.
+    Unchecked; ``patient_job.patient_id_of`` validates it with the slices' rule. A flat nnU-Net
+    folder's ``<case>_0000`` file stands for ``<case>``.
     """
-    name = path.name
+    from segengine.engine.nnunet_io import case_of_file
+
+    name = case_of_file(path) or path.name
     for ending in NIFTI_ENDINGS:
         if name.lower().endswith(ending):
             return name[: -len(ending)]
@@ -234,7 +237,10 @@ def _open_case(path: Path, with_mask: bool = True, limits: SliceLimits = DEFAULT
 
     Returns ({sequence: nibabel image}, {sequence: file}); a 4D file is ``{"stack": image}``.
     """
-    if not path.is_dir():
+    from segengine.engine.nnunet_io import case_of_file, channel_files
+
+    flat_case = None if path.is_dir() else case_of_file(path)  # <case>_0000 of a flat nnU-Net folder
+    if not path.is_dir() and flat_case is None:
         img = _load(path)
         shape = img.shape
         if len(shape) != 4:
@@ -246,7 +252,7 @@ def _open_case(path: Path, with_mask: bool = True, limits: SliceLimits = DEFAULT
             raise NiftiError(f"{path}: empty volume of shape {shape}")
         check_limits(img, path, limits)
         return {"stack": img}, {"stack": path}
-    files = sequence_files(path)
+    files = sequence_files(path) if flat_case is None else channel_files(path.parent, flat_case)
     if "flair" not in files:
         raise NiftiError(f"{path}: no *_flair.nii[.gz] volume or nnU-Net FLAIR channel (<case>_0001, or as dataset.json "
                          "names it) (FLAIR is required; pre/post-contrast are optional)")
@@ -277,7 +283,7 @@ def check_nifti_case(path: str | Path, limits: SliceLimits = DEFAULT_LIMITS) -> 
     """
     path = Path(path)
     _, files = _open_case(path, with_mask=True, limits=limits)
-    return list(files.values()) if path.is_dir() else [path]
+    return list(files.values())  # a 4D file: {"stack": path}
 
 
 def read_nifti_case(path: str | Path, with_mask: bool = True, limits: SliceLimits = DEFAULT_LIMITS) -> PatientVolume:

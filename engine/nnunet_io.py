@@ -1,4 +1,8 @@
-"""nnU-Net channel naming: ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... in one case folder.
+"""nnU-Net channel naming: ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ...
+
+A case is a folder holding one case's channel files, or, in a flat folder of several cases
+(nnU-Net's ``imagesTs/``), the case's ``<case>_0000`` file: ``--patient imagesTs/a_0000.nii.gz``,
+and ``--patients imagesTs`` lists one patient per case.
 
 The channel order comes from a ``dataset.json`` beside the files (in the case folder, or the
 folder or dataset folder above it: ``channel_names`` of nnU-Net v2 or ``modality`` of v1),
@@ -69,20 +73,44 @@ def is_nnunet_name(name: str) -> bool:
     return bool(CHANNEL_FILE.match(name))
 
 
-def channel_files(folder: Path) -> dict[str, Path]:
-    """``{"pre"|"flair"|"post": path}`` of a case folder's nnU-Net files (empty if none)."""
-    files = {}
-    cases = set()
+def _cases(folder: Path) -> dict[str, dict[int, Path]]:
+    """{case: {channel: file}} of the nnU-Net-named regular files in ``folder``."""
+    cases: dict[str, dict[int, Path]] = {}
     for entry in sorted(folder.iterdir()):
         m = CHANNEL_FILE.match(entry.name)
         if m and entry.is_file():
-            files[int(m.group("channel"))] = entry
-            cases.add(m.group("case"))
-    if not files:
+            cases.setdefault(m.group("case"), {})[int(m.group("channel"))] = entry
+    return cases
+
+
+def case_of_file(path: Path) -> str | None:
+    """The case a ``<case>_0000.nii[.gz]`` file stands for in a flat folder (the file has channel
+    siblings), or None: a lone file, even named like a channel, is an ordinary NIfTI case."""
+    m = CHANNEL_FILE.match(path.name)
+    if not m or not path.is_file() or int(m.group("channel")) != 0:
+        return None
+    siblings = [e for e in path.parent.iterdir() if (mm := CHANNEL_FILE.match(e.name)) and mm.group("case") == m.group("case")]
+    return m.group("case") if len(siblings) > 1 else None
+
+
+def other_channel_files(folder: Path) -> set[Path]:
+    """The channel files of a flat folder that are not a case's ``_0000`` file (not patients of their own)."""
+    return {f for files in _cases(folder).values() if 0 in files and len(files) > 1 for ch, f in files.items() if ch}
+
+
+def channel_files(folder: Path, case: str | None = None) -> dict[str, Path]:
+    """``{"pre"|"flair"|"post": path}`` of the nnU-Net files of a case folder, or of ``case`` in a flat folder."""
+    cases = _cases(folder)
+    if case is not None:
+        cases = {case: cases.get(case, {})}
+    if not cases:
         return {}
     if len(cases) > 1:
         shown = ", ".join(sorted(cases)[:5]) + (", ..." if len(cases) > 5 else "")
-        raise NnunetError(f"{folder}: several nnU-Net cases ({shown}); give one folder per case")
+        first = sorted(cases)[0]
+        raise NnunetError(f"{folder}: several nnU-Net cases ({shown}); give one case (--patient "
+                          f"{folder / (first + '_0000.nii.gz')}) or the folder with --patients")
+    (files,) = cases.values()
     roles, source = channel_roles(folder)
     found: dict[str, Path] = {}
     for ch, path in sorted(files.items()):

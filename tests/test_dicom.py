@@ -124,6 +124,8 @@ def mixed(kaggle_root, tmp_path_factory):
             shutil.copy(root / "nii3" / f"nii3_{seq}.nii.gz", root / case / f"{case}_{i:04d}.nii.gz")
         if channels:
             (root / case / "dataset.json").write_text(json.dumps({"channel_names": channels, "file_ending": ".nii.gz"}))
+    for i, seq in enumerate(["pre", "flair", "post"]):  # a flat imagesTs-like case among the patients: one patient
+        shutil.copy(root / "nii3" / f"nii3_{seq}.nii.gz", root / f"flat_{i:04d}.nii.gz")
     out = tmp_path_factory.mktemp("dicom-out") / "out"
     before = tree_hashes(root)
     res = _run(["--patients", str(root), "--out", str(out), "--spacing", ",".join(map(str, SPACING)),
@@ -190,14 +192,16 @@ def test_dicom_orientation_agrees_with_dcm2niix(mixed):
     np.testing.assert_array_equal(np.asarray(ours.dataobj), np.asarray(theirs.dataobj))
 
 
-@pytest.mark.parametrize("case", ["nnu_json", "nnu_kaggle"])
+@pytest.mark.parametrize("case", ["nnu_json", "nnu_kaggle", "flat"])
 def test_nnunet_named_case_segments_like_the_three_file_form(mixed, case):
     _, out, _ = mixed
+    assert not any(p.name.startswith("flat_000") for p in out.iterdir())  # flat_0001/_0002 are no patients
     three = _stack_masks(out / "nii3", "nii3")
     assert three.sum() > 1000
     np.testing.assert_array_equal(_stack_masks(out / case, case), three)
     report = json.loads((out / case / "report.json").read_text())
     assert report["nifti"]["files"]["flair"].endswith(f"{case}_{0 if case == 'nnu_json' else 1:04d}.nii.gz")
+    assert report["nifti"]["files"]["pre"].endswith(f"{case}_{1 if case == 'nnu_json' else 0:04d}.nii.gz")
 
 
 def test_hd95_is_in_mm_with_spacing(mixed, kaggle_root):
@@ -422,3 +426,18 @@ def test_bad_nnunet_case_is_one_line_and_exit_2(tmp_path, names, dataset, words)
     case = _nnunet_folder(tmp_path, names, dataset)
     res = _run(["--patient", str(case), "--out", str(tmp_path / "out")])
     assert res.exit_code == 2 and res.output.count("\n") == 1 and words in res.output, res.output
+
+
+def test_flat_nnunet_folder_lists_one_patient_per_case_and_a_lone_channel_name_stays_a_4d_case(tmp_path):
+    from segengine.engine.io import list_patients
+    from segengine.engine.patient_job import patient_id_of
+
+    _nnunet_folder(tmp_path, ["a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz", "b_0001.nii.gz", "b_0002.nii.gz"])
+    case = tmp_path / "case"
+    nib.save(nib.Nifti1Image(np.ones((40, 48, 6, 3), np.int16), np.eye(4)), str(case / "solo_0000.nii.gz"))
+    listed = list_patients(case)
+    assert [p.name for p in listed] == ["a_0000.nii.gz", "b_0000.nii.gz", "solo_0000.nii.gz"]
+    assert [patient_id_of(p) for p in listed] == ["a", "b", "solo_0000"]
+    got = read_patient(case / "b_0000.nii.gz")
+    assert got.patient_id == "b" and got.source_grid.files["post"].endswith("b_0002.nii.gz")
+    assert read_patient(case / "solo_0000.nii.gz").source_grid.files["flair"].endswith("solo_0000.nii.gz")
