@@ -200,21 +200,30 @@ def classify(s: Series) -> str | None:
     t1 = bool(T1_WORDS.search(text))
     raw = ds.get("ScanningSequence") or []
     scanning = {str(v).upper() for v in ([raw] if isinstance(raw, str) else raw)}
-    long_ir = ("IR" in scanning and float(ds.get("InversionTime") or 0) >= 1500 and float(ds.get("EchoTime") or 0) >= 60)
-    if (FLAIR_WORDS.search(text) and not t1) or (not t1 and not FLAIR_WORDS.search(text) and long_ir):
+    long_ir = "IR" in scanning and _number(ds, "InversionTime") >= 1500 and _number(ds, "EchoTime") >= 60
+    if not t1 and (FLAIR_WORDS.search(text) or long_ir):
         return "flair"
-    if t1 or FLAIR_WORDS.search(text):
+    if t1:
         contrast = bool(POST_WORDS.search(text)) or bool(str(ds.get("ContrastBolusAgent", "") or "").strip())
         return "post" if contrast else "pre"
     return None
+
+
+def _number(ds, key: str) -> float:
+    """A numeric tag's value, 0 when absent or unreadable (classification only)."""
+    try:
+        return float(ds.get(key) or 0)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _describe(series: list[Series]) -> str:
     return ", ".join(f"{s.description or '(no description)'!r} ({s.uid})" for s in series)
 
 
-def choose_series(folder: Path, series: list[Series], overrides: dict[str, str] | None = None) -> dict[str, Series]:
-    """{role: series}; FLAIR required. ``overrides``: role -> SeriesInstanceUID or SeriesDescription
+def choose_series(folder: Path, series: list[Series], overrides: dict[str, str] | None = None) -> dict[str, list[Series]]:
+    """{role: candidate series}: one FLAIR (required), any number of pre/post candidates (the plan
+    keeps the one on FLAIR's grid). ``overrides``: role -> SeriesInstanceUID or SeriesDescription
     (case-insensitive), or "none" for pre/post (filled with FLAIR)."""
     overrides = dict(overrides or {})
     chosen: dict[str, Series] = {}
@@ -230,25 +239,25 @@ def choose_series(folder: Path, series: list[Series], overrides: dict[str, str] 
         if len(hits) > 1:
             raise DicomError(f"{folder}: --series {role}={value}: several series match ({_describe(hits)}); "
                              "give its SeriesInstanceUID")
-        chosen[role] = hits[0]
-    taken = {s.uid for s in chosen.values()}
+        chosen[role] = [hits[0]]
+    taken = {s[0].uid for s in chosen.values()}
     mr = [s for s in series if s.modality == "MR" and s.uid not in taken]
     for role in ROLES:
         if role in chosen or overrides.get(role, "").lower() == "none":
             continue
         hits = [s for s in mr if classify(s) == role]
-        if len(hits) > 1:
+        if len(hits) > 1 and role == "flair":
             raise DicomError(f"{folder}: several {role} series ({_describe(hits)}); choose one with "
                              f"--series {role}=<uid or description>")
         if hits:
-            chosen[role] = hits[0]
+            chosen[role] = hits
     if "flair" not in chosen:
         if not any(s.modality == "MR" for s in series):
             kinds = ", ".join(sorted({s.modality or "none" for s in series}))
             raise DicomError(f"{folder}: no MR series (modality {kinds}); segengine segments brain MR only")
         raise DicomError(f"{folder}: no FLAIR series found among {_describe(series)}; name it with "
                          "--series flair=<uid or description>")
-    for role, s in chosen.items():
+    for role, (s, *_) in chosen.items():
         if s.modality != "MR":
             raise DicomError(f"{folder}: {s.label} chosen as {role} has modality {s.modality or 'none'}, expected MR")
     return chosen
@@ -449,15 +458,32 @@ def plan_study(folder: str | Path, limits: SliceLimits = DEFAULT_LIMITS) -> Stud
 def _plan_study(folder: Path, limits: SliceLimits) -> StudyPlan:
     series = scan_study(folder)
     chosen = choose_series(folder, series, dict(getattr(limits, "series", ()) or ()))
-    grids = {role: check_series(s, limits) for role, s in chosen.items()}
-    flair = grids["flair"]
-    for role, g in grids.items():
-        why = _same_grid(flair, g) if role != "flair" else None
-        if why:
-            raise DicomError(f"{folder}: the {role} {g.series.label} does not share the FLAIR series' grid ({why}); "
-                             "the series must share one geometry")
+    flair = check_series(chosen.pop("flair")[0], limits)
+    grids = {"flair": flair}
+    for role, candidates in chosen.items():
+        if len(candidates) == 1:  # named with --series, or the only one: it must fit
+            g = check_series(candidates[0], limits)
+            why = _same_grid(flair, g)
+            if why:
+                raise DicomError(f"{folder}: the {role} {g.series.label} does not share the FLAIR series' grid ({why}); "
+                                 f"the series must share one geometry (--series {role}=none leaves it out)")
+            grids[role] = g
+            continue
+        fitting = [g for g in (_grid_or_none(c, limits) for c in candidates) if g is not None and not _same_grid(flair, g)]
+        if len(fitting) != 1:
+            raise DicomError(f"{folder}: several {role} series ({_describe(candidates)}), {len(fitting)} of them on the "
+                             f"FLAIR series' grid; choose one with --series {role}=<uid or description>")
+        grids[role] = fitting[0]
     used = {g.series.uid for g in grids.values()}
     return StudyPlan(folder, grids, [s for s in series if s.uid not in used])
+
+
+def _grid_or_none(s: Series, limits: SliceLimits) -> SeriesGrid | None:
+    """The series' grid, or None if its headers are refused (a candidate that cannot be the one)."""
+    try:
+        return check_series(s, limits)
+    except DataError:
+        return None
 
 
 def check_dicom_study(folder: str | Path, limits: SliceLimits = DEFAULT_LIMITS) -> list[Path]:

@@ -24,6 +24,7 @@ from conftest import TRAIN_PATIENT, VAL_PATIENTS, running_in_ci, tree_hashes
 from dicom_study import SPACING, make_study
 from segengine.bench.nifti_agreement import write_three_files
 from segengine.engine.cli import main
+from segengine.engine.dicom_io import plan_study
 from segengine.engine.io import read_patient
 from test_run import MODEL, _dice
 from test_scale import ray_cluster  # noqa: F401 - the Ray fixture, for the options' trip to a worker
@@ -300,6 +301,21 @@ def _post_on_another_grid(study, f):
         _edit([p], ImagePositionPatient=[float(ds.ImagePositionPatient[0]) + 2.0, *ds.ImagePositionPatient[1:]])
 
 
+def _second_post_series(study, f, shift_mm: float = 0.0, name: str = "copy"):
+    """A copy of the post-contrast series as another series, moved by ``shift_mm`` (another grid)."""
+    shutil.copytree(_mine(study, f)["post"][0].parent, f / name)
+    uid = pydicom.uid.generate_uid()
+    for p in sorted((f / name).iterdir()):
+        ds = pydicom.dcmread(p)
+        ds.SeriesInstanceUID, ds.SeriesDescription, ds.SOPInstanceUID = uid, "T1 POST GD 2", pydicom.uid.generate_uid()
+        ds.ImagePositionPatient = [float(ds.ImagePositionPatient[0]) + shift_mm, *ds.ImagePositionPatient[1:]]
+        ds.save_as(p, enforce_file_format=True)
+
+
+def _two_post_series_on_the_grid(study, f):
+    _second_post_series(study, f)
+
+
 def _mixed_orientations(study, f):
     _edit(_mine(study, f)["flair"][4:5], ImageOrientationPatient=[1, 0, 0, 0, 0, -1])
 
@@ -324,6 +340,7 @@ BAD_STUDIES = [
     (_ct, [], "no MR series (modality CT)"),
     (_no_flair, [], "no FLAIR series found"),
     (_two_flair_series, [], "several flair series"),
+    (_two_post_series_on_the_grid, [], "several post series ('AX T1 POST GAD'"),
     (_post_on_another_grid, [], "does not share the FLAIR series' grid (other slice positions)"),
     (_mixed_orientations, [], "mixes image orientations"),
     (_truncated_pixels, [], "truncated"),
@@ -349,6 +366,16 @@ def test_bad_study_is_one_line_and_exit_2(small_study, tmp_path, make, flags, wo
     assert res.output.count("\n") == 1 and res.output.startswith("segengine: error: ") and words in res.output, res.output
     assert not out.exists() or [p.name for p in out.iterdir()] in ([], ["index.html"])  # nothing partial
     assert tree_hashes(folder) == before
+
+
+def test_of_several_post_series_the_one_on_the_flair_grid_is_taken(small_study, tmp_path):
+    src, study = small_study
+    folder = tmp_path / "study"
+    shutil.copytree(src, folder)
+    _second_post_series(study, folder, shift_mm=30.0)  # e.g. a second acquisition on another grid
+    plan = plan_study(folder)
+    assert plan.grids["post"].series.uid == study.series_uid["post"]
+    assert "T1 POST GD 2" in {s.description for s in plan.ignored}
 
 
 def test_series_override_picks_among_two_flairs_and_fills_pre(small_study, tmp_path):
