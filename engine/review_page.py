@@ -140,6 +140,10 @@ def patient_html(patient_id: str, report: dict) -> str:
     pq = quote(patient_id)
     links = [(f"{pq}_mask.nii.gz", "mask NIfTI"), ("./", "mask tifs (this folder)"), ("report.json", "report.json"),
              ("overlay.png", "overlay sheet")]
+    for extra, text in (((report.get("dicom") or {}).get("seg") or {}).get("file"), "DICOM SEG"), \
+            ((report.get("probabilities") or {}).get("file"), "probability map"):
+        if extra:
+            links.append((quote(extra), text))
     source = report.get("input")
     if source:
         links.append((Path(source).resolve().as_uri(), "input" + (" NIfTI" if "nifti" in report else
