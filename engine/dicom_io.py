@@ -646,7 +646,8 @@ def write_seg(path: Path, grid: DicomGrid, mask: np.ndarray, model_name: str = "
         series_instance_uid=generate_uid(), series_number=9001, sop_instance_uid=generate_uid(), instance_number=1,
         manufacturer="segengine", manufacturer_model_name=model_name[:64], software_versions=version,
         device_serial_number=(model_sha256 or "none")[:64], series_description="segengine FLAIR abnormality",
-        content_label="FLAIR_ABN", omit_empty_frames=True)
+        content_label="FLAIR_ABN",
+        omit_empty_frames=bool(frames.any()))  # only slices with tumor; an empty SEG keeps all (highdicom would say so)
     seg.save_as(path)
     return {"file": path.name, "series_instance_uid": str(seg.SeriesInstanceUID),
             "sop_instance_uid": str(seg.SOPInstanceUID), "frames": int(seg.NumberOfFrames),

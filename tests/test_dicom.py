@@ -380,6 +380,20 @@ def test_of_several_post_series_the_one_on_the_flair_grid_is_taken(small_study, 
     assert "T1 POST GD 2" in {s.description for s in plan.ignored}
 
 
+def test_empty_mask_gives_a_valid_seg_of_empty_frames(small_study, tmp_path, capfd):
+    import highdicom as hd
+
+    from segengine.engine.dicom_io import write_seg
+
+    src, study = small_study
+    vol = read_patient(src)
+    info = write_seg(tmp_path / "seg.dcm", vol.source_grid, np.zeros(vol.image.shape[:3], bool))
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    assert info["frames"] == seg.NumberOfFrames == len(study.files["flair"])
+    assert seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in vol.source_grid.flair_headers]).sum() == 0
+    assert capfd.readouterr().err == ""  # nothing for a run's stderr
+
+
 def test_series_override_picks_among_two_flairs_and_fills_pre(small_study, tmp_path):
     src, study = small_study
     folder = tmp_path / "study"
