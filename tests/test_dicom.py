@@ -484,3 +484,17 @@ def test_flat_nnunet_folder_lists_one_patient_per_case_and_a_lone_channel_name_s
     got = read_patient(case / "b_0000.nii.gz")
     assert got.patient_id == "b" and got.source_grid.files["post"].endswith("b_0002.nii.gz")
     assert read_patient(case / "solo_0000.nii.gz").source_grid.files["flair"].endswith("solo_0000.nii.gz")
+
+
+def test_bad_study_in_a_batch_is_skipped(small_study, tmp_path):
+    src, study = small_study
+    root = tmp_path / "root"
+    shutil.copytree(src, root / "good")
+    shutil.copytree(src, root / "gappy")
+    _gap(study, root / "gappy")
+    out = tmp_path / "out"
+    res = _run(["--patients", str(root), "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    assert "failed 1" in res.output and "gappy" in res.output and "is missing slices" in res.output, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["good", "index.html"]
+    assert (out / "good" / "good_seg.dcm").is_file()
