@@ -152,6 +152,28 @@ def _ensemble_arg(model, ensemble: str | None) -> bool | Path | None:
 
 
 # --------------------------------------------------------------------------- run
+def input_output_options(fn):
+    """--series, --spacing, --save-probabilities: carried by options.RunOptions with the limits."""
+    fn = click.option("--save-probabilities", is_flag=True,
+                      help="also write OUT/<patient>/<patient>_prob.nii.gz, the probabilities on the input's grid")(fn)
+    fn = click.option("--spacing", default=None, metavar="SLICE,ROW,COL",
+                      help="voxel spacing in mm of Kaggle tif slices (NIfTI and DICOM carry their own): volumes in "
+                           "mm3 and HD95 in mm")(fn)
+    return click.option("--series", multiple=True, metavar="ROLE=UID|DESCRIPTION",
+                        help="DICOM: which series is flair, pre or post (by SeriesInstanceUID or SeriesDescription; "
+                             "pre/post may be 'none'); repeatable")(fn)
+
+
+def run_options(limits, series: tuple[str, ...], spacing: str | None, save_probabilities: bool):
+    """The limits as options.RunOptions, carrying the reader/writer choices."""
+    from dataclasses import asdict
+
+    from segengine.engine.options import RunOptions, parse_series, parse_spacing
+
+    return RunOptions(**asdict(limits), series=parse_series(series), spacing_mm=parse_spacing(spacing),
+                      save_probabilities=save_probabilities)
+
+
 def _load_spec(model: str | None):
     from segengine.engine.model import load_model_spec
 
@@ -160,9 +182,11 @@ def _load_spec(model: str | None):
 
 @main.command()
 @click.option("--patient", "patient_dir", type=click.Path(path_type=Path),
-              help="one patient: a folder of <patient>_<n>.tif slices, a 4D case.nii[.gz] or a folder of *_flair.nii[.gz]")
+              help="one patient: a folder of <patient>_<n>.tif slices, a 4D case.nii[.gz], a folder of "
+                   "*_flair.nii[.gz] or nnU-Net <case>_0000.nii.gz files, or a DICOM study folder")
 @click.option("--patients", "patients_root", type=click.Path(path_type=Path),
-              help="a folder of patients (kaggle_3m; NIfTI cases may sit beside tif folders)")
+              help="a folder of patients (kaggle_3m; NIfTI cases, nnU-Net imagesTs cases and DICOM study "
+                   "folders may sit beside tif folders)")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="results go to OUT/<patient>/")
 @click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto", show_default=True,
               help="auto = fastest backend available here that passed `segengine validate` for this model; "
@@ -186,9 +210,10 @@ def _load_spec(model: str | None):
               help="refuse slices narrower or shorter than this")
 @click.option("--max-slices", type=click.IntRange(1, 100000), default=512, show_default=True,
               help="refuse patients with more slices than this")
+@input_output_options
 @user_errors
 def run(patient_dir, patients_root, out, backend, model, ensemble, tta, batch_size, threads, no_postprocess, fill_holes,
-        gif, overwrite, ray_address, workers, max_side, min_side, max_slices):
+        gif, overwrite, ray_address, workers, max_side, min_side, max_slices, series, spacing, save_probabilities):
     """Segment one patient (--patient) or every patient under a folder (--patients).
 
     \b
@@ -197,13 +222,15 @@ def run(patient_dir, patients_root, out, backend, model, ensemble, tta, batch_si
     --gif), and OUT/index.html, the review page of the batch (open it from disk).
     Each patient is written to a temporary folder and renamed when complete.
     A patient is a folder of Kaggle slices, a 4D case.nii[.gz] (pre, FLAIR, post on the
-    last axis) or a folder of *_flair.nii[.gz] (+ *_pre, *_post, *_mask).
+    last axis), a folder of *_flair.nii[.gz] (+ *_pre, *_post, *_mask), a folder of nnU-Net
+    <case>_0000/_0001/_0002.nii.gz, or a DICOM study (OUT/<patient>/ also gets <patient>_seg.dcm).
 
     \b
     Examples:
       segengine run --patient kaggle_3m/TCGA_CS_4941_19960909 --out results
       segengine run --patients kaggle_3m --out results --backend onnxruntime --threads 2
       segengine run --patient case.nii.gz --out results                 (4D NIfTI)
+      segengine run --patient study_dir --out results --series flair="AX FLAIR"   (DICOM)
       segengine run --patients kaggle_3m --out results --ray            (local Ray, 1 worker per CPU)
       segengine run --patient kaggle_3m/TCGA_CS_4941_19960909 --out results --ensemble --tta
       segengine run --patients /shared/kaggle_3m --out /shared/results --ray auto
@@ -216,7 +243,8 @@ def run(patient_dir, patients_root, out, backend, model, ensemble, tta, batch_si
         fail("give exactly one of --patient DIR or --patients ROOT")
     if min_side > max_side:
         fail(f"--min-side {min_side} is larger than --max-side {max_side}")
-    limits = SliceLimits(min_side=min_side, max_side=max_side, max_slices=max_slices)
+    limits = run_options(SliceLimits(min_side=min_side, max_side=max_side, max_slices=max_slices), series, spacing,
+                         save_probabilities)
     if ray_address is not None:
         if patients_root is None:
             fail("--ray distributes an archive: use it with --patients ROOT")

@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from segengine.engine.io import DataError, list_patients, read_patient, read_patient_list
-from segengine.engine.metrics import summarize, volume_metrics
+from segengine.engine.metrics import distance_unit, summarize, volume_metrics
 
 METRICS = ("dsc", "hd95", "precision", "recall")
 
@@ -61,12 +61,16 @@ def score_predictions(data_root: Path, pred_root: Path, patients_file: str | Non
         if vol.mask is None:
             raise DataError(f"{folder}: no ground-truth masks to score against")
         pred = read_prediction(pred_root / vol.patient_id, vol.patient_id, vol.slice_numbers, vol.mask.shape[1:])
-        rows.append({"patient": vol.patient_id, **volume_metrics(pred, vol.mask > 0)})
+        rows.append({"patient": vol.patient_id, **volume_metrics(pred, vol.mask > 0, spacing=vol.spacing_mm),
+                     "hd95_unit": distance_unit(vol.spacing_mm)})
     return summarize_rows(rows, protocol="native", source=str(pred_root))
 
 
 def summarize_rows(rows: list[dict], **meta) -> dict:
     summary = {m: summarize([r[m] for r in rows]) for m in METRICS if rows and m in rows[0]}
+    units = sorted({r["hd95_unit"] for r in rows if "hd95_unit" in r})
+    if units:  # HD95 is in mm for patients with a known spacing, in pixels for the others
+        meta["hd95_unit"] = units[0] if len(units) == 1 else "mixed (see each patient's hd95_unit)"
     clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
     return {**meta, "patients": clean, "summary": summary}
 

@@ -72,6 +72,9 @@ class SliceLimits:
 DEFAULT_LIMITS = SliceLimits()
 _PATH_SEPARATORS = {"/", "\\", os.sep, os.altsep} - {None}
 PATIENT_ID_MAX_LEN = 200
+ACCEPTED_LAYOUTS = ("Kaggle slices <patient>_<n>.tif/.png/.webp; a 4D case.nii[.gz]; a folder of "
+                    "<case>_flair.nii[.gz] (+ _pre, _post, _mask); nnU-Net <case>_0000/_0001/_0002.nii[.gz] "
+                    "(+ dataset.json); a DICOM study (one folder or sub-folders per series)")
 
 
 @dataclass
@@ -237,7 +240,8 @@ def list_slices(folder: Path) -> tuple[str, dict[int, Path], dict[int, Path]]:
         if masks:
             n = min(masks)
             raise OrphanMaskError(f"{masks[n]}: mask without its image slice")
-        raise NoSlicesError(f"{folder}: no image slices named <patient>_<n>.tif/.png/.webp")
+        raise NoSlicesError(f"{folder}: no image slices named <patient>_<n>.tif/.png/.webp nor another accepted layout "
+                            f"(accepted: {ACCEPTED_LAYOUTS})")
     if len(prefixes) > 1:
         raise SliceNumberingError(f"{folder}: slices of several patients ({', '.join(sorted(prefixes))})")
     orphans = sorted(set(masks) - set(images))
@@ -298,6 +302,10 @@ def read_patient(folder: str | os.PathLike, with_mask: bool = True,
     folder = Path(folder)
     if is_nifti_case(folder):
         return read_nifti_case(folder, with_mask, limits)
+    from segengine.engine.dicom_io import is_dicom_study, read_dicom_study  # DICOM study: engine/dicom_io.py
+
+    if is_dicom_study(folder):
+        return read_dicom_study(folder, with_mask, limits)
     patient_id, images, masks = list_slices(folder)
     numbers = sorted(images)
     check_headers(folder, images, masks if with_mask else {}, limits)
@@ -328,17 +336,21 @@ def read_patient(folder: str | os.PathLike, with_mask: bool = True,
         image=np.stack(slices),
         mask=mask,
         image_paths=[images[n] for n in numbers],
+        spacing_mm=getattr(limits, "spacing_mm", None),  # --spacing (options.RunOptions); unknown otherwise
     )
 
 
 def list_patients(root: str | os.PathLike) -> list[Path]:
     """Patient folders and NIfTI case files under a dataset root (sorted); other files (data.csv) are ignored."""
     from segengine.engine.nifti_io import is_nifti_file
+    from segengine.engine.nnunet_io import other_channel_files
 
     root = Path(root)
     if not root.is_dir():
         raise NotAFolderError(f"{root}: no such folder" if not root.exists() else f"{root}: not a folder")
-    folders = sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p.is_dir() or is_nifti_file(p)))
+    channels = other_channel_files(root)  # a flat nnU-Net folder: one patient per case, its <case>_0000 file
+    folders = sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p.is_dir() or is_nifti_file(p))
+                     and p not in channels)
     if not folders:
         raise NoSlicesError(f"{root}: no patient folders or NIfTI case files")
     return folders

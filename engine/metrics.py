@@ -3,7 +3,8 @@
 Conventions (tested): DSC is 1.0 when both masks are empty and 0.0 when exactly one is;
 precision is 1.0 when nothing is predicted (no false positives), recall is 1.0 when the
 ground truth is empty (nothing to miss); HD95 (in voxels, medpy) is 0.0 when both are
-empty and NaN (undefined) when exactly one is.
+empty and NaN (undefined) when exactly one is. HD95 is in voxels (pixels), or in mm when the
+caller passes the voxel spacing (NIfTI and DICOM input, tifs with --spacing): ``distance_unit``.
 """
 from __future__ import annotations
 
@@ -60,10 +61,17 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...] | None 
     return float(np.percentile(np.concatenate([d_pt, d_tp]), 95))
 
 
-def volume_metrics(pred: np.ndarray, truth: np.ndarray, with_hd95: bool = True) -> dict[str, float]:
+def distance_unit(spacing: tuple[float, ...] | None) -> str:
+    """The unit of every distance (HD95) computed with ``spacing``: mm where it is known, else pixels."""
+    return "px" if spacing is None else "mm"
+
+
+def volume_metrics(pred: np.ndarray, truth: np.ndarray, with_hd95: bool = True,
+                   spacing: tuple[float, ...] | None = None) -> dict[str, float]:
+    """DSC, precision, recall and HD95 (in mm with ``spacing`` (slice, row, column), else in pixels)."""
     out = {"dsc": dsc(pred, truth), "precision": precision(pred, truth), "recall": recall(pred, truth)}
     if with_hd95:
-        out["hd95"] = hd95(pred, truth)
+        out["hd95"] = hd95(pred, truth, spacing)
     return out
 
 

@@ -56,9 +56,12 @@ CASE_ID_SOURCE = ("the NIfTI case's file name without .nii[.gz], or its folder's
 def case_id(path: Path) -> str:
     """Patient id of a NIfTI case: the file name without .nii[.gz], or the folder's name.
 
-    Unchecked; ``patient_job.patient_id_of`` validates it with the slices' rule.
+    Unchecked; ``patient_job.patient_id_of`` validates it with the slices' rule. A flat nnU-Net
+    folder's ``<case>_0000`` file stands for ``<case>``.
     """
-    name = path.name
+    from segengine.engine.nnunet_io import case_of_file
+
+    name = case_of_file(path) or path.name
     for ending in NIFTI_ENDINGS:
         if name.lower().endswith(ending):
             return name[: -len(ending)]
@@ -76,17 +79,25 @@ def sequence_files(folder: Path) -> dict[str, Path]:
         if seq in found:
             raise NiftiError(f"{entry}: a second {seq} volume (also {found[seq].name})")
         found[seq] = entry
+    from segengine.engine.nnunet_io import channel_files  # <case>_0000.nii.gz naming
+
+    for seq, entry in channel_files(folder).items():
+        if seq in found:
+            raise NiftiError(f"{entry}: a second {seq} volume (also {found[seq].name})")
+        found[seq] = entry
     return found
 
 
 def is_nifti_case(path: Path) -> bool:
-    """A ``.nii[.gz]`` file, or a folder holding ``*_pre|flair|post.nii[.gz]`` volumes."""
+    """A ``.nii[.gz]`` file, or a folder holding ``*_pre|flair|post.nii[.gz]`` or nnU-Net ``*_0000.nii[.gz]`` volumes."""
+    from segengine.engine.nnunet_io import is_nnunet_name
+
     path = Path(path)
     if path.is_file():
         return is_nifti_file(path)
     if not path.is_dir():
         return False
-    return any(SEQUENCE_FILE.match(e.name) for e in path.iterdir())
+    return any(SEQUENCE_FILE.match(e.name) or is_nnunet_name(e.name) for e in path.iterdir())
 
 
 @dataclass(frozen=True)
@@ -194,7 +205,8 @@ def to_uint8(volume: np.ndarray, lo: float | None = None, hi: float | None = Non
     hi = float(volume.max()) if hi is None else hi
     if hi <= lo:
         return np.zeros(volume.shape, dtype=np.uint8)
-    scaled = (volume.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+    scaled = np.subtract(volume, np.float32(lo), dtype=np.float32)  # one float32 array, then in place
+    scaled *= np.float32(255.0 / (hi - lo))
     return np.rint(scaled, out=scaled).astype(np.uint8)
 
 
@@ -225,7 +237,10 @@ def _open_case(path: Path, with_mask: bool = True, limits: SliceLimits = DEFAULT
 
     Returns ({sequence: nibabel image}, {sequence: file}); a 4D file is ``{"stack": image}``.
     """
-    if not path.is_dir():
+    from segengine.engine.nnunet_io import case_of_file, channel_files
+
+    flat_case = None if path.is_dir() else case_of_file(path)  # <case>_0000 of a flat nnU-Net folder
+    if not path.is_dir() and flat_case is None:
         img = _load(path)
         shape = img.shape
         if len(shape) != 4:
@@ -237,9 +252,10 @@ def _open_case(path: Path, with_mask: bool = True, limits: SliceLimits = DEFAULT
             raise NiftiError(f"{path}: empty volume of shape {shape}")
         check_limits(img, path, limits)
         return {"stack": img}, {"stack": path}
-    files = sequence_files(path)
+    files = sequence_files(path) if flat_case is None else channel_files(path.parent, flat_case)
     if "flair" not in files:
-        raise NiftiError(f"{path}: no *_flair.nii[.gz] volume (FLAIR is required; pre/post-contrast are optional)")
+        raise NiftiError(f"{path}: no *_flair.nii[.gz] volume or nnU-Net FLAIR channel (<case>_0001, or as dataset.json "
+                         "names it) (FLAIR is required; pre/post-contrast are optional)")
     images = {}
     for seq in ("flair", "pre", "post", "mask"):
         if seq not in files or (seq == "mask" and not with_mask):
@@ -267,7 +283,7 @@ def check_nifti_case(path: str | Path, limits: SliceLimits = DEFAULT_LIMITS) -> 
     """
     path = Path(path)
     _, files = _open_case(path, with_mask=True, limits=limits)
-    return list(files.values()) if path.is_dir() else [path]
+    return list(files.values())  # a 4D file: {"stack": path}
 
 
 def read_nifti_case(path: str | Path, with_mask: bool = True, limits: SliceLimits = DEFAULT_LIMITS) -> PatientVolume:
@@ -316,4 +332,41 @@ def mask_nifti(volume: PatientVolume, mask: np.ndarray):
         return volume.source_grid.mask_image(mask)
     # the transposed (z, y, x) C array is the Fortran-ordered (x, y, z) array NIfTI stores: no copy
     data = np.asarray(mask, dtype=bool).view(np.uint8).transpose(2, 1, 0)
-    return nib.Nifti1Image(data, np.diag([-1.0, -1.0, 1.0, 1.0]))
+    return nib.Nifti1Image(data, kaggle_affine(volume))
+
+
+def kaggle_affine(volume: PatientVolume) -> np.ndarray:
+    """Kaggle slices' RAS affine: x = column (to the patient's left), y = row (to posterior), z = slice
+    (to superior); unit spacing unless ``--spacing`` gave it (slice, row, column mm)."""
+    sd, sr, sc = volume.spacing_mm or (1.0, 1.0, 1.0)
+    return np.diag([-sc, -sr, sd, 1.0])
+
+
+PROB_SCALE = 65535  # probabilities stored as uint16 * (1 / PROB_SCALE)
+
+
+def prob_nifti(volume: PatientVolume, prob: np.ndarray):
+    """The (D, H, W) probabilities on the input's grid (the mask NIfTI's affine and frame codes).
+
+    NIfTI-1 has no float16 type (nibabel refuses it), so the map is stored in the same two
+    bytes a voxel as uint16 with scl_slope 1/65535: a step of 1.5e-5 over [0, 1] (float16's
+    is up to 4.9e-4 near 1); readers that apply the slope (nibabel, ITK, Slicer) get floats.
+    """
+    import nibabel as nib
+
+    q = np.rint(np.clip(np.asarray(prob, dtype=np.float32), 0, 1) * PROB_SCALE).astype(np.uint16)
+    if isinstance(volume.source_grid, NiftiGrid):
+        grid = volume.source_grid
+        data = np.ascontiguousarray(grid.from_kaggle(q))
+        header = grid.header.copy()
+        affine = grid.affine
+    else:
+        data, header, affine = q.transpose(2, 1, 0), nib.Nifti1Header(), kaggle_affine(volume)
+    header.set_data_dtype(np.uint16)
+    header.set_intent("none")
+    header["descrip"] = b"segengine probability (slope 1/65535)"
+    image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    img = image_class(data, affine, header)
+    img.header.set_slope_inter(1.0 / PROB_SCALE, 0.0)
+    img.header["cal_min"], img.header["cal_max"] = 0, 1
+    return img

@@ -19,8 +19,9 @@ from typing import Iterator
 import numpy as np
 
 from segengine.engine.io import PatientVolume, write_mask_slices
-from segengine.engine.metrics import volume_metrics
+from segengine.engine.metrics import distance_unit, volume_metrics
 from segengine.engine.nifti_io import mask_nifti
+from segengine.engine.extra_outputs import write_extra_outputs
 from segengine.engine.pipeline import Segmentation
 from segengine.engine.postprocess import border
 
@@ -324,18 +325,21 @@ def report_dict(volume: PatientVolume, seg: Segmentation, backend: str, model_sh
         "review": assess(review_features(seg.prob, seg.mask, seg.geometry, postprocess.get("threshold", 0.5)),
                          review_rules),
     }
-    if volume.source_grid is not None:
-        rep["nifti"] = volume.source_grid.report()
+    if volume.source_grid is not None:  # "nifti", or "dicom" for a DICOM study (dicom_io.DicomGrid)
+        rep[getattr(volume.source_grid, "REPORT_KEY", "nifti")] = volume.source_grid.report()
     if seg.truth is not None:
-        m = volume_metrics(seg.mask, seg.truth)
+        unit = distance_unit(spacing_mm)
+        m = volume_metrics(seg.mask, seg.truth, spacing=spacing_mm)
         rep["metrics"] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()}
-        rep["metrics_note"] = "native protocol: every slice on its original grid; HD95 in pixels"
+        rep["metrics_note"] = f"native protocol: every slice on its original grid; HD95 in {unit}"
+        rep["distance_unit"] = unit
     return rep
 
 
 def write_patient(out: Path, volume: PatientVolume, seg: Segmentation, report: dict, overwrite: bool = False,
-                  gif: bool = False) -> Path:
-    """Write every output of one patient into ``out/<patient>/``, all or nothing."""
+                  gif: bool = False, probabilities: bool = False) -> Path:
+    """Write every output of one patient into ``out/<patient>/``, all or nothing
+    (with ``probabilities``, also the probability map: see extra_outputs)."""
     import nibabel as nib
     from PIL import Image
 
@@ -345,6 +349,7 @@ def write_patient(out: Path, volume: PatientVolume, seg: Segmentation, report: d
     with atomic_dir(out, volume.patient_id, overwrite) as tmp:
         write_mask_slices(tmp, volume.patient_id, volume.slice_numbers, seg.mask)
         nib.save(mask_nifti(volume, seg.mask), str(tmp / f"{volume.patient_id}_mask.nii.gz"))  # nibabel's gzip level 1
+        write_extra_outputs(tmp, volume, seg, report, probabilities)  # DICOM SEG, probability map
         truth = seg.truth
         # zlib level 1: as small as the default level 6 on these sheets, at a third of the time
         contact_sheet(volume, seg.mask, truth).save(tmp / "overlay.png", compress_level=1)

@@ -26,6 +26,7 @@ from pathlib import Path
 from segengine.engine.io import (DEFAULT_LIMITS, DataError, NotAFolderError, PatientVolume, SliceLimits, check_headers,
                                  check_patient_id, list_slices, read_patient)
 from segengine.engine.nifti_io import CASE_ID_SOURCE, case_id, check_nifti_case, is_nifti_case, is_nifti_file
+from segengine.engine.dicom_io import STUDY_ID_SOURCE, check_dicom_study, is_dicom_study, study_id
 from segengine.engine.outputs import (DiskFullError, OutputError, ResourceError, ResultsExistError, deferred_signals,
                                       recover_interrupted, report_dict, temp_entries, write_patient)
 from segengine.engine.ensemble import describe_plan
@@ -135,6 +136,8 @@ def patient_id_of(folder: Path) -> str:
         raise NotAFolderError(f"{folder}: no such file" if not folder.exists() else f"{folder}: not a NIfTI file")
     if is_nifti_case(folder):
         return check_patient_id(case_id(folder), folder, CASE_ID_SOURCE)
+    if is_dicom_study(folder):  # engine/dicom_io.py
+        return check_patient_id(study_id(folder), folder, STUDY_ID_SOURCE)
     return list_slices(folder)[0]
 
 
@@ -142,6 +145,8 @@ def _index(folder: Path, limits: SliceLimits) -> tuple[str, list[Path]]:
     """(patient id, input files) with every header checked against ``limits``; no pixels decoded."""
     if _missing_nifti(folder) or is_nifti_case(folder):
         return patient_id_of(folder), check_nifti_case(folder, limits)
+    if is_dicom_study(folder):
+        return patient_id_of(folder), check_dicom_study(folder, limits)
     patient_id, images, masks = list_slices(folder)
     check_headers(folder, images, masks, limits)  # bad sizes refused before a model is even loaded
     return patient_id, [*images.values(), *masks.values()]
@@ -207,7 +212,8 @@ class PatientJob:
         if volume.patient_id != self.patient_id:
             raise OutputError(f"{self.folder}: read patient {volume.patient_id!r}, expected {self.patient_id!r}")
         try:
-            return write_patient(self.out, volume, seg, report, overwrite=self.overwrite, gif=gif)
+            return write_patient(self.out, volume, seg, report, overwrite=self.overwrite, gif=gif,
+                                 probabilities=getattr(self.limits, "save_probabilities", False))
         except OutputError:
             raise
         except OSError as exc:

@@ -25,6 +25,7 @@ from segengine.engine import backends as registry
 from segengine.engine.backends.base import BackendUnavailable
 from segengine.engine.cli import BLAS_ENV_VARS, THREAD_ENV_VARS
 from segengine.engine.io import DEFAULT_LIMITS, DataError, NotAFolderError, SliceLimits, list_patients
+from segengine.engine.options import RunOptions
 from segengine.engine.ensemble import load_plan
 from segengine.engine.outputs import check_out_dir
 from segengine.engine.patient_job import has_result, tidy_out, unique_patient_ids
@@ -47,7 +48,7 @@ class SegmentWorker:
         self.load_s = time.perf_counter() - t
         self.post = PostprocessConfig(**post)
         self.batch_size, self.overwrite, self.gif = batch_size, overwrite, gif
-        self.limits = SliceLimits(**(limits or {}))
+        self.limits = RunOptions(**(limits or {}))  # SliceLimits plus --series/--spacing/--save-probabilities
 
     def pid(self) -> int:
         return os.getpid()

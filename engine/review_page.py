@@ -140,14 +140,20 @@ def patient_html(patient_id: str, report: dict) -> str:
     pq = quote(patient_id)
     links = [(f"{pq}_mask.nii.gz", "mask NIfTI"), ("./", "mask tifs (this folder)"), ("report.json", "report.json"),
              ("overlay.png", "overlay sheet")]
+    for extra, text in (((report.get("dicom") or {}).get("seg") or {}).get("file"), "DICOM SEG"), \
+            ((report.get("probabilities") or {}).get("file"), "probability map"):
+        if extra:
+            links.append((quote(extra), text))
     source = report.get("input")
     if source:
-        links.append((Path(source).resolve().as_uri(), "input" + (" NIfTI" if "nifti" in report else " folder")))
+        links.append((Path(source).resolve().as_uri(), "input" + (" NIfTI" if "nifti" in report else
+                                                                    " DICOM study" if "dicom" in report else " folder")))
     link_html = " · ".join(f'<a href="{html.escape(href)}">{html.escape(text)}</a>' for href, text in links)
     metrics = report.get("metrics") or {}
     facts = [("slices", _fmt(report.get("slices"))), ("tumor volume px", _fmt(report.get("tumor_volume_px"))),
              ("tumor volume mm³", _fmt(report.get("tumor_volume_mm3"), 1)), ("DSC", _fmt(metrics.get("dsc"))),
-             ("HD95 px", _fmt(metrics.get("hd95"), 2)), ("backend", _fmt(report.get("backend")))]
+             (f"HD95 {report.get('distance_unit', 'px')}", _fmt(metrics.get("hd95"), 2)),
+             ("backend", _fmt(report.get("backend")))]
     fact_html = "".join(f"<div><b>{k}</b> {v}</div>" for k, v in facts)
     review = _review_cell(report)
     if isinstance(report.get("review"), dict) and report["review"].get("note"):
@@ -257,7 +263,8 @@ def index_html(out: Path, refresh_patients: bool = True) -> tuple[str, int, int]
             (_fmt(rep.get("tumor_volume_mm3"), 1), _num(rep.get("tumor_volume_mm3"))),
             (_review_cell(rep), {None: "", True: "1", False: "0"}[flag]),
             (_fmt(metrics.get("dsc")), _num(metrics.get("dsc"))),
-            (_fmt(metrics.get("hd95"), 2), _num(metrics.get("hd95"))),
+            (_fmt(metrics.get("hd95"), 2) + (f" {rep.get('distance_unit', 'px')}" if metrics.get("hd95") is not None
+                                             else ""), _num(metrics.get("hd95"))),
             (_fmt(rep.get("backend")), html.escape(str(rep.get("backend", "")))),
         ]
         tds = "".join(f'<td data-sort="{s}">{c}</td>' for c, s in cells)
@@ -305,7 +312,7 @@ INDEX_TEMPLATE = """<!DOCTYPE html>
 <div class="controls"><label>filter <input id="filter" type="search" placeholder="patient id"></label>
 <label><input id="flagged" type="checkbox"> flagged only</label><span id="shown"></span></div>
 <table id="patients"><thead><tr><th data-type="none">overlay</th><th>patient</th><th>slices</th><th>tumor slices</th>
-<th>tumor volume px</th><th>tumor volume mm³</th><th>review</th><th>DSC</th><th>HD95 px</th><th>backend</th></tr></thead>
+<th>tumor volume px</th><th>tumor volume mm³</th><th>review</th><th>DSC</th><th>HD95 (px or mm)</th><th>backend</th></tr></thead>
 <tbody>
 {rows}
 </tbody></table>

@@ -13,7 +13,7 @@ import numpy as np
 
 from segengine.engine import backends as registry
 from segengine.engine.io import DEFAULT_LIMITS, DataError, NotAFolderError, SliceLimits, list_patients, read_patient
-from segengine.engine.metrics import volume_metrics
+from segengine.engine.metrics import distance_unit, volume_metrics
 from segengine.engine.ensemble import describe_plan, load_plan
 from segengine.engine.outputs import (DiskFullError, OutputError, ResourceError, ResultsExistError, check_out_dir,
                                       report_dict)
@@ -262,6 +262,8 @@ def evaluate_model(data_root: Path, model: str | None, protocol: str, backend_na
             if vol.mask is None:
                 raise DataError(f"{folder}: no ground-truth masks to score against")
             seg = segment(vol, backend, protocol, post=post)
-            rows.append({"patient": vol.patient_id, **volume_metrics(seg.mask, seg.truth)})
+            spacing = vol.spacing_mm if protocol == "native" else None  # the reference grid is resized: pixels
+            rows.append({"patient": vol.patient_id, **volume_metrics(seg.mask, seg.truth, spacing=spacing),
+                         "hd95_unit": distance_unit(spacing)})
     return summarize_rows(rows, protocol=protocol, model=str(spec.weights), model_sha256=spec.sha256, backend=name,
                           postprocess=asdict(post), **({"plan": describe_plan(spec)} if describe_plan(spec) else {}))
