@@ -264,11 +264,13 @@ def report(out):
     Example:
       segengine report results && xdg-open results/index.html
     """
-    from segengine.engine.io import NotAFolderError
-    from segengine.engine.review_page import write_index
+    from segengine.engine.io import NoSlicesError, NotAFolderError
+    from segengine.engine.review_page import collect_reports, write_index
 
     if not out.is_dir():
         raise NotAFolderError(f"{out}: no such folder" if not out.exists() else f"{out}: not a folder")
+    if collect_reports(out) == ([], []):  # e.g. a folder of inputs: no index.html is written there
+        raise NoSlicesError(f"{out}: no patient results (OUT/<patient>/report.json) in this folder; nothing written")
     try:
         path, n, flagged = write_index(out)
     except OSError as exc:

@@ -27,6 +27,7 @@ from segengine.engine.cli import BLAS_ENV_VARS, THREAD_ENV_VARS
 from segengine.engine.io import DEFAULT_LIMITS, DataError, NotAFolderError, SliceLimits, list_patients
 from segengine.engine.ensemble import load_plan
 from segengine.engine.outputs import check_out_dir
+from segengine.engine.fsguard import ForeignEntryError
 from segengine.engine.patient_job import has_result, tidy_out, unique_patient_ids
 from segengine.engine.postprocess import PostprocessConfig
 from segengine.engine.runner import JobSummary
@@ -107,7 +108,11 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
     summary = JobSummary()
     todo = []
     for f, pid in ids.items():
-        if pid is not None and has_result(out, pid) and not overwrite:
+        try:
+            exists = pid is not None and has_result(out, pid)
+        except ForeignEntryError:  # a link planted at OUT/<id>: its worker reports it as this patient's failure
+            exists = False
+        if exists and not overwrite:
             summary.skipped.append(pid)
         else:
             todo.append(f)
