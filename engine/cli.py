@@ -41,7 +41,10 @@ class SegengineGroup(click.Group):
         _bound_thread_pools(_threads_from_argv(list(sys.argv[1:] if args is None else args)))
         for var in BLAS_ENV_VARS:
             os.environ.setdefault(var, "1")
-        return super().main(args, *rest, **kwargs)
+        from segengine.engine.terminal import safe_streams
+
+        with safe_streams():  # every printed line: names escaped, encoding errors replaced (engine.terminal)
+            return super().main(args, *rest, **kwargs)
 
 
 from segengine.engine.backends import NAMES as BACKEND_NAMES
@@ -151,6 +154,17 @@ def _ensemble_arg(model, ensemble: str | None) -> bool | Path | None:
     return None if ensemble is None else (True if ensemble == "" else Path(ensemble))
 
 
+def max_memory_option(fn):
+    """--max-memory GB: the per-patient memory budget checked from the headers (engine.budget)."""
+    return click.option("--max-memory", type=click.FloatRange(0.01, 100000), default=2.0, show_default=True,
+                        metavar="GB", help="refuse patients whose headers claim more memory than this "
+                        "(decoded slices + working arrays), before decoding")(fn)
+
+
+def _gb(value: float) -> int:
+    return int(value * 10**9)
+
+
 # --------------------------------------------------------------------------- run
 def _load_spec(model: str | None):
     from segengine.engine.model import load_model_spec
@@ -186,9 +200,10 @@ def _load_spec(model: str | None):
               help="refuse slices narrower or shorter than this")
 @click.option("--max-slices", type=click.IntRange(1, 100000), default=512, show_default=True,
               help="refuse patients with more slices than this")
+@max_memory_option
 @user_errors
 def run(patient_dir, patients_root, out, backend, model, ensemble, tta, batch_size, threads, no_postprocess, fill_holes,
-        gif, overwrite, ray_address, workers, max_side, min_side, max_slices):
+        gif, overwrite, ray_address, workers, max_side, min_side, max_slices, max_memory):
     """Segment one patient (--patient) or every patient under a folder (--patients).
 
     \b
@@ -216,7 +231,7 @@ def run(patient_dir, patients_root, out, backend, model, ensemble, tta, batch_si
         fail("give exactly one of --patient DIR or --patients ROOT")
     if min_side > max_side:
         fail(f"--min-side {min_side} is larger than --max-side {max_side}")
-    limits = SliceLimits(min_side=min_side, max_side=max_side, max_slices=max_slices)
+    limits = SliceLimits(min_side=min_side, max_side=max_side, max_slices=max_slices, max_memory=_gb(max_memory))
     if ray_address is not None:
         if patients_root is None:
             fail("--ray distributes an archive: use it with --patients ROOT")
@@ -294,9 +309,10 @@ def report(out):
 @click.option("--no-postprocess", is_flag=True, help="with --model: keep every component")
 @click.option("--fill-holes", is_flag=True, help="with --model: fill holes slice by slice")
 @accurate_mode_options
+@max_memory_option
 @user_errors
 def evaluate(data_root, pred_root, model, protocol, backend, patients_file, out_dir, threads, threshold, no_postprocess,
-             fill_holes, ensemble, tta):
+             fill_holes, ensemble, tta, max_memory):
     """Score predicted masks (--pred) or a model (--model) per patient: DSC, HD95, precision, recall.
 
     \b
@@ -306,6 +322,9 @@ def evaluate(data_root, pred_root, model, protocol, backend, patients_file, out_
       segengine evaluate --ensemble --tta --data kaggle_3m --patients-file val.txt
     """
     from segengine.engine.evaluate import format_table, score_predictions, write_result
+    from segengine.engine.io import SliceLimits
+
+    limits = SliceLimits(max_memory=_gb(max_memory))
 
     if (pred_root is None) == (model is None and ensemble is None):
         fail("give exactly one of --pred PRED_ROOT or --model [PATH] / --ensemble [MANIFEST]")
@@ -317,14 +336,14 @@ def evaluate(data_root, pred_root, model, protocol, backend, patients_file, out_
     if pred_root is not None:
         if not pred_root.is_dir():
             fail(f"{pred_root}: no such folder")
-        result = score_predictions(data_root, pred_root, patients_file)
+        result = score_predictions(data_root, pred_root, patients_file, limits=limits)
     else:
         from segengine.engine.postprocess import PostprocessConfig
         from segengine.engine.runner import evaluate_model
 
         post = PostprocessConfig(threshold=threshold, largest_component=not no_postprocess, fill_holes_2d=fill_holes)
         result = evaluate_model(data_root, model or None, protocol, backend, patients_file, threads, post,
-                                ensemble=ensemble, tta=tta)
+                                ensemble=ensemble, tta=tta, limits=limits)
     click.echo(format_table(result))
     s = result["summary"]["dsc"]
     click.echo(f"\nDSC ({result['protocol']} protocol, {s['n']} patients): mean {s['mean']:.4f}  median {s['median']:.4f}")
@@ -343,8 +362,9 @@ def evaluate(data_root, pred_root, model, protocol, backend, patients_file, out_
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write every figure here")
 @click.option("--record", is_flag=True, help="store the verdict in the export's sidecar (what --backend auto trusts)")
+@max_memory_option
 @user_errors
-def validate(data_root, patients_file, backend, against, model, threads, json_path, record):
+def validate(data_root, patients_file, backend, against, model, threads, json_path, record, max_memory):
     """Prove an exported backend segments like PyTorch, patient by patient (native protocol).
 
     \b
@@ -363,7 +383,10 @@ def validate(data_root, patients_file, backend, against, model, threads, json_pa
     spec = _load_spec(model)
     if record:
         verdict.refuse_unrecordable(backend, against)
-    result = verdict.compute(spec, data_root, patients_file, backend, against, threads)
+    from segengine.engine.io import SliceLimits
+
+    result = verdict.compute(spec, data_root, patients_file, backend, against, threads,
+                             limits=SliceLimits(max_memory=_gb(max_memory)))
     click.echo(verdict.format_result(result))
     if json_path:
         json_path.write_text(json.dumps(result, indent=2))
@@ -464,8 +487,14 @@ def bench(data_root, n_patients, backends, batch_sizes, threads, warmup, iterati
         sizes = tuple(int(b) for b in batch_sizes.split(","))
     except ValueError:
         fail(f"--batch-sizes {batch_sizes!r}: expected integers like 1,8,32")
-    result = run_bench(spec, data_root=data_root, patients=n_patients,
-                       backends=tuple(b.strip() for b in backends.split(",") if b.strip()), batch_sizes=sizes,
+    if min(sizes) < 1:
+        fail(f"--batch-sizes {batch_sizes!r}: batch sizes must be 1 or more")
+    names = tuple(b.strip() for b in backends.split(",") if b.strip())
+    unknown = [b for b in names if b not in BACKEND_NAMES[1:]]
+    if unknown or not names:
+        fail(f"--backends {backends!r}: unknown backend {unknown[0]!r} (known: {', '.join(BACKEND_NAMES[1:])})"
+             if unknown else "--backends names no backend")
+    result = run_bench(spec, data_root=data_root, patients=n_patients, backends=names, batch_sizes=sizes,
                        threads=threads, warmup=warmup, iterations=iterations, reference=not no_reference, log=click.echo)
     click.echo(format_table(result))
     if json_path:

@@ -156,7 +156,7 @@ def unique_patient_ids(folders: list[Path]) -> dict[Path, str | None]:
     for f in folders:
         try:
             ids[f] = patient_id_of(f)
-        except DataError:
+        except (DataError, OSError):  # ill, or gone since listed: its job reports it
             ids[f] = None
             continue
         if ids[f] in seen:
