@@ -409,24 +409,42 @@ def test_zero_slice_nifti_in_evaluate_and_validate_is_one_line(root, tmp_path, a
     assert "empty volume of shape (40, 48, 0)" in text and "Traceback" not in text and len(text.splitlines()) == 1
 
 
-def test_patient_deleted_while_queued_is_that_patients_line(kaggle_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("when", ["before-its-read", "after-its-lock"])
+def test_patient_deleted_while_queued_is_that_patients_line(kaggle_root, tmp_path, monkeypatch, when):
+    """The input folder vanishes while the patient waits: before its read (a failure), or after
+    its job found results in OUT (a skip, reported by the job's id: the folder is gone)."""
     import segengine.engine.runner as runner
 
     root = tmp_path / "root"
     for p in (SMALL, VAL_PATIENTS[0]):
         shutil.copytree(kaggle_root / p, root / p)
-    real = runner.preprocess_patient
-
-    def delete_the_next_patient(vol, *a):
-        shutil.rmtree(root / VAL_PATIENTS[0], ignore_errors=True)  # queued behind this one
-        return real(vol, *a)
-
-    monkeypatch.setattr(runner, "preprocess_patient", delete_the_next_patient)
     out = tmp_path / "out"
+    if when == "before-its-read":
+        real = runner.preprocess_patient
+
+        def delete_the_next_patient(vol, *a):
+            shutil.rmtree(root / VAL_PATIENTS[0], ignore_errors=True)  # queued behind this one
+            return real(vol, *a)
+
+        monkeypatch.setattr(runner, "preprocess_patient", delete_the_next_patient)
+    else:
+        (out / VAL_PATIENTS[0]).mkdir(parents=True)
+        (out / VAL_PATIENTS[0] / "report.json").write_text(json.dumps(_report(VAL_PATIENTS[0])))
+        real_start = runner.PatientJob.start
+
+        def start_then_vanish(job):
+            if job.patient_id == VAL_PATIENTS[0]:
+                shutil.rmtree(root / VAL_PATIENTS[0])
+            return real_start(job)
+
+        monkeypatch.setattr(runner.PatientJob, "start", start_then_vanish)
     res = _run("--patients", str(root), "--out", str(out))
-    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
-    assert f"failed: {VAL_PATIENTS[0]}: {root / VAL_PATIENTS[0]}: no such folder" in res.output
-    assert "done 1" in res.output and sorted(p.name for p in out.iterdir()) == [SMALL, INDEX]
+    assert "Traceback" not in res.output and "done 1" in res.output, res.output
+    if when == "before-its-read":
+        assert res.exit_code == 1 and f"failed: {VAL_PATIENTS[0]}: {root / VAL_PATIENTS[0]}: no such folder" in res.output
+    else:
+        assert res.exit_code == 0 and "skipped 1 (results exist)" in res.output, res.output
+    assert sorted(p.name for p in out.iterdir()) == sorted([SMALL, INDEX] + ([VAL_PATIENTS[0]] if when != "before-its-read" else []))
 
 
 @pytest.mark.parametrize("bad", ["[1, 2]", '"text"', json.dumps(_report("B", tumor_slices=5)),
