@@ -47,7 +47,7 @@ def entry_kind(path: Path) -> str:
     """"missing", "link", "dir", "file" or "other" (FIFO, socket, device), by ``lstat``: links are never followed."""
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no such entry, or a file where a folder of the path should be
         return "missing"
     if stat.S_ISLNK(mode):
         return "link"
