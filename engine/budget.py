@@ -3,7 +3,7 @@
 The side and slice limits (``io.SliceLimits``) bound each number alone, yet within them one
 patient could still take 9 GB (512 slices of 1024 x 1024) and a float64 NIfTI 4 GB. So every
 patient is also checked against a byte budget, ``SliceLimits.max_memory`` (``--max-memory``,
-default :data:`DEFAULT_MAX_MEMORY_GB`), from what its headers claim:
+default ``io.DEFAULT_MAX_MEMORY_GB``), from what its headers claim:
 
 - the decoded input: slices x height x width x channels x bytes per sample (a slice file holds
   one page; TIFF pages, NIfTI dtype and scaling included);
@@ -22,7 +22,6 @@ import math
 from segengine.engine.io import SliceLimitError
 
 GB = 10**9
-DEFAULT_MAX_MEMORY_GB = 2.0
 WORK_BYTES_PER_PIXEL = 3 + 12 + 4 + 1  # crop as uint8 (3 channels) and float32, native probabilities, mask
 GRID_SIDE, GRID_CHANNELS = 256, 9  # the shipped model's grid; a 2.5D input has 3 x 3 channels
 GRID_BYTES_PER_SLICE = GRID_SIDE * GRID_SIDE * 4 * (3 + GRID_CHANNELS + 1)  # normalized, model input, probabilities

@@ -156,6 +156,7 @@ def _ensemble_arg(model, ensemble: str | None) -> bool | Path | None:
 
 def max_memory_option(fn):
     """--max-memory GB: the per-patient memory budget checked from the headers (engine.budget)."""
+    # 2.0 = io.DEFAULT_MAX_MEMORY_GB, written out so --help does not import numpy (a test holds them equal)
     return click.option("--max-memory", type=click.FloatRange(0.01, 100000), default=2.0, show_default=True,
                         metavar="GB", help="refuse patients whose headers claim more memory than this "
                         "(decoded slices + working arrays), before decoding")(fn)

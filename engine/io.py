@@ -60,6 +60,9 @@ class SliceLimitError(DataError):
     pass
 
 
+DEFAULT_MAX_MEMORY_GB = 2.0  # --max-memory's default (engine.budget)
+
+
 @dataclass(frozen=True)
 class SliceLimits:
     """What a patient may claim in its file headers; checked before decoding."""
@@ -67,7 +70,7 @@ class SliceLimits:
     min_side: int = 32
     max_side: int = 1024
     max_slices: int = 512
-    max_memory: int = 2 * 10**9  # bytes per patient, estimated from the headers (engine.budget)
+    max_memory: int = int(DEFAULT_MAX_MEMORY_GB * 10**9)  # bytes per patient, estimated from the headers (engine.budget)
 
 
 DEFAULT_LIMITS = SliceLimits()

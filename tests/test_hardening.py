@@ -619,3 +619,11 @@ def test_the_stream_escapes_names_but_keeps_a_progress_bars_redraw():
     SafeTextStream(ascii_out).write("Müller: 23 slices\n")
     ascii_out.flush()
     assert ascii_out.buffer.getvalue() == b"M\\xfcller: 23 slices\n"
+
+
+@pytest.mark.parametrize("command", ["run", "evaluate", "validate"])
+def test_max_memory_default_is_the_limits_default(command):
+    from segengine.engine.io import DEFAULT_LIMITS, DEFAULT_MAX_MEMORY_GB
+
+    option = next(o for o in main.commands[command].params if o.name == "max_memory")
+    assert option.default == DEFAULT_MAX_MEMORY_GB and DEFAULT_LIMITS.max_memory == int(DEFAULT_MAX_MEMORY_GB * 1e9)
