@@ -17,7 +17,7 @@ from segengine.engine.metrics import volume_metrics
 from segengine.engine.ensemble import describe_plan, load_plan
 from segengine.engine.outputs import (DiskFullError, OutputError, ResourceError, ResultsExistError, check_out_dir,
                                       report_dict)
-from segengine.engine.patient_job import (PatientBusyError, PatientJob, has_result, patient_id_of, process_patient,
+from segengine.engine.patient_job import (PatientBusyError, PatientJob, has_result, process_patient,
                                           tidy_out, unique_patient_ids)
 from segengine.engine.pipeline import finish_patient, predict_patient, preprocess_patient, segment
 from segengine.engine.postprocess import PostprocessConfig
