@@ -41,7 +41,10 @@ class SegengineGroup(click.Group):
         _bound_thread_pools(_threads_from_argv(list(sys.argv[1:] if args is None else args)))
         for var in BLAS_ENV_VARS:
             os.environ.setdefault(var, "1")
-        return super().main(args, *rest, **kwargs)
+        from segengine.engine.terminal import safe_streams
+
+        with safe_streams():  # every printed line: names escaped, encoding errors replaced (engine.terminal)
+            return super().main(args, *rest, **kwargs)
 
 
 from segengine.engine.backends import NAMES as BACKEND_NAMES
@@ -151,6 +154,18 @@ def _ensemble_arg(model, ensemble: str | None) -> bool | Path | None:
     return None if ensemble is None else (True if ensemble == "" else Path(ensemble))
 
 
+def max_memory_option(fn):
+    """--max-memory GB: the per-patient memory budget checked from the headers (engine.budget)."""
+    # 2.0 = io.DEFAULT_MAX_MEMORY_GB, written out so --help does not import numpy (a test holds them equal)
+    return click.option("--max-memory", type=click.FloatRange(0.01, 100000), default=2.0, show_default=True,
+                        metavar="GB", help="refuse patients whose headers claim more memory than this "
+                        "(decoded slices + working arrays), before decoding")(fn)
+
+
+def _gb(value: float) -> int:
+    return int(value * 10**9)
+
+
 # --------------------------------------------------------------------------- run
 def input_output_options(fn):
     """--series, --spacing, --save-probabilities: carried by options.RunOptions with the limits."""
@@ -210,10 +225,12 @@ def _load_spec(model: str | None):
               help="refuse slices narrower or shorter than this")
 @click.option("--max-slices", type=click.IntRange(1, 100000), default=512, show_default=True,
               help="refuse patients with more slices than this")
+@max_memory_option
 @input_output_options
 @user_errors
 def run(patient_dir, patients_root, out, backend, model, ensemble, tta, batch_size, threads, no_postprocess, fill_holes,
-        gif, overwrite, ray_address, workers, max_side, min_side, max_slices, series, spacing, save_probabilities):
+        gif, overwrite, ray_address, workers, max_side, min_side, max_slices, max_memory, series, spacing,
+        save_probabilities):
     """Segment one patient (--patient) or every patient under a folder (--patients).
 
     \b
@@ -243,8 +260,8 @@ def run(patient_dir, patients_root, out, backend, model, ensemble, tta, batch_si
         fail("give exactly one of --patient DIR or --patients ROOT")
     if min_side > max_side:
         fail(f"--min-side {min_side} is larger than --max-side {max_side}")
-    limits = run_options(SliceLimits(min_side=min_side, max_side=max_side, max_slices=max_slices), series, spacing,
-                         save_probabilities)
+    limits = run_options(SliceLimits(min_side=min_side, max_side=max_side, max_slices=max_slices,
+                                      max_memory=_gb(max_memory)), series, spacing, save_probabilities)
     if ray_address is not None:
         if patients_root is None:
             fail("--ray distributes an archive: use it with --patients ROOT")
@@ -292,11 +309,13 @@ def report(out):
     Example:
       segengine report results && xdg-open results/index.html
     """
-    from segengine.engine.io import NotAFolderError
-    from segengine.engine.review_page import write_index
+    from segengine.engine.io import NoSlicesError, NotAFolderError
+    from segengine.engine.review_page import collect_reports, write_index
 
     if not out.is_dir():
         raise NotAFolderError(f"{out}: no such folder" if not out.exists() else f"{out}: not a folder")
+    if collect_reports(out) == ([], []):  # e.g. a folder of inputs: no index.html is written there
+        raise NoSlicesError(f"{out}: no patient results (OUT/<patient>/report.json) in this folder; nothing written")
     try:
         path, n, flagged = write_index(out)
     except OSError as exc:
@@ -320,9 +339,10 @@ def report(out):
 @click.option("--no-postprocess", is_flag=True, help="with --model: keep every component")
 @click.option("--fill-holes", is_flag=True, help="with --model: fill holes slice by slice")
 @accurate_mode_options
+@max_memory_option
 @user_errors
 def evaluate(data_root, pred_root, model, protocol, backend, patients_file, out_dir, threads, threshold, no_postprocess,
-             fill_holes, ensemble, tta):
+             fill_holes, ensemble, tta, max_memory):
     """Score predicted masks (--pred) or a model (--model) per patient: DSC, HD95, precision, recall.
 
     \b
@@ -332,6 +352,9 @@ def evaluate(data_root, pred_root, model, protocol, backend, patients_file, out_
       segengine evaluate --ensemble --tta --data kaggle_3m --patients-file val.txt
     """
     from segengine.engine.evaluate import format_table, score_predictions, write_result
+    from segengine.engine.io import SliceLimits
+
+    limits = SliceLimits(max_memory=_gb(max_memory))
 
     if (pred_root is None) == (model is None and ensemble is None):
         fail("give exactly one of --pred PRED_ROOT or --model [PATH] / --ensemble [MANIFEST]")
@@ -343,14 +366,14 @@ def evaluate(data_root, pred_root, model, protocol, backend, patients_file, out_
     if pred_root is not None:
         if not pred_root.is_dir():
             fail(f"{pred_root}: no such folder")
-        result = score_predictions(data_root, pred_root, patients_file)
+        result = score_predictions(data_root, pred_root, patients_file, limits=limits)
     else:
         from segengine.engine.postprocess import PostprocessConfig
         from segengine.engine.runner import evaluate_model
 
         post = PostprocessConfig(threshold=threshold, largest_component=not no_postprocess, fill_holes_2d=fill_holes)
         result = evaluate_model(data_root, model or None, protocol, backend, patients_file, threads, post,
-                                ensemble=ensemble, tta=tta)
+                                ensemble=ensemble, tta=tta, limits=limits)
     click.echo(format_table(result))
     s = result["summary"]["dsc"]
     click.echo(f"\nDSC ({result['protocol']} protocol, {s['n']} patients): mean {s['mean']:.4f}  median {s['median']:.4f}")
@@ -369,8 +392,9 @@ def evaluate(data_root, pred_root, model, protocol, backend, patients_file, out_
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write every figure here")
 @click.option("--record", is_flag=True, help="store the verdict in the export's sidecar (what --backend auto trusts)")
+@max_memory_option
 @user_errors
-def validate(data_root, patients_file, backend, against, model, threads, json_path, record):
+def validate(data_root, patients_file, backend, against, model, threads, json_path, record, max_memory):
     """Prove an exported backend segments like PyTorch, patient by patient (native protocol).
 
     \b
@@ -389,7 +413,10 @@ def validate(data_root, patients_file, backend, against, model, threads, json_pa
     spec = _load_spec(model)
     if record:
         verdict.refuse_unrecordable(backend, against)
-    result = verdict.compute(spec, data_root, patients_file, backend, against, threads)
+    from segengine.engine.io import SliceLimits
+
+    result = verdict.compute(spec, data_root, patients_file, backend, against, threads,
+                             limits=SliceLimits(max_memory=_gb(max_memory)))
     click.echo(verdict.format_result(result))
     if json_path:
         json_path.write_text(json.dumps(result, indent=2))
@@ -490,8 +517,14 @@ def bench(data_root, n_patients, backends, batch_sizes, threads, warmup, iterati
         sizes = tuple(int(b) for b in batch_sizes.split(","))
     except ValueError:
         fail(f"--batch-sizes {batch_sizes!r}: expected integers like 1,8,32")
-    result = run_bench(spec, data_root=data_root, patients=n_patients,
-                       backends=tuple(b.strip() for b in backends.split(",") if b.strip()), batch_sizes=sizes,
+    if min(sizes) < 1:
+        fail(f"--batch-sizes {batch_sizes!r}: batch sizes must be 1 or more")
+    names = tuple(b.strip() for b in backends.split(",") if b.strip())
+    unknown = [b for b in names if b not in BACKEND_NAMES[1:]]
+    if unknown or not names:
+        fail(f"--backends {backends!r}: unknown backend {unknown[0]!r} (known: {', '.join(BACKEND_NAMES[1:])})"
+             if unknown else "--backends names no backend")
+    result = run_bench(spec, data_root=data_root, patients=n_patients, backends=names, batch_sizes=sizes,
                        threads=threads, warmup=warmup, iterations=iterations, reference=not no_reference, log=click.echo)
     click.echo(format_table(result))
     if json_path:

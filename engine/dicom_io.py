@@ -391,6 +391,12 @@ def _check_size(grid: SeriesGrid, limits: SliceLimits) -> None:
     if int(np.prod(grid.shape)) > MAX_VOXELS:
         raise SliceLimitError(f"{where}: {grid.series.label} of {'x'.join(map(str, grid.shape))} voxels is larger than "
                               f"{MAX_VOXELS}")
+    from segengine.engine.budget import check_memory
+
+    voxels = int(np.prod(grid.shape))
+    # three channels decoded and rescaled as float32, then the uint8 volume and the mask (as for NIfTI)
+    check_memory(where, len(grid.order), voxels, voxels * (3 * 4 + 4), limits.max_memory,
+                 f"{len(grid.order)} slices of {grid.columns}x{grid.rows}")
 
 
 def _same_grid(a: SeriesGrid, b: SeriesGrid) -> str | None:

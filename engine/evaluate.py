@@ -8,7 +8,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from segengine.engine.io import DataError, list_patients, read_patient, read_patient_list
+from segengine.engine.io import DEFAULT_LIMITS, DataError, SliceLimits, list_patients, read_patient, read_patient_list
 from segengine.engine.metrics import distance_unit, summarize, volume_metrics
 
 METRICS = ("dsc", "hd95", "precision", "recall")
@@ -32,6 +32,7 @@ def select_patients(data_root: Path, patients_file: str | None) -> list[Path]:
 
 def read_prediction(pred_folder: Path, patient_id: str, slice_numbers: list[int], shape: tuple[int, int]) -> np.ndarray:
     """Predicted masks ``<patient>_<n>_mask.*`` for exactly the ground truth's slices."""
+    from segengine.engine.fsguard import require_regular_file
     from segengine.engine.io import _as_mask, read_slice, slice_shape
 
     if not pred_folder.is_dir():
@@ -42,6 +43,7 @@ def read_prediction(pred_folder: Path, patient_id: str, slice_numbers: list[int]
         path = next((c for c in cands if c.exists()), None)
         if path is None:
             raise DataError(f"{cands[0]}: predicted mask missing")
+        require_regular_file(path, "predicted mask")  # a FIFO would block the decoder
         header = slice_shape(path)[:2]  # a wrong (e.g. huge) size is refused before decoding
         if header != shape:
             raise DataError(f"{path}: size {header[1]}x{header[0]} differs from the ground truth {shape[1]}x{shape[0]}")
@@ -53,11 +55,12 @@ def read_prediction(pred_folder: Path, patient_id: str, slice_numbers: list[int]
 
 
 def score_predictions(data_root: Path, pred_root: Path, patients_file: str | None = None,
-                      progress: Callable[[Iterable], Iterable] = lambda x: x) -> dict:
+                      progress: Callable[[Iterable], Iterable] = lambda x: x,
+                      limits: SliceLimits = DEFAULT_LIMITS) -> dict:
     """Native-protocol scores of predicted mask folders against the ground truth."""
     rows = []
     for folder in progress(select_patients(data_root, patients_file)):
-        vol = read_patient(folder)
+        vol = read_patient(folder, limits=limits)
         if vol.mask is None:
             raise DataError(f"{folder}: no ground-truth masks to score against")
         pred = read_prediction(pred_root / vol.patient_id, vol.patient_id, vol.slice_numbers, vol.mask.shape[1:])

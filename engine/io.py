@@ -60,6 +60,9 @@ class SliceLimitError(DataError):
     pass
 
 
+DEFAULT_MAX_MEMORY_GB = 2.0  # --max-memory's default (engine.budget)
+
+
 @dataclass(frozen=True)
 class SliceLimits:
     """What a patient may claim in its file headers; checked before decoding."""
@@ -67,6 +70,7 @@ class SliceLimits:
     min_side: int = 32
     max_side: int = 1024
     max_slices: int = 512
+    max_memory: int = int(DEFAULT_MAX_MEMORY_GB * 10**9)  # bytes per patient, estimated from the headers (engine.budget)
 
 
 DEFAULT_LIMITS = SliceLimits()
@@ -107,7 +111,7 @@ def _quiet_tifffile():
 
 
 def _read_tiff(path: Path) -> np.ndarray:
-    return _quiet_tifffile().imread(path)
+    return _quiet_tifffile().imread(path, key=0)  # one page: the header check refused files of several
 
 
 def _read_pil(path: Path) -> np.ndarray:
@@ -122,8 +126,16 @@ READERS = {".tif": _read_tiff, ".tiff": _read_tiff, ".png": _read_pil, ".webp": 
 
 
 def _tiff_shape(path: Path) -> tuple[int, ...]:
+    """The first page's shape; a file of several pages (each would be decoded) or of samples wider
+    than 8 bits is refused here, from the header."""
     with _quiet_tifffile().TiffFile(path) as tf:
-        return tuple(tf.pages[0].shape)
+        page = tf.pages[0]
+        pages = len(tf.pages)
+        if pages > 1:
+            raise SliceFormatError(f"{path}: {pages} pages in one slice file, expected one image per slice")
+        if np.dtype(page.dtype).itemsize != 1:
+            raise SliceFormatError(f"{path}: {np.dtype(page.dtype)} pixels, expected 8-bit (uint8) slices")
+        return tuple(page.shape)
 
 
 def _pil_shape(path: Path) -> tuple[int, ...]:
@@ -170,6 +182,8 @@ def check_slice_size(path: Path, limits: SliceLimits, is_mask: bool = False) -> 
         raise SliceFormatError(f"{path}: array of shape {shape}, expected HxWx3")
     if not is_mask and (len(shape) == 2 or shape[2] in (1, 2)):
         raise SliceFormatError(f"{path}: {GRAYSCALE_MESSAGE}")
+    if len(shape) > 3 or (len(shape) == 3 and shape[2] > 4):
+        raise SliceFormatError(f"{path}: array of shape {shape}, expected HxWx3")
     h, w = shape[:2]
     if max(h, w) > limits.max_side:
         raise SliceLimitError(f"{path}: {w}x{h} pixels, larger than the limit of {limits.max_side} px a side")
@@ -283,12 +297,19 @@ def check_patient_id(patient_id: str, folder: Path, source: tuple[str, str] = SL
 
 def check_headers(folder: Path, images: dict[int, Path], masks: dict[int, Path], limits: SliceLimits) -> None:
     """Slice count and every file header against the limits, before the first pixel is decoded."""
+    from segengine.engine.budget import check_memory
+
     if len(images) > limits.max_slices:
         raise SliceLimitError(f"{folder}: {len(images)} slices, more than the limit of {limits.max_slices}")
+    pixels = decoded = 0
     for n in sorted(images):
-        check_slice_size(images[n], limits)
+        shape = check_slice_size(images[n], limits)
+        pixels += shape[0] * shape[1]
+        decoded += int(np.prod(shape))
     for n in sorted(masks):
-        check_slice_size(masks[n], limits, is_mask=True)
+        decoded += int(np.prod(check_slice_size(masks[n], limits, is_mask=True)))
+    h, w = shape[:2]
+    check_memory(folder, len(images), pixels, decoded, limits.max_memory, f"{len(images)} slices of {w}x{h}")
 
 
 def read_patient(folder: str | os.PathLike, with_mask: bool = True,
@@ -356,14 +377,30 @@ def list_patients(root: str | os.PathLike) -> list[Path]:
     return folders
 
 
+PATIENT_LIST_MAX_BYTES = 16 << 20
+
+
 def read_patient_list(path: str | os.PathLike) -> list[str]:
-    """Patient ids from a text file, one per line; blank lines and # comments skipped."""
+    """Patient ids from a UTF-8 text file, one per line; blank lines and # comments skipped.
+
+    A list that names no patient, or one patient twice (scored twice, "PASS on 2 patients"
+    from one), is refused; so is anything but a regular file (a FIFO would block)."""
+    from segengine.engine.fsguard import read_regular
+
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read patient list ({exc.strerror})") from None
-    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        text = read_regular(path, "patient list", PATIENT_LIST_MAX_BYTES).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: patient list is not UTF-8 text (byte {exc.start})") from None
+    ids = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not ids:
+        raise DataError(f"{path}: patient list names no patient (only blank lines or # comments)")
+    seen: set[str] = set()
+    for pid in ids:
+        if pid in seen:
+            raise DataError(f"{path}: patient {pid} is listed twice")
+        seen.add(pid)
+    return ids
 
 
 def write_mask_slices(folder: Path, patient_id: str, slice_numbers: list[int], mask: np.ndarray) -> list[Path]:

@@ -106,9 +106,17 @@ def check_sidecar(side: Any, where: Path) -> dict[str, Any]:
     return side
 
 
+JSON_MAX_BYTES = 16 << 20  # a card or sidecar is a few kB; a larger file is not one
+
+
 def read_json(path: Path, what: str) -> Any:
+    """A model card, sidecar or manifest: a regular file (never a FIFO or device: fsguard), bounded in size."""
+    from segengine.engine.fsguard import NotRegularFileError, read_regular
+
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_regular(path, what, JSON_MAX_BYTES).decode("utf-8"))
+    except NotRegularFileError as exc:
+        raise ModelError(str(exc)) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ModelError(f"{path}: unreadable {what} ({(str(exc).splitlines() or [type(exc).__name__])[0][:120]})") from None
 
@@ -184,6 +192,15 @@ class ModelSpec:
         return check_sidecar(read_json(p, "sidecar"), p)
 
 
+def _regular(path: Path, what: str) -> None:
+    from segengine.engine.fsguard import NotRegularFileError, require_regular_file
+
+    try:
+        require_regular_file(path, what)
+    except NotRegularFileError as exc:
+        raise ModelError(str(exc)) from None
+
+
 def load_model_spec(path: str | os.PathLike | None = None, verify: bool = True) -> ModelSpec:
     """Resolve a weights file (default: the shipped model), read its card, verify the SHA-256."""
     weights = Path(path) if path is not None else shipped_model_path()
@@ -194,6 +211,7 @@ def load_model_spec(path: str | os.PathLike | None = None, verify: bool = True) 
         weights = candidates[0]
     if not weights.exists():
         raise ModelError(f"{weights}: model file not found")
+    _regular(weights, "model file")  # a FIFO or /dev/zero would block the checksum forever
     cp = card_path(weights)
     if not cp.exists():
         raise ModelError(f"{weights}: no model card {cp.name} beside it")
@@ -214,6 +232,7 @@ def check_export(spec: ModelSpec, kind: str) -> Path:
     path = spec.export_path(kind)
     if not path.exists():
         raise ModelError(f"{path}: no {kind} export of {spec.weights.name}; run `segengine export --model {spec.weights}`")
+    _regular(path, f"{kind} export")
     side = spec.sidecar(kind)
     if side is None:
         raise ModelError(f"{path}: no sidecar {sidecar_path(path).name}; re-export")

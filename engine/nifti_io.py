@@ -173,7 +173,33 @@ def _load(path: Path):
         raise NiftiError(f"{path}: degenerate affine (zero or non-finite voxel axes)")
     if int(np.prod(img.shape[:3])) > MAX_VOXELS:
         raise NiftiError(f"{path}: volume of {'x'.join(map(str, img.shape))} voxels is larger than {MAX_VOXELS} per sequence")
+    _check_scaling(img, path)
     return img
+
+
+def _check_scaling(img, path: Path) -> None:
+    """scl_slope/scl_inter: unset (slope 0 or NaN: no scaling, as the NIfTI standard says) or a
+    finite positive slope and a finite offset; anything else would silently change the image."""
+    from nibabel.openers import ImageOpener
+
+    try:  # the header as stored: nibabel moves scaling out of img.header and ignores an infinite slope
+        with ImageOpener(str(path)) as fh:
+            raw = type(img.header).from_fileobj(fh, check=False)
+        slope, inter = (float(np.asarray(raw[k]).item()) for k in ("scl_slope", "scl_inter"))
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for damaged headers
+        raise NiftiError(f"{path}: not a readable NIfTI header ({_first_line(exc)})") from None
+    if slope == 0 or np.isnan(slope):
+        return
+    if not np.isfinite(slope) or slope < 0 or not np.isfinite(inter):
+        raise NiftiError(f"{path}: header scaling scl_slope={slope:g}, scl_inter={inter:g} is not a finite positive "
+                         "slope and a finite offset; fix the header (e.g. slope 1, offset 0)")
+
+
+def decoded_bytes(img) -> int:
+    """Bytes of the voxel values nibabel returns: stored dtype, or float64 when the header scales them."""
+    slope, inter = img.dataobj.slope, img.dataobj.inter
+    size = np.dtype(img.get_data_dtype()).itemsize
+    return int(np.prod(img.shape)) * (8 if (slope, inter) != (1.0, 0.0) else max(size, 1))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -251,6 +277,7 @@ def _open_case(path: Path, with_mask: bool = True, limits: SliceLimits = DEFAULT
         if min(shape[:3]) < 1:
             raise NiftiError(f"{path}: empty volume of shape {shape}")
         check_limits(img, path, limits)
+        _check_memory(path, {"stack": img}, limits)
         return {"stack": img}, {"stack": path}
     files = sequence_files(path) if flat_case is None else channel_files(path.parent, flat_case)
     if "flair" not in files:
@@ -264,6 +291,8 @@ def _open_case(path: Path, with_mask: bool = True, limits: SliceLimits = DEFAULT
         shape = img.shape
         if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
             raise NiftiError(f"{files[seq]}: {len(shape)}D volume of shape {shape}, expected a 3D {seq} volume")
+        if min(shape[:3]) < 1:
+            raise NiftiError(f"{files[seq]}: empty volume of shape {shape}")
         if seq == "flair":
             check_limits(img, files[seq], limits)
         if seq != "flair":
@@ -273,7 +302,24 @@ def _open_case(path: Path, with_mask: bool = True, limits: SliceLimits = DEFAULT
             if not np.allclose(img.affine, flair.affine, atol=AFFINE_ATOL_MM):
                 raise NiftiError(f"{files[seq]}: affine differs from the FLAIR volume's (the sequences must share one grid)")
         images[seq] = img
+    _check_memory(path, images, limits)
     return images, files
+
+
+def _check_memory(path: Path, images: dict, limits: SliceLimits) -> None:
+    """The case's decoded voxels (every sequence read, at its dtype and scaling) and the pipeline's
+    arrays against ``limits.max_memory``, from the headers (engine.budget)."""
+    from nibabel.orientations import io_orientation
+
+    from segengine.engine.budget import check_memory
+
+    img = images.get("stack", images.get("flair"))
+    size = {int(axis): int(n) for (axis, _), n in zip(io_orientation(img.affine), img.shape[:3])}
+    cols, rows, slices = size[0], size[1], size[2]
+    voxels = cols * rows * slices
+    decoded = sum(decoded_bytes(i) for i in images.values()) + voxels * 4  # + the uint8 volume and mask
+    check_memory(path, slices, voxels, decoded, limits.max_memory,
+                 f"{slices} slices of {cols}x{rows}, {np.dtype(img.get_data_dtype())} voxels")
 
 
 def check_nifti_case(path: str | Path, limits: SliceLimits = DEFAULT_LIMITS) -> list[Path]:

@@ -18,16 +18,14 @@ from typing import Iterator
 
 import numpy as np
 
+from segengine.engine.fsguard import (OutputError, check_result_entry, disown, entry_kind, is_owned_dir,
+                                      make_owned_dir)
 from segengine.engine.io import PatientVolume, write_mask_slices
 from segengine.engine.metrics import distance_unit, volume_metrics
 from segengine.engine.nifti_io import mask_nifti
 from segengine.engine.extra_outputs import write_extra_outputs
 from segengine.engine.pipeline import Segmentation
 from segengine.engine.postprocess import border
-
-
-class OutputError(OSError):
-    """OUT is not writable, overlaps the input, or already holds results; one-line message."""
 
 
 class ResultsExistError(OutputError):
@@ -164,19 +162,24 @@ def recover_interrupted(out: Path, name: str) -> str | None:
     Call only while no other writer of ``name`` can run (the patient lock is held). Temp
     folders being written are removed; a previous result set aside (``.old-``) is put back
     when ``out/name`` is missing, and deleted only when ``out/name`` is in place (a complete
-    folder: it only ever gets there by one rename of a finished folder). Returns what it did.
+    folder: it only ever gets there by one rename of a finished folder). Only temp folders
+    the engine made are touched (``fsguard``: real folders with its owner marker; links and
+    planted folders are left alone and reported). Returns what it did.
     """
     final = out / name
     did = []
     entries = temp_entries(out, name)
     for _, kind, path in sorted(entries, key=lambda e: e[1] != "old"):  # "old" first
+        if not is_owned_dir(path, name, kind):
+            did.append(f"left {path.name} alone ({'a symbolic link' if path.is_symlink() else 'not made by segengine'})")
+            continue
         if kind == "old":
             kept = path / "old"
-            if not (final.exists() or final.is_symlink()) and kept.is_dir():
+            if entry_kind(final) == "missing" and entry_kind(kept) == "dir":
                 os.replace(kept, final)
                 _fsync_path(out)
                 did.append("restored the previous result")
-            if final.exists():
+            if entry_kind(final) == "dir":
                 shutil.rmtree(path, ignore_errors=True)
         else:
             shutil.rmtree(path, ignore_errors=True)
@@ -196,19 +199,19 @@ def atomic_dir(out: Path, name: str, overwrite: bool) -> Iterator[Path]:
     """
     final = out / name
     recover_interrupted(out, name)
-    if final.exists() and not overwrite:
+    if check_result_entry(final) and not overwrite:  # a link or file at OUT/<name>: refused, left alone
         raise ResultsExistError(f"{final}: results exist (use --overwrite to replace them)")
     partial, old = _temp_prefixes(name)
     tmp = None
     try:
         with deferred_signals():
-            tmp = Path(tempfile.mkdtemp(prefix=partial, dir=out))
+            tmp = make_owned_dir(out, partial, name, "partial")
         yield tmp
         _fsync_tree(tmp)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; results follow the umask like any folder
         with deferred_signals():  # Ctrl-C/SIGTERM never split a replace; SIGKILL is undone by recover_interrupted
-            if final.exists() or final.is_symlink():
-                trash = Path(tempfile.mkdtemp(prefix=old, dir=out))
+            if check_result_entry(final):
+                trash = make_owned_dir(out, old, name, "old")
                 os.replace(final, trash / "old")
                 os.replace(tmp, final)
                 _fsync_path(out)
@@ -216,6 +219,7 @@ def atomic_dir(out: Path, name: str, overwrite: bool) -> Iterator[Path]:
             else:
                 os.replace(tmp, final)
                 _fsync_path(out)
+            disown(final)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from segengine.engine.fsguard import ForeignEntryError, check_result_entry, open_lock_file
 from segengine.engine.io import (DEFAULT_LIMITS, DataError, NotAFolderError, PatientVolume, SliceLimits, check_headers,
                                  check_patient_id, list_slices, read_patient)
 from segengine.engine.nifti_io import CASE_ID_SOURCE, case_id, check_nifti_case, is_nifti_case, is_nifti_file
@@ -83,7 +84,7 @@ class PatientLock:
 
     def _acquire(self) -> "PatientLock":
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = open_lock_file(self.path)  # never through a link planted in OUT (fsguard)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -160,7 +161,7 @@ def unique_patient_ids(folders: list[Path]) -> dict[Path, str | None]:
     for f in folders:
         try:
             ids[f] = patient_id_of(f)
-        except DataError:
+        except (DataError, OSError):  # ill, or gone since listed: its job reports it
             ids[f] = None
             continue
         if ids[f] in seen:
@@ -170,7 +171,8 @@ def unique_patient_ids(folders: list[Path]) -> dict[Path, str | None]:
 
 
 def has_result(out: Path, patient_id: str) -> bool:
-    return (out / patient_id).exists()
+    """OUT/<id> is a result folder; ForeignEntryError when a link or file sits there (fsguard)."""
+    return check_result_entry(out / patient_id)
 
 
 class PatientJob:
@@ -272,6 +274,9 @@ def tidy_out(out: Path) -> list[str]:
             with PatientLock(out, name):
                 did = recover_interrupted(out, name)
         except PatientBusyError:
+            continue
+        except ForeignEntryError as exc:  # a planted lock: left alone, said once
+            notes.append(str(exc))
             continue
         if did:
             notes.append(f"{out / name}: {did} (left by an interrupted run)")

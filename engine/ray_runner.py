@@ -28,11 +28,32 @@ from segengine.engine.io import DEFAULT_LIMITS, DataError, NotAFolderError, Slic
 from segengine.engine.options import RunOptions
 from segengine.engine.ensemble import load_plan
 from segengine.engine.outputs import check_out_dir
+from segengine.engine.fsguard import ForeignEntryError
 from segengine.engine.patient_job import has_result, tidy_out, unique_patient_ids
 from segengine.engine.postprocess import PostprocessConfig
 from segengine.engine.runner import JobSummary
 
 DEFAULT_MAX_ATTEMPTS = 3
+WORKER_START_TIMEOUT_S = 600  # a worker actor loads the model; more than this and it is not being scheduled
+
+
+def check_workers(workers: int, threads: int, cpus: int) -> None:
+    """Refuse more worker CPUs than the cluster has: Ray would wait forever to place the extra actors."""
+    if workers * threads > cpus:
+        fit = cpus // threads
+        hint = f"use --workers {fit} or fewer" if fit else f"use --threads {cpus} or fewer"
+        raise BackendUnavailable(f"--workers {workers} x --threads {threads} needs {workers * threads} CPUs, but the "
+                                 f"Ray cluster has {cpus}; {hint}")
+
+
+def _id_or_name(folder: Path) -> str:
+    """The patient's id, or its folder's name when the input is gone or ill by now."""
+    from segengine.engine.patient_job import patient_id_of
+
+    try:
+        return patient_id_of(folder)
+    except (DataError, OSError):
+        return folder.name
 
 
 class SegmentWorker:
@@ -55,22 +76,20 @@ class SegmentWorker:
 
     def process(self, folder: str, out: str) -> dict:
         """{"patient", "status": "done"|"skipped"|"busy"|"failed", "line"|"error"}; data errors are results."""
-        from segengine.engine.io import DataError
-        from segengine.engine.outputs import OutputError, ResourceError, ResultsExistError
-        from segengine.engine.patient_job import PatientBusyError, patient_id_of, process_patient
-        from segengine.engine.preprocess import EmptyVolumeError
-        from segengine.engine.runner import _summary_line
+        from segengine.engine.outputs import ResultsExistError
+        from segengine.engine.patient_job import PatientBusyError, process_patient
+        from segengine.engine.runner import _summary_line, patient_error
 
         t0 = time.perf_counter()
         try:
             rep = process_patient(Path(folder), Path(out), self.backend, self.name, self.spec, self.post,
                                   self.batch_size, self.overwrite, self.gif, limits=self.limits)
         except ResultsExistError as exc:
-            return {"patient": patient_id_of(Path(folder)), "status": "skipped", "error": str(exc)}
+            return {"patient": _id_or_name(Path(folder)), "status": "skipped", "error": str(exc)}
         except PatientBusyError as exc:
-            return {"patient": patient_id_of(Path(folder)), "status": "busy", "error": str(exc)}
-        except (DataError, EmptyVolumeError, OutputError, OSError, ResourceError) as exc:
-            return {"patient": Path(folder).name, "status": "failed", "error": str(exc)}
+            return {"patient": _id_or_name(Path(folder)), "status": "busy", "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - any failure of one patient is its line; the batch goes on
+            return {"patient": Path(folder).name, "status": "failed", "error": patient_error(exc)}
         return {"patient": rep["patient"], "status": "done", "line": _summary_line(rep, time.perf_counter() - t0),
                 "pid": os.getpid(), "review": rep.get("review")}
 
@@ -90,7 +109,7 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
     """
     try:
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError
     except ImportError:
         raise BackendUnavailable("--ray needs Ray: pip install 'segengine[scale]'") from None
     from tqdm import tqdm
@@ -108,7 +127,11 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
     summary = JobSummary()
     todo = []
     for f, pid in ids.items():
-        if pid is not None and has_result(out, pid) and not overwrite:
+        try:
+            exists = pid is not None and has_result(out, pid)
+        except ForeignEntryError:  # a link planted at OUT/<id>: its worker reports it as this patient's failure
+            exists = False
+        if exists and not overwrite:
             summary.skipped.append(pid)
         else:
             todo.append(f)
@@ -127,6 +150,7 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         n_workers = max(1, min(workers or cpus // max(threads, 1), len(todo)))
+        check_workers(n_workers, threads, cpus)
         summary.workers = n_workers
         post = asdict(PostprocessConfig(largest_component=postprocess, fill_holes_2d=fill_holes))
         model_arg = None if model is None else str(Path(model).resolve())
@@ -138,7 +162,13 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
         def new_worker():
             actor = actor_cls.remote(model_arg, name, threads, post, batch_size, overwrite, gif, asdict(limits),
                                      ensemble_arg, tta)
-            return actor, ray.get(actor.pid.remote())
+            try:
+                return actor, ray.get(actor.pid.remote(), timeout=WORKER_START_TIMEOUT_S)
+            except GetTimeoutError:
+                ray.kill(actor)
+                raise BackendUnavailable(f"a Ray worker did not start within {WORKER_START_TIMEOUT_S} s (not enough "
+                                         f"free CPUs for {n_workers} workers x {threads} threads?); try fewer --workers"
+                                         ) from None
 
         try:
             idle = [new_worker() for _ in range(n_workers)]

@@ -157,7 +157,7 @@ def patient_html(patient_id: str, report: dict) -> str:
     fact_html = "".join(f"<div><b>{k}</b> {v}</div>" for k, v in facts)
     review = _review_cell(report)
     if isinstance(report.get("review"), dict) and report["review"].get("note"):
-        review += f'<div class="why">{html.escape(str(report["review"]["note"]))}</div>'
+        review += f'<div class="why">{html.escape(str(report["review"]["note"])[:SHOWN_CHARS])}</div>'
     return PATIENT_TEMPLATE.format(pid=html.escape(patient_id), links=link_html, facts=fact_html, review=review,
                                    has_truth="" if metrics else " hidden", data_src=f"{REVIEW_DIR}/{VIEWER_DATA}", style=STYLE)
 
@@ -184,10 +184,10 @@ def _review_of(report: dict) -> tuple[bool | None, list[str]]:
     """(flag or None when the report has no review, reasons and notes shown beside it)."""
     review = report.get("review") if isinstance(report.get("review"), dict) else None
     flag = None if review is None else bool(review.get("flag"))
-    reasons = [str(r) for r in (review or {}).get("reasons") or []]
+    reasons = [str(r)[:SHOWN_CHARS] for r in ((review or {}).get("reasons") or [])[:SHOWN_REASONS]]
     filled = (report.get("nifti") or {}).get("filled_with_flair") or []
     if filled:
-        reasons.append(f"{' and '.join(filled)} filled with FLAIR")
+        reasons.append(f"{' and '.join(str(f)[:20] for f in filled[:3])} filled with FLAIR")
     return flag, reasons
 
 
@@ -198,19 +198,60 @@ def _review_cell(report: dict) -> str:
     return label + "".join(f'<div class="why">{html.escape(r)}</div>' for r in reasons)
 
 
+REPORT_MAX_BYTES = 1 << 20  # a 512-slice report is ~20 kB; a larger report.json is not read (nor put on a page)
+SHOWN_REASONS, SHOWN_CHARS = 10, 300  # what one report may put on a page: pages stay bounded too
+_NUMBER = (int, float)
+# report.json fields the pages show: expected type when present (None allowed where listed)
+REPORT_SCHEMA = {"patient": (str,), "input": (str,), "slices": (int,), "tumor_volume_px": (int,),
+                 "tumor_volume_mm3": (*_NUMBER, type(None)), "tumor_slices": (list,), "backend": (str,),
+                 "metrics": (dict, type(None)), "review": (dict, type(None)), "nifti": (dict, type(None))}
+
+
+def check_report(rep) -> str | None:
+    """Why a report read back from OUT cannot be shown (None when it can): the fields the pages
+    use, by type, so a hand-edited or planted report.json is "unreadable", not a crash."""
+    if not isinstance(rep, dict):
+        return f"not an object ({type(rep).__name__})"
+    for key, types in REPORT_SCHEMA.items():
+        if key in rep and (not isinstance(rep[key], types) or isinstance(rep[key], bool)):
+            return f"{key} is {type(rep[key]).__name__}"
+    for key in ("dsc", "hd95"):
+        v = (rep.get("metrics") or {}).get(key)
+        if v is not None and (not isinstance(v, _NUMBER) or isinstance(v, bool)):
+            return f"metrics.{key} is {type(v).__name__}"
+    review = rep.get("review") or {}
+    if not isinstance(review.get("reasons") or [], list) or not isinstance(review.get("note") or "", str):
+        return "review.reasons/note of the wrong type"
+    if not isinstance((rep.get("nifti") or {}).get("filled_with_flair") or [], list):
+        return "nifti.filled_with_flair is not a list"
+    if len(rep.get("input") or "") > 4096:
+        return "input path longer than 4096 characters"
+    return None
+
+
 def collect_reports(out: Path) -> tuple[list[tuple[str, dict]], list[str]]:
-    """(patient folder name, report) for every complete result in OUT, and the unreadable ones."""
+    """(patient folder name, report) for every complete result in OUT, and the unreadable ones.
+
+    Result folders are real folders (a link planted in OUT is not followed: fsguard), each
+    report.json a regular file of at most REPORT_MAX_BYTES, schema-checked."""
+    from segengine.engine.fsguard import entry_kind, read_regular
+    from segengine.engine.io import DataError
+
     rows, bad = [], []
-    for folder in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        path = folder / "report.json"
-        if not path.is_file():
+    for folder in sorted(p for p in out.iterdir() if not p.name.startswith(".")):
+        kind = entry_kind(folder)
+        if kind == "link" and (folder / "report.json").exists():
+            bad.append(f"{folder.name}: a symbolic link, not a result folder (not followed)")
+        if kind != "dir" or entry_kind(folder / "report.json") == "missing":
             continue
+        path = folder / "report.json"
         try:
-            rep = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(rep, dict):
-                raise ValueError("not an object")
-        except (OSError, ValueError) as exc:
-            bad.append(f"{folder.name}: {exc}")
+            rep = json.loads(read_regular(path, "report", REPORT_MAX_BYTES, follow=False).decode("utf-8"))
+            why = check_report(rep)
+            if why:
+                raise ValueError(why)
+        except (DataError, ValueError, RecursionError) as exc:
+            bad.append(f"{folder.name}: {str(exc).replace(str(path) + ': ', '')}")
             continue
         rows.append((folder.name, rep))
     return rows, bad
@@ -223,11 +264,12 @@ def _num(value) -> str:
 
 def _refresh_patient_page(out: Path, name: str, report: dict) -> None:
     """Re-render OUT/<name>/review.html under the patient's lock, as every write into OUT/<id> is."""
+    from segengine.engine.fsguard import entry_kind
     from segengine.engine.patient_job import PatientLock
 
     try:
         with PatientLock(out, name):
-            if (out / name).is_dir():
+            if entry_kind(out / name) == "dir":  # never a page written through a link planted in OUT
                 _replace_file(out / name / PATIENT_PAGE, patient_html(name, report))
     except OSError:  # PatientBusyError: a concurrent run is replacing it (its own page is fresh); or not writable
         pass
@@ -242,7 +284,7 @@ def index_html(out: Path, refresh_patients: bool = True) -> tuple[str, int, int]
     body, flagged, dscs, notes = [], 0, [], set()
     for name, rep in rows:
         if isinstance(rep.get("review"), dict) and rep["review"].get("note"):
-            notes.add(str(rep["review"]["note"]))  # e.g. "no calibrated review rules": once, not per row
+            notes.add(str(rep["review"]["note"])[:SHOWN_CHARS])  # e.g. "no calibrated review rules": once, not per row
         q = quote(name)
         flag, _ = _review_of(rep)
         flagged += bool(flag)

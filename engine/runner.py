@@ -17,7 +17,7 @@ from segengine.engine.metrics import distance_unit, volume_metrics
 from segengine.engine.ensemble import describe_plan, load_plan
 from segengine.engine.outputs import (DiskFullError, OutputError, ResourceError, ResultsExistError, check_out_dir,
                                       report_dict)
-from segengine.engine.patient_job import (PatientBusyError, PatientJob, has_result, patient_id_of, process_patient,
+from segengine.engine.patient_job import (PatientBusyError, PatientJob, has_result, process_patient,
                                           tidy_out, unique_patient_ids)
 from segengine.engine.pipeline import finish_patient, predict_patient, preprocess_patient, segment
 from segengine.engine.postprocess import PostprocessConfig
@@ -158,6 +158,17 @@ def _run_many(root: Path, out: Path, backend, name: str, spec, post: Postprocess
     return 1 if summary.failed or summary.not_started else 0
 
 
+KNOWN_ERRORS = (DataError, EmptyVolumeError, OutputError, OSError, ResourceError)
+
+
+def patient_error(err: BaseException) -> str:
+    """One line for a patient's failure; an unforeseen error type is named, so it is not mistaken for bad input."""
+    text = (str(err).strip().splitlines() or [""])[0][:500]
+    if isinstance(err, KNOWN_ERRORS):
+        return text
+    return f"unexpected {type(err).__name__}: {text}"
+
+
 def segment_patients(folders: list[Path], out: Path, backend, name: str, spec, post: PostprocessConfig,
                      batch_size: int = 32, overwrite: bool = False, gif: bool = False,
                      summary: JobSummary | None = None, log: Callable[[str], None] = print,
@@ -213,8 +224,9 @@ def segment_patients(folders: list[Path], out: Path, backend, name: str, spec, p
     stages = [("read", read), ("infer", infer), ("write", write)]
     reported = 0
     try:
+        # every failure of one patient is that patient's line (an unforeseen one names its type): the batch goes on
         with closing(run_stages(folders, stages, queue_size=1, halt_on=(DiskFullError,),
-                                catch=(DataError, EmptyVolumeError, OutputError, OSError, ResourceError))) as outcomes:
+                                catch=(Exception,))) as outcomes:
             for outcome in outcomes:
                 reported += 1
                 job = jobs.pop(outcome.item, None)
@@ -225,15 +237,16 @@ def segment_patients(folders: list[Path], out: Path, backend, name: str, spec, p
                     summary.done.append(outcome.value["patient"])
                     summary.note_review(outcome.value)
                     log(_summary_line(outcome.value, _stage_total_s(outcome.value)))
-                elif isinstance(err, ResultsExistError):
-                    summary.skipped.append(patient_id_of(outcome.item))
+                elif isinstance(err, ResultsExistError):  # the job's id: the input may be gone by now
+                    summary.skipped.append(job.patient_id if job is not None else outcome.item.name)
                 elif isinstance(err, PatientBusyError):
-                    summary.busy.append(patient_id_of(outcome.item))
+                    summary.busy.append(job.patient_id if job is not None else outcome.item.name)
                     log(f"segengine: {err}")
                 else:
                     who = job.patient_id if job is not None else outcome.item.name
-                    summary.failed.append((who, str(err)))
-                    log(f"segengine: {'skipped' if outcome.stage == 'read' else 'failed'} {who}: {err}")
+                    why = patient_error(err)
+                    summary.failed.append((who, why))
+                    log(f"segengine: {'skipped' if outcome.stage == 'read' else 'failed'} {who}: {why}")
                 progress(1)
         if reported < len(folders):  # halted by a full disk: what is complete is kept, nothing more started
             summary.not_started = [f.name for f in folders[reported:]]
@@ -248,7 +261,8 @@ def segment_patients(folders: list[Path], out: Path, backend, name: str, spec, p
 
 def evaluate_model(data_root: Path, model: str | None, protocol: str, backend_name: str = "torch",
                    patients_file: str | None = None, threads: int | None = None, post: PostprocessConfig = PostprocessConfig(),
-                   progress=None, ensemble: bool | Path | None = None, tta: bool = False) -> dict:
+                   progress=None, ensemble: bool | Path | None = None, tta: bool = False,
+                   limits: SliceLimits = DEFAULT_LIMITS) -> dict:
     """Per-patient metrics of a model (or an ensemble / TTA plan) in the reference or native protocol."""
     from segengine.engine.evaluate import select_patients, summarize_rows
 
@@ -258,7 +272,7 @@ def evaluate_model(data_root: Path, model: str | None, protocol: str, backend_na
     rows = []
     with registry.create(name, spec, threads=threads) as backend:
         for folder in (progress(folders) if progress else folders):
-            vol = read_patient(folder)
+            vol = read_patient(folder, limits=limits)
             if vol.mask is None:
                 raise DataError(f"{folder}: no ground-truth masks to score against")
             seg = segment(vol, backend, protocol, post=post)

@@ -65,11 +65,11 @@ def _refuse(backend: str, against: str, export_kind: str | None) -> None:
 
 # --------------------------------------------------------------------------- compute
 def compute(spec: ModelSpec, data_root: Path, patients_file: str | None, backend: str, against: str = REFERENCE,
-            threads: int | None = None, post=None) -> dict[str, Any]:
+            threads: int | None = None, post=None, limits=None) -> dict[str, Any]:
     """Run ``backend`` and ``against`` on every listed patient; the verdict with every figure."""
     from segengine.engine import backends as registry
     from segengine.engine.evaluate import select_patients
-    from segengine.engine.io import DataError, read_patient
+    from segengine.engine.io import DEFAULT_LIMITS, DataError, read_patient
     from segengine.engine.metrics import dsc
     from segengine.engine.pipeline import finish_patient, model_input, preprocess_patient
     from segengine.engine.postprocess import PostprocessConfig
@@ -87,7 +87,7 @@ def compute(spec: ModelSpec, data_root: Path, patients_file: str | None, backend
     rows = []
     try:
         for folder in folders:
-            vol = read_patient(folder)
+            vol = read_patient(folder, limits=limits or DEFAULT_LIMITS)
             if vol.mask is None:
                 raise DataError(f"{folder}: no ground-truth masks; validate needs them")
             pre = preprocess_patient(vol, "native", spec.input_size)

@@ -22,7 +22,8 @@ from conftest import TRAIN_PATIENT, VAL_PATIENTS, copy_model, tree_hashes
 from segengine.engine import io
 from segengine.engine.cli import main
 from segengine.engine.model import shipped_model_path
-from segengine.engine.outputs import atomic_dir, recover_interrupted
+from segengine.engine.fsguard import mark_owned
+from segengine.engine.outputs import TEMP_ENTRY, atomic_dir, recover_interrupted
 from segengine.engine.patient_job import PatientBusyError, PatientLock, tidy_out
 from segengine.engine.review_page import INDEX_PAGE as INDEX  # every run writes it beside the results
 
@@ -460,8 +461,16 @@ def test_threads_are_bounded_before_numpy_loads():
 
 # ------------------------------------------------------------------ interrupted replaces
 def _make(folder: Path, text: str) -> Path:
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.json").write_text(text)
+    return folder
+
+
+def _made_by_engine(folder: Path) -> Path:
+    """What atomic_dir leaves of a temp folder when killed: the folder with its owner marker."""
+    m = TEMP_ENTRY.match(folder.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    mark_owned(folder, m.group("name"), m.group("kind"))
     return folder
 
 
@@ -474,18 +483,18 @@ def _make(folder: Path, text: str) -> Path:
 def test_recovery_of_every_interrupted_replace(tmp_path, state, expected):
     out = tmp_path
     if state == "killed-between-renames":
-        _make(out / ".P.old-abcd1234" / "old", "old")
-        _make(out / ".P.partial-efgh5678", "new")
+        _make(_made_by_engine(out / ".P.old-abcd1234") / "old", "old")
+        _make(_made_by_engine(out / ".P.partial-efgh5678"), "new")
     elif state == "killed-after-new-in":
         _make(out / "P", "new")
-        _make(out / ".P.old-abcd1234" / "old", "old")
+        _make(_made_by_engine(out / ".P.old-abcd1234") / "old", "old")
     elif state == "killed-while-writing":
         _make(out / "P", "old")
-        _make(out / ".P.partial-efgh5678", "ha")
+        _make(_made_by_engine(out / ".P.partial-efgh5678"), "ha")
     else:
         _make(out / "P", "old")
-        (out / ".P.old-abcd1234").mkdir()
-    _make(out / ".P.partial-x.partial-abcd1234", "another patient's id that merely looks alike")
+        _made_by_engine(out / ".P.old-abcd1234")
+    _make(_made_by_engine(out / ".P.partial-x.partial-abcd1234"), "another patient's id that merely looks alike")
     recover_interrupted(out, "P")
     assert (out / "P" / "report.json").read_text() == expected
     assert sorted(p.name for p in out.iterdir()) == [".P.partial-x.partial-abcd1234", "P"]
@@ -519,7 +528,7 @@ main()
 
 
 def test_tidy_leaves_a_live_writer_alone(tmp_path):
-    _make(tmp_path / ".P.partial-abcd1234", "being written")
+    _make(_made_by_engine(tmp_path / ".P.partial-abcd1234"), "being written")
     with PatientLock(tmp_path, "P"):
         assert tidy_out(tmp_path) == []
         assert (tmp_path / ".P.partial-abcd1234").exists()

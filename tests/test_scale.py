@@ -108,6 +108,20 @@ def test_bad_patient_fails_without_retry(kaggle_root, ray_cluster, tmp_path):
     assert not (tmp_path / "out" / bad.name).exists()
 
 
+@pytest.mark.parametrize("workers, threads, words", [(3, 1, "needs 3 CPUs, but the Ray cluster has 2"),
+                                                     (1, 4, "needs 4 CPUs, but the Ray cluster has 2")])
+def test_more_worker_cpus_than_the_cluster_has_is_one_line_not_a_hang(kaggle_root, ray_cluster, tmp_path, workers,
+                                                                      threads, words):
+    """Ray would wait forever to place actors it has no CPUs for: refused before any is started."""
+    from segengine.engine.backends.base import BackendUnavailable
+    from segengine.engine.ray_runner import run_patients_ray
+
+    with pytest.raises(BackendUnavailable, match=words):
+        run_patients_ray(kaggle_root, tmp_path / "out", "onnxruntime", MODEL, workers=workers, threads=threads,
+                         echo=lambda *_: None)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
 def test_ray_nifti_cases_go_through_the_patient_job_and_the_review_page_is_written(kaggle_root, ray_cluster, tmp_path):
     """On a Ray worker a NIfTI case is one PatientJob like a tif folder: its id, the --max-slices
     limit from the header (a truncated file claiming 101 slices fails on the limit, not on

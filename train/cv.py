@@ -27,7 +27,7 @@ from segengine.engine.io import read_patient
 from segengine.engine.metrics import volume_metrics
 from segengine.engine.postprocess import PostprocessConfig, postprocess
 from segengine.engine.evaluate import summarize_rows
-from segengine.train.folds import DEFAULT_DATA, DEFAULT_FOLD_SEED, fold_dir, load_or_write_folds, splits_dir
+from segengine.train.folds import DEFAULT_DATA, DEFAULT_FOLD_SEED, FoldError, fold_dir, load_or_write_folds, splits_dir
 
 # Post-processing variants scored on every out-of-fold patient (native protocol).
 POST_VARIANTS = {
@@ -293,7 +293,38 @@ def flair_only_scores(cv_out: Path, data: Path, k: int, threads: int | None = No
     return rows
 
 
+class CvInputError(ValueError):
+    """A CV run folder or cv.json that cannot be compared; one line."""
+
+
+def read_cv_result(run: str | Path, variants: tuple[str, ...] = ()) -> dict:
+    """A CV run's cv.json (given the folder or the file), refusing a missing, empty or foreign one."""
+    path = Path(run) / "cv.json" if Path(run).is_dir() else Path(run)
+    if not path.is_file():
+        raise CvInputError(f"{run}: no cv.json (a CV run folder, scored by `segengine cv`, or its cv.json)")
+    try:
+        res = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CvInputError(f"{path}: unreadable cv.json ({(str(exc).splitlines() or [type(exc).__name__])[0][:120]})"
+                           ) from None
+    if not isinstance(res, dict) or not isinstance(res.get("variants"), dict) or not res["variants"]:
+        raise CvInputError(f"{path}: no scored variants in this cv.json")
+    for v in variants:
+        if not isinstance(res["variants"].get(v), dict) or not isinstance(res["variants"][v].get("per_patient"), dict):
+            raise CvInputError(f"{path}: no variant {v!r} (has {', '.join(sorted(res['variants']))})")
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`segengine cv ...`: bad input is one line on stderr and exit 2."""
+    try:
+        return _main(argv)
+    except (FoldError, CvInputError) as exc:
+        print(f"segengine: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["flair-only"]:
         ap = argparse.ArgumentParser(prog="python -m segengine.train.cv flair-only")
@@ -322,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--variant", default="native_lcc")
         ap.add_argument("--variant-b", default=None, help="score the second run with this variant (e.g. native_lcc_fill2d)")
         args = ap.parse_args(argv[1:])
-        res = [json.loads((Path(r) / "cv.json" if Path(r).is_dir() else Path(r)).read_text()) for r in args.runs]
+        res = [read_cv_result(args.runs[0], (args.variant,)),
+               read_cv_result(args.runs[1], (args.variant_b or args.variant,))]
         print(compare(res[0], res[1], args.variant, args.variant_b))
         return 0
     if argv[:1] == ["thresholds"]:
