@@ -44,8 +44,11 @@ def brightness(images: torch.Tensor, p: float, gen: torch.Generator, lo: float =
 def noise(images: torch.Tensor, p: float, gen: torch.Generator, max_variance: float = 0.1) -> torch.Tensor:
     """Add Gaussian noise of variance U(0, max_variance) to a share ``p`` of slices."""
     n = images.shape[0]
-    sigma = torch.sqrt(max_variance * torch.rand(n, 1, 1, 1, generator=gen)) * _pick(n, p, gen)[:, None, None, None]
-    return images + sigma * torch.randn(images.shape, generator=gen)
+    sigma = torch.sqrt(max_variance * torch.rand(n, 1, 1, 1, generator=gen))
+    picked = torch.nonzero(_pick(n, p, gen)).flatten()
+    out = images.clone()  # noise drawn for the picked slices only (a whole batch of it costs ~0.1 s)
+    out[picked] += sigma[picked] * torch.randn((len(picked), *images.shape[1:]), generator=gen)
+    return out
 
 
 def gaussian_kernel(sigma: float, truncate: float = 4.0) -> torch.Tensor:
