@@ -67,7 +67,7 @@ def test_oracle_is_the_best_subset_and_case_dsc_counts_overlaps():
     (np.r_[np.zeros(50), np.ones(50)], 0.5 - 1.96 * 0.05, 0.5 + 1.96 * 0.05),  # sd 0.5/sqrt(100) = 0.05
 ])
 def test_bootstrap_ci_matches_the_normal_approximation(values, lo, hi):
-    from segengine.train.cv import bootstrap_mean_ci
+    from segengine.train.paired import bootstrap_mean_ci
 
     got = bootstrap_mean_ci(values)
     assert got == pytest.approx((lo, hi), abs=0.01)

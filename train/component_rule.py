@@ -107,7 +107,7 @@ def kind_table(before: dict, after: dict, flair_copy: set[str]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     from segengine.engine.quality import flair_copies
-    from segengine.train.cv import bootstrap_mean_ci, compare
+    from segengine.train.paired import bootstrap_mean_ci, compare
 
     ap = argparse.ArgumentParser(prog="segengine cv component-rule", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
