@@ -27,8 +27,9 @@ COPY_SHARE = 0.99  # a channel equal to FLAIR (within 1 grey level) on this shar
 HEAD_LEVEL = 10  # grey level above which a pixel (any channel) counts as head, not background
 MIN_COMPONENT_VOXELS = 10  # smaller specks are not counted as components
 # features the regression may use, in this order (every mode stores the subset it was fitted on)
-FEATURES = ("confidence", "log_volume", "uncertain_ratio", "removed_share", "components", "flair_copies",
-            "intensity_z", "views_disagreement")
+FEATURES = ("confidence", "high_share", "log_volume", "uncertain_ratio", "removed_share", "components",
+            "flair_copies", "intensity_z", "views_disagreement")
+HIGH = 0.9  # "confident" voxels: probability above this
 
 
 def channel_means(image: np.ndarray) -> list[float]:
@@ -79,6 +80,7 @@ def prediction_features(prob: np.ndarray, mask: np.ndarray, threshold: float = 0
     return {
         "volume_px": n,
         "confidence": float(prob[mask].mean()) if n else 0.0,
+        "high_share": float((prob[mask] > HIGH).mean()) if n else 0.0,
         "log_volume": math.log10(1 + n),
         "uncertain_ratio": math.log1p(uncertain / max(n, 1)),
         "removed_share": 1.0 - float(prob[above & mask].sum()) / mass_above if mass_above else 0.0,
@@ -164,6 +166,8 @@ def reference_stats(card: dict) -> dict | None:
 
 _DESCRIBE = {
     "confidence": lambda v, t: f"mean probability inside the mask {v:.3f} (training patients' median {t:.3f})",
+    "high_share": lambda v, t: (f"{v:.1%} of the mask is confident (p > {HIGH:g}; training patients' "
+                                f"median {t:.1%})"),
     "log_volume": lambda v, t: f"mask of {10 ** v - 1:.0f} voxels (training patients' median {10 ** t - 1:.0f})",
     "uncertain_ratio": lambda v, t: (f"uncertain margin (0.2 < p < 0.8) {math.expm1(v):.2f} x the mask's size "
                                      f"(training patients' median {math.expm1(t):.2f})"),
@@ -171,6 +175,8 @@ _DESCRIBE = {
                                    f"(training patients' median {t:.1%})"),
     "components": lambda v, t: (f"{math.expm1(v):.0f} separate candidate regions "
                                 f"(training patients' median {math.expm1(t):.0f})"),
+    "intensity_z": lambda v, t: (f"input intensities unlike the training patients' (largest robust z {v:.1f}; "
+                                 f"training patients' median {t:.1f})"),
     "views_disagreement": lambda v, t: (f"averaged views disagree: mean Dice with their mean {1 - v:.3f} "
                                         f"(training patients' median {1 - t:.3f})"),
 }

@@ -57,6 +57,7 @@ def test_prediction_features_by_hand():
     f = prediction_features(prob, mask)
     assert f["volume_px"] == 3
     assert f["confidence"] == pytest.approx((0.9 + 0.6 + 0.95) / 3)
+    assert f["high_share"] == pytest.approx(1 / 3)  # only 0.95 is above 0.9
     assert f["log_volume"] == pytest.approx(math.log10(4))
     assert f["uncertain_ratio"] == pytest.approx(math.log1p(3 / 3))  # 0.6, 0.7 and 0.3 lie in (0.2, 0.8)
     assert f["removed_share"] == pytest.approx(0.7 / (0.9 + 0.6 + 0.95 + 0.7))  # share of the mass above 0.5
@@ -127,14 +128,14 @@ def test_every_shipped_mode_has_its_own_calibration():
 
 # ------------------------------------------------------------------ the fit
 def _case(i: int, dsc: float, conf: float) -> dict:
-    f = {"confidence": conf, "log_volume": 4.0 + 0.01 * (i % 3), "uncertain_ratio": 0.2, "removed_share": 0.0,
+    f = {"confidence": 0.9, "high_share": conf, "log_volume": 4.0 + 0.01 * (i % 3), "uncertain_ratio": 0.2, "removed_share": 0.0,
          "components": 0.7, "flair_copies": 0, "views_disagreement": 0.05}
     return {"patient": f"P{i:02d}", "fold": i % 4, "means": [40.0 + i % 5, 45.0, 50.0],
             "single": {"features": f, "dsc": dsc}, "tta": {"features": f, "dsc": dsc}, "ensemble": {"features": f, "dsc": dsc}}
 
 
 def test_fit_ranks_by_the_informative_feature_and_scores_left_out_folds():
-    """DSC is a monotone function of confidence here; leaving each fold out, the estimate must
+    """DSC is a monotone function of the confident share here; leaving each fold out, the estimate must
     rank every patient as the truth does and flag exactly the ones below 0.80."""
     from segengine.train.quality_calibration import fit_mode
 
@@ -144,7 +145,7 @@ def test_fit_ranks_by_the_informative_feature_and_scores_left_out_folds():
     model, scores, held = fit_mode(cases, "single")
     assert scores["spearman"] == pytest.approx(1.0)
     assert scores["bad_flagged"] == scores["bad"] > 0 and scores["good_flagged"] == 0
-    assert model.features[0] == "confidence" and model.coef[0] > 0
+    assert model.features[0] == "high_share" and model.coef[0] > 0
     assert model.calibration.startswith("out of fold: 40 CV patients")
 
 
