@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import ndimage as ndi
-
 from segengine.engine.model import SLICE_CHANNELS, ModelError
+from segengine.engine.postprocess import component_stats
 
 CHANNELS = ("pre-contrast", "FLAIR", "post-contrast")  # the three channels of a slice, in order
 FLAIR = 1
@@ -41,8 +40,8 @@ def channel_means(image: np.ndarray) -> list[float]:
 
 
 def flair_copies(image: np.ndarray) -> list[str]:
-    """Names of the channels that are copies of FLAIR (a missing sequence filled in, as 10 of the
-    100 shared patients and ``nifti_io``'s FLAIR-only cases arrive); ``image`` is (D, H, W, 3)."""
+    """Names of the channels that are copies of FLAIR (a missing sequence filled in, as 10 of the 90
+    training patients and ``nifti_io``'s FLAIR-only cases arrive); ``image`` is (D, H, W, 3)."""
     head = image.max(axis=-1) > HEAD_LEVEL
     if not head.any():
         return []
@@ -74,8 +73,7 @@ def prediction_features(prob: np.ndarray, mask: np.ndarray, threshold: float = 0
     n = int(mask.sum())
     above = prob > threshold
     mass_above = float(prob[above].sum())
-    labels, count = ndi.label(above, structure=ndi.generate_binary_structure(3, 1))
-    sizes = np.bincount(labels.ravel())[1:] if count else np.zeros(0, int)
+    sizes = component_stats(prob, above)[1]["size"]
     uncertain = int(((prob > 0.2) & (prob < 0.8)).sum())
     return {
         "volume_px": n,
