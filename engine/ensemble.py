@@ -5,7 +5,7 @@ An ensemble is a manifest ``<name>.ensemble.json`` beside ordinary member models
 ``.pt`` with its card and SHA-256, verified on load like any model)::
 
     {"name": "resunet16v2_folds", "kind": "ensemble",
-     "members": ["resunet16v2_fold0.pt", ...], "review": {...}, "cross_validation": {...}}
+     "members": ["resunet16v2_fold0.pt", ...], "review": {"modes": {"ensemble": ...}}, "cross_validation": {...}}
 
 Averaging happens on the model grid, before the result is mapped back and post-processed,
 so every code path (run, Ray, bench, validate) stays the one pipeline.
@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from segengine.engine.backends.base import Backend
 from segengine.engine.model import ModelError, ModelSpec, load_model_spec, read_json, shipped_model_dir
-from segengine.engine.review import ReviewRules
 
 ENSEMBLE_SUFFIX = ".ensemble.json"
 MAX_MEMBERS = 16
@@ -117,7 +118,9 @@ def load_ensemble(manifest: str | os.PathLike | None = None, tta: bool = False) 
         specs.append(load_model_spec(weights))
     if len({s.sha256 for s in specs}) != len(specs):
         raise ModelError(f"{path}: two members are the same weights (it would weigh double in the mean)")
-    ReviewRules.from_card(card, path)  # a manifest's rules are checked like a card's before any work
+    from segengine.engine.quality import QualityModel
+
+    QualityModel.from_card(card, "ensemble", str(path))  # a manifest's calibration is checked before any work
     shapes = {(s.input_size, s.context_slices) for s in specs}
     if len(shapes) != 1:
         raise ModelError(f"{path}: members differ in input size or context slices ({sorted(shapes)})")
@@ -134,10 +137,8 @@ def load_plan(model: str | os.PathLike | None, ensemble: bool | str | os.PathLik
     spec = load_model_spec(model)
     if not tta:
         return spec
-    # the card's review rules were calibrated on this model's plain probabilities, not on their
-    # mean with the mirrored ones (which widens the uncertain band): not applied under --tta
-    card = {k: v for k, v in spec.card.items() if k != "review"}
-    return InferencePlan(members=[spec], tta=True, card=card, source=spec.weights)
+    # the card keeps one quality calibration per mode: quality.Review picks the "tta" one
+    return InferencePlan(members=[spec], tta=True, card=spec.card, source=spec.weights)
 
 
 def describe_plan(spec) -> dict[str, Any] | None:
@@ -149,14 +150,20 @@ def members_of(spec) -> list[ModelSpec]:
     return list(spec.members) if isinstance(spec, InferencePlan) else [spec]
 
 
+AGREEMENT_THRESHOLD = 0.5  # a view's "mask" when its agreement with the mean is measured
+
+
 class AveragingBackend(Backend):
     """Mean of the member backends' probabilities (and of their mirrored-slice predictions)."""
+
+    last_views_agreement: float | None = None
 
     def __init__(self, plan: InferencePlan, members: list[Backend]):
         super().__init__(plan, threads=members[0].threads)
         self.members = members
         self.name = members[0].name
         self.precision = members[0].precision
+        self._counts: list = []  # per batch: (view & mean, view, mean) mask sizes of every view
 
     def load(self) -> "AveragingBackend":
         for member in self.members:
@@ -166,21 +173,35 @@ class AveragingBackend(Backend):
         return self
 
     def infer(self, batch):
-        import numpy as np
-
         from segengine.engine.pipeline import mirror
 
         inputs = [batch, mirror(batch)] if self.spec.tta else [batch]  # the mirrored batch is built once
-        total = None
+        total, views = None, []
         for member in self.members:
             for view, x in enumerate(inputs):
                 prob = member.infer(x)
                 prob = mirror(prob) if view else prob
+                views.append(prob > AGREEMENT_THRESHOLD)
                 if total is None:
                     total = prob.astype(np.float32, copy=True)
                 else:
                     total += prob
-        return total / np.float32(len(self.members) * len(inputs))
+        mean = total / np.float32(len(self.members) * len(inputs))
+        agreed = mean > AGREEMENT_THRESHOLD
+        self._counts.append(np.array([[(v & agreed).sum(), v.sum(), agreed.sum()] for v in views], dtype=np.int64))
+        return mean
+
+    def predict(self, images, batch_size: int = 32):
+        """The mean probabilities; ``last_views_agreement`` is then the mean Dice of each view's
+        mask with the mean's, over the whole call (one patient): the quality estimate's
+        disagreement feature (``quality.quality_features``)."""
+        self._counts = []
+        try:
+            return super().predict(images, batch_size)
+        finally:
+            c = sum(self._counts) if self._counts else None
+            self.last_views_agreement = None if c is None else float(np.mean(
+                [1.0 if a + b == 0 else 2 * i / (a + b) for i, a, b in c]))
 
     def close(self) -> None:
         for member in self.members:

@@ -291,15 +291,15 @@ def contact_sheet(volume: PatientVolume, pred: np.ndarray, truth: np.ndarray | N
 
 
 if TYPE_CHECKING:
-    from segengine.engine.review import ReviewRules
+    from segengine.engine.quality import Review
 
 
 def report_dict(volume: PatientVolume, seg: Segmentation, backend: str, model_sha256: str, model_name: str,
                 postprocess: dict, timings: dict[str, float], spacing_mm: tuple[float, float, float] | None = None,
-                review_rules: "ReviewRules | None" = None, plan: dict | None = None) -> dict:
-    """report.json of one patient; ``review`` applies the model card's calibrated rules; ``plan``
-    lists an ensemble's or TTA run's member models (``InferencePlan.describe``)."""
-    from segengine.engine.review import assess, review_features
+                review: "Review | None" = None, plan: dict | None = None) -> dict:
+    """report.json of one patient; ``review`` (the plan's ``quality.Review``) gives the quality
+    estimate; ``plan`` lists an ensemble's or TTA run's member models (``InferencePlan.describe``)."""
+    from segengine.engine.quality import Review
 
     mask = seg.mask
     spacing_mm = spacing_mm or volume.spacing_mm
@@ -326,8 +326,8 @@ def report_dict(volume: PatientVolume, seg: Segmentation, backend: str, model_sh
         **({"plan": plan} if plan else {}),
         "postprocess": postprocess,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
-        "review": assess(review_features(seg.prob, seg.mask, seg.geometry, postprocess.get("threshold", 0.5)),
-                         review_rules),
+        "review": (review or Review("single", None, None)).assess(
+            volume.image, seg.prob, seg.mask, postprocess.get("threshold", 0.5), seg.views_agreement),
     }
     if volume.source_grid is not None:  # "nifti", or "dicom" for a DICOM study (dicom_io.DicomGrid)
         rep[getattr(volume.source_grid, "REPORT_KEY", "nifti")] = volume.source_grid.report()

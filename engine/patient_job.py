@@ -31,7 +31,7 @@ from segengine.engine.dicom_io import STUDY_ID_SOURCE, check_dicom_study, is_dic
 from segengine.engine.outputs import (DiskFullError, OutputError, ResourceError, ResultsExistError, deferred_signals,
                                       recover_interrupted, report_dict, temp_entries, write_patient)
 from segengine.engine.ensemble import describe_plan
-from segengine.engine.review import ReviewRules
+from segengine.engine.quality import Review
 from segengine.engine.pipeline import Segmentation, segment
 from segengine.engine.postprocess import PostprocessConfig
 
@@ -302,7 +302,8 @@ def process_patient(folder: Path, out: Path, backend, name: str | None = None, s
             seg = segment(vol, backend, "native", batch_size, post)
         except MemoryError:
             raise job.out_of_memory(vol) from None
+        review = Review.for_plan(spec)
         rep = report_dict(vol, seg, name, spec.sha256, spec.name, asdict(post), {**timings, **seg.timings},
-                          review_rules=ReviewRules.from_card(spec.card), plan=describe_plan(spec))
+                          review=review, plan=describe_plan(spec))
         job.write(vol, seg, rep, gif)
     return rep

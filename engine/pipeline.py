@@ -28,6 +28,7 @@ class Segmentation:
     truth: np.ndarray | None  # bool ground truth on the same grid, when known
     geometry: Geometry
     timings: dict[str, float] = field(default_factory=dict)
+    views_agreement: float | None = None  # accurate mode: mean Dice of each averaged view with the mean
 
 
 def preprocess_patient(volume: PatientVolume, protocol: str, size: int) -> Preprocessed:
@@ -66,8 +67,13 @@ def predict_patient(backend: Backend, pre: Preprocessed, batch_size: int = 32) -
     return backend.predict(model_input(pre, backend.spec), batch_size=balanced_batch_size(len(pre.images), batch_size))
 
 
+def views_agreement(backend: Backend) -> float | None:
+    """The agreement of an averaging backend's views on its last patient (None for one model)."""
+    return getattr(backend, "last_views_agreement", None)
+
+
 def finish_patient(volume: PatientVolume, pre: Preprocessed, grid_prob: np.ndarray, protocol: str,
-                   post: PostprocessConfig, timings: dict[str, float]) -> Segmentation:
+                   post: PostprocessConfig, timings: dict[str, float], views_agreement: float | None = None) -> Segmentation:
     """Post-process probabilities already predicted on the model grid."""
     t = time.perf_counter()
     if protocol == "reference":
@@ -78,7 +84,7 @@ def finish_patient(volume: PatientVolume, pre: Preprocessed, grid_prob: np.ndarr
         truth = volume.mask > 0 if volume.mask is not None else None
     mask = postprocess(prob, post)
     timings["postprocess"] = time.perf_counter() - t
-    return Segmentation(volume.patient_id, protocol, prob, mask, truth, pre.geometry, timings)
+    return Segmentation(volume.patient_id, protocol, prob, mask, truth, pre.geometry, timings, views_agreement)
 
 
 def segment(volume: PatientVolume, backend: Backend, protocol: str = "native", batch_size: int = 32,
@@ -93,4 +99,4 @@ def segment(volume: PatientVolume, backend: Backend, protocol: str = "native", b
     t = time.perf_counter()
     grid_prob = predict_patient(backend, pre, batch_size)
     timings["infer"] = time.perf_counter() - t
-    return finish_patient(volume, pre, grid_prob, protocol, post, timings)
+    return finish_patient(volume, pre, grid_prob, protocol, post, timings, views_agreement(backend))

@@ -152,7 +152,7 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
         n_workers = max(1, min(workers or cpus // max(threads, 1), len(todo)))
         check_workers(n_workers, threads, cpus)
         summary.workers = n_workers
-        post = asdict(PostprocessConfig(largest_component=postprocess, fill_holes_2d=fill_holes))
+        post = asdict(PostprocessConfig.from_card(spec.card, largest_component=postprocess, fill_holes_2d=fill_holes))
         model_arg = None if model is None else str(Path(model).resolve())
         ensemble_arg = ensemble if ensemble in (None, True, False) else str(Path(ensemble).resolve())
         actor_cls = ray.remote(SegmentWorker).options(

@@ -181,20 +181,28 @@ def _replace_file(path: Path, text: str) -> None:
 
 # ---------------------------------------------------------------- the index
 def _review_of(report: dict) -> tuple[bool | None, list[str]]:
-    """(flag or None when the report has no review, reasons and notes shown beside it)."""
+    """(flag, or None when the report has no review or its mode no calibration; reasons and notes)."""
     review = report.get("review") if isinstance(report.get("review"), dict) else None
-    flag = None if review is None else bool(review.get("flag"))
+    flag = None if review is None or review.get("flag") is None else bool(review["flag"])
     reasons = [str(r)[:SHOWN_CHARS] for r in ((review or {}).get("reasons") or [])[:SHOWN_REASONS]]
     filled = (report.get("nifti") or {}).get("filled_with_flair") or []
-    if filled:
+    if filled and not ((review or {}).get("features") or {}).get("copied_channels"):  # else the estimate names them
         reasons.append(f"{' and '.join(str(f)[:20] for f in filled[:3])} filled with FLAIR")
     return flag, reasons
 
 
 def _review_cell(report: dict) -> str:
+    from segengine.engine.quality import summary_text
+
     flag, reasons = _review_of(report)
-    label = {None: '<span class="na">—</span>', True: '<span class="flag">⚑ review</span>',
-             False: '<span class="ok">ok</span>'}[flag]
+    review = report.get("review") if isinstance(report.get("review"), dict) else None
+    proxy = str((review or {}).get("calibration") or "").startswith("proxy")  # no out-of-fold calibration: no green
+    label = {None: '<span class="na">—</span>' if review is None else '<span class="na">uncalibrated</span>',
+             True: '<span class="flag">⚑ review</span>',
+             False: '<span class="na">not flagged (proxy)</span>' if proxy else '<span class="ok">ok</span>'}[flag]
+    estimate = summary_text({**review, "reasons": [], "flag": False}) if review else ""
+    if estimate and review.get("expected_dsc") is not None:
+        label += f' <span class="est">{html.escape(estimate)}</span>'
     return label + "".join(f'<div class="why">{html.escape(r)}</div>' for r in reasons)
 
 

@@ -19,10 +19,10 @@ from segengine.engine.outputs import (DiskFullError, OutputError, ResourceError,
                                       report_dict)
 from segengine.engine.patient_job import (PatientBusyError, PatientJob, has_result, process_patient,
                                           tidy_out, unique_patient_ids)
-from segengine.engine.pipeline import finish_patient, predict_patient, preprocess_patient, segment
+from segengine.engine.pipeline import finish_patient, predict_patient, preprocess_patient, segment, views_agreement
 from segengine.engine.postprocess import PostprocessConfig
 from segengine.engine.preprocess import EmptyVolumeError
-from segengine.engine.review import ReviewRules
+from segengine.engine.quality import Review, summary_text
 from segengine.engine.stages import run_stages
 
 
@@ -47,12 +47,12 @@ class JobSummary:
     load_s: float | None = None  # model load of a local run
     elapsed_s: float = 0.0
     peak_rss_mb: float | None = None  # of the driver process (a local run: the whole job)
-    flagged: list[tuple[str, list[str]]] = field(default_factory=list)  # review flag raised: (patient, reasons)
+    flagged: list[tuple[str, str]] = field(default_factory=list)  # review flag raised: (patient, estimate and reasons)
 
     def note_review(self, report: dict) -> None:
         review = report.get("review") or {}
         if review.get("flag"):
-            self.flagged.append((report["patient"], list(review.get("reasons", []))))
+            self.flagged.append((report["patient"], summary_text(review)))
 
     @property
     def patients_per_s(self) -> float:
@@ -81,8 +81,8 @@ class JobSummary:
             echo(f"  failed: {patient}: {why}")
         if self.flagged:
             echo(f"flagged for review: {len(self.flagged)} of {len(self.done)} done")
-            for patient, reasons in self.flagged:
-                echo(f"  review: {patient}: {'; '.join(reasons)}")
+            for patient, text in self.flagged:
+                echo(f"  review: {patient}: {text}")
 
 
 def _stage_total_s(report: dict) -> float:
@@ -97,8 +97,8 @@ def _summary_line(report: dict, total_s: float) -> str:
     if "metrics" in report:
         line += f", DSC {report['metrics']['dsc']:.4f}"
     line += f" [{report['backend']}, {total_s:.2f} s]"
-    review = report.get("review") or {}
-    return line + (f" REVIEW: {'; '.join(review.get('reasons', []))}" if review.get("flag") else "")
+    text = summary_text(report.get("review"))
+    return line + (f" {text}" if text else "")
 
 
 def _stderr(line: str) -> None:
@@ -129,7 +129,7 @@ def run_patients(patient_dir: Path | None, patients_root: Path | None, out: Path
         _stderr(f"segengine: {note}")
     spec = load_plan(model, ensemble, tta)
     name = registry.resolve(backend_name, spec)
-    post = PostprocessConfig(largest_component=postprocess, fill_holes_2d=fill_holes)
+    post = PostprocessConfig.from_card(spec.card, largest_component=postprocess, fill_holes_2d=fill_holes)
     t = time.perf_counter()
     backend = registry.create(name, spec, threads=threads).load()
     load_s = time.perf_counter() - t
@@ -183,6 +183,7 @@ def segment_patients(folders: list[Path], out: Path, backend, name: str, spec, p
     """
     summary = summary or JobSummary()
     t_start = time.perf_counter()
+    review = Review.for_plan(spec)
     jobs: dict[Path, PatientJob] = {}  # locked patients not yet reported; their locks are released here
 
     def read(folder: Path):
@@ -208,14 +209,14 @@ def segment_patients(folders: list[Path], out: Path, backend, name: str, spec, p
         timings["infer"] = time.perf_counter() - t
         # the write stage needs the geometry, not the model input (30-70 MB): free it while it waits
         pre = replace(pre, images=np.empty((0,) + pre.images.shape[1:], dtype=np.float32))
-        return job, vol, pre, probs, timings
+        return job, vol, pre, probs, timings, views_agreement(backend)
 
     def write(work) -> dict:
-        job, vol, pre, probs, timings = work
+        job, vol, pre, probs, timings, agreement = work
         try:
-            seg = finish_patient(vol, pre, probs, "native", post, timings)
+            seg = finish_patient(vol, pre, probs, "native", post, timings, agreement)
             rep = report_dict(vol, seg, name, spec.sha256, spec.name, asdict(post), timings,
-                              review_rules=ReviewRules.from_card(spec.card), plan=describe_plan(spec))
+                              review=review, plan=describe_plan(spec))
         except MemoryError:
             raise job.out_of_memory(vol) from None
         job.write(vol, seg, rep, gif)

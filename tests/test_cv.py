@@ -132,6 +132,22 @@ def test_tiny_cv_run_trains_scores_out_of_fold_and_compares(kaggle_root, tmp_pat
         x = model_input(preprocess_patient(vol, "native", member.input_size), member)[:4]
         with TorchBackend(member, threads=1) as a, TorchBackend(load_model_spec(out / f"fold{k}" / "model" / f"tiny_fold{k}.pt"), threads=1) as b:
             np.testing.assert_allclose(a.predict(x), b.predict(x), atol=2e-2)
+    # out-of-fold probabilities again from the shipped members alone: each patient by the member
+    # whose card names its fold; then the component rule and the quality calibration on them
+    rescored = tmp_path / "rescored"
+    assert cv.main(["rescore", str(models / "tinyens.ensemble.json"), "--out", str(rescored), "--data", str(data),
+                    "--folds", "2", "--threads", "1", "--native-only"]) == 0
+    again = json.loads((rescored / "cv.json").read_text())["variants"]["native_lcc"]["per_patient"]
+    assert {q: r["fold"] for q, r in again.items()} == {q: k for k, held in enumerate(split) for q in held}
+    assert cv.main(["component-rule", str(rescored), "--data", str(data), "--record", str(tmp_path / "rule.json")]) == 0
+    assert len(json.loads((tmp_path / "rule.json").read_text())["per_patient"]) == len(patients)
+    card_copy = tmp_path / "card_copy.json"
+    card_copy.write_text(card_file.read_text())
+    assert cv.main(["calibrate-review", str(rescored), "--data", str(data), "--write-card", str(card_copy),
+                    "--record", str(tmp_path / "quality.json")]) == 0
+    review = json.loads(card_copy.read_text())["review"]
+    assert sorted(review["modes"]) == ["single", "tta"] and review["input_reference"]["patients"] == len(patients)
+    assert json.loads((tmp_path / "quality.json").read_text())["modes"]["single"]["leave_one_fold_out"]["patients"] == 3
     with pytest.raises(SystemExit, match="needs all 3 folds"):
         cv.main(["--data", str(data), "--out", str(out), "--folds", "3", "--only", "0,1", "--score-only",
                  "--ship-ensemble", "x", "--models-dir", str(models)])

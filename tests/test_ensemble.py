@@ -76,7 +76,8 @@ def _manifest(folder: Path, body) -> Path:
     ({"kind": "ensemble", "members": ["resunet16.json"]}, "must be a .pt file name"),
     ({"kind": "ensemble", "members": ["resunet16.pt", "resunet16.pt"]}, "listed twice"),
     ({"kind": "ensemble", "name": 5, "members": ["resunet16.pt"]}, "name must be"),
-    ({"kind": "ensemble", "members": ["resunet16.pt"], "review": {"rules": {"min_volume_px": "x"}}}, "is not a number"),
+    ({"kind": "ensemble", "members": ["resunet16.pt"], "review": {"modes": {"ensemble": {"coef": "x"}}}},
+     "review.modes.ensemble is not a quality calibration"),
     ("[" * 100000 + "]" * 100000, "unreadable ensemble manifest"),
     ("{" + " " * (1 << 20) + "}", "is not an ensemble manifest"),
 ])
@@ -146,7 +147,9 @@ def test_run_ensemble_tta_writes_what_produced_the_mask(kaggle_root, two_member_
     written = np.stack([tifffile.imread(out / VAL_PATIENTS[1] / f"{VAL_PATIENTS[1]}_{n}_mask.tif") > 0
                         for n in rep["slice_numbers"]])
     assert np.array_equal(written, expected) and rep["tumor_volume_px"] == int(expected.sum())
-    assert "calibrated" in rep["review"]["note"]  # single-model review rules are not applied to averaged output
+    # a manifest without an ensemble calibration: no estimate, no flag, said in words
+    assert rep["review"]["expected_dsc"] is None and rep["review"]["flag"] is None
+    assert rep["review"]["note"].startswith("uncalibrated")
 
 
 @pytest.mark.parametrize("command", ["run", "evaluate"])

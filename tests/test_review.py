@@ -1,141 +1,229 @@
-"""Review flag: features of a real prediction, rules from the card, calibration on OOF-like cases."""
+"""Quality estimate: features on hand-made arrays, the card's calibration, the fit, real runs."""
 from __future__ import annotations
 
 import json
+import math
+import shutil
 
 import numpy as np
 import pytest
 
-from segengine.engine.preprocess import Geometry
-from segengine.engine.review import ReviewRules, assess, review_features
-from segengine.train import review_calibration as cal
-
-GEOM = Geometry(num_slices=4, height=8, width=8, z0=0, z1=4, y0=0, y1=8, x0=0, x1=8, pad_y=(0, 0), pad_x=(0, 0), size=8)
+from segengine.engine.model import ModelError
+from segengine.engine.quality import (CHANNELS, QualityModel, Review, assess, channel_means, flair_copies,
+                                      intensity_z, prediction_features, summary_text)
 
 
-def _prob(values: dict[tuple[int, int, int], float]) -> np.ndarray:
-    p = np.zeros((4, 8, 8), dtype=np.float32)
-    for idx, v in values.items():
-        p[idx] = v
-    return p
+def _image(pre: np.ndarray, flair: np.ndarray, post: np.ndarray) -> np.ndarray:
+    return np.stack([pre, flair, post], axis=-1).astype(np.uint8)
 
 
-def test_features_are_computed_from_the_prediction():
-    prob = _prob({(1, 2, 2): 0.9, (1, 2, 3): 0.6, (2, 2, 2): 0.95, (2, 6, 6): 0.7})
-    mask = np.zeros_like(prob, dtype=bool)
-    mask[1, 2, 2] = mask[1, 2, 3] = mask[2, 2, 2] = True  # the largest component
-    f = review_features(prob, mask, GEOM, tta_mask=mask)
+RNG = np.random.default_rng(0)
+FLAIR_T = RNG.integers(20, 200, size=(3, 16, 16)).astype(np.uint8)
+OTHER_T = RNG.integers(20, 200, size=(3, 16, 16)).astype(np.uint8)
+NOISE_1 = np.clip(FLAIR_T.astype(int) + RNG.integers(-1, 2, size=FLAIR_T.shape), 0, 255)
+
+
+# ------------------------------------------------------------------ input anomalies
+@pytest.mark.parametrize("image, copies", [
+    (_image(FLAIR_T, FLAIR_T, FLAIR_T), ["pre-contrast", "post-contrast"]),  # a FLAIR-only case filled in
+    (_image(OTHER_T, FLAIR_T, FLAIR_T), ["post-contrast"]),
+    (_image(NOISE_1, FLAIR_T, OTHER_T), ["pre-contrast"]),  # within one grey level: still a copy (lossy re-save)
+    (_image(FLAIR_T // 2 + 5, FLAIR_T, OTHER_T), []),  # a darker, correlated channel is no copy
+    (_image(OTHER_T, FLAIR_T, OTHER_T), []),
+    (np.zeros((2, 8, 8, 3), np.uint8), []),  # an empty volume has no head to compare
+])
+def test_flair_copies_on_known_tensors(image, copies):
+    assert flair_copies(image) == copies
+
+
+def test_channel_means_and_intensity_z_by_hand():
+    img = np.zeros((1, 2, 4, 3), np.uint8)
+    img[0, 0, :2] = [20, 40, 80]  # two head pixels; the rest is background (below the head level)
+    img[0, 1, 0] = [40, 60, 100]
+    assert channel_means(img) == pytest.approx([(20 + 20 + 40) / 3, (40 + 40 + 60) / 3, (80 + 80 + 100) / 3])
+    ref = {"log_mean_median": [math.log(30.0)] * 3, "log_mean_mad": [0.1] * 3}
+    z, which = intensity_z([30.0, 30.0 * math.e, 30.0], ref)
+    assert which == "FLAIR" and z == pytest.approx(1 / (1.4826 * 0.1))
+    assert intensity_z([1.0, 2.0, 3.0], None) == (None, None)
+
+
+def test_prediction_features_by_hand():
+    prob = np.zeros((4, 8, 8), np.float32)
+    prob[1, 2, 2], prob[1, 2, 3], prob[2, 2, 2] = 0.9, 0.6, 0.95  # one component of three voxels
+    prob[2, 6, 6] = 0.7  # a second, one-voxel component (dropped by the largest-component rule)
+    prob[0, 0, 0] = 0.3  # uncertain, below the threshold
+    mask = prob > 0.5
+    mask[2, 6, 6] = False
+    f = prediction_features(prob, mask)
     assert f["volume_px"] == 3
     assert f["confidence"] == pytest.approx((0.9 + 0.6 + 0.95) / 3)
-    assert f["uncertain_share"] == pytest.approx(2 / 3)  # 0.6 and 0.7 lie in (0.2, 0.8)
-    assert f["removed_share"] == pytest.approx(1 / 4)  # one of four thresholded voxels dropped
-    assert f["volume_share"] == pytest.approx(3 / (4 * 8 * 8))
-    assert f["tta_agreement"] == 1.0
-    assert f["touches_volume_end"] is False
-    mask[3, 0, 0] = True
-    assert review_features(prob, mask, GEOM)["touches_volume_end"] is True
+    assert f["high_share"] == pytest.approx(1 / 3)  # only 0.95 is above 0.9
+    assert f["log_volume"] == pytest.approx(math.log10(4))
+    assert f["uncertain_ratio"] == pytest.approx(math.log1p(3 / 3))  # 0.6, 0.7 and 0.3 lie in (0.2, 0.8)
+    assert f["removed_share"] == pytest.approx(0.7 / (0.9 + 0.6 + 0.95 + 0.7))  # share of the mass above 0.5
+    assert f["components"] == 0.0  # both components are under MIN_COMPONENT_VOXELS
+    empty = prediction_features(np.zeros((2, 4, 4), np.float32), np.zeros((2, 4, 4), bool))
+    assert empty["volume_px"] == 0 and empty["confidence"] == 0.0 and empty["removed_share"] == 0.0
 
 
-@pytest.mark.parametrize("rules, features, reasons", [
-    (ReviewRules(min_confidence=0.8), {"confidence": 0.7}, ["low confidence"]),
-    (ReviewRules(min_confidence=0.8), {"confidence": 0.9}, []),
-    (ReviewRules(min_volume_px=10), {"volume_px": 0, "confidence": None}, ["tiny or empty"]),
-    (ReviewRules(max_removed_share=0.1), {"removed_share": 0.3}, ["fragmented"]),
-    (ReviewRules(min_tta_agreement=0.9), {"tta_agreement": None}, []),  # no TTA run: not judged
-    (ReviewRules(min_tta_agreement=0.9), {"tta_agreement": 0.8}, ["flip TTA disagrees"]),
-    (ReviewRules(flag_border=True, max_volume_share=0.05), {"touches_volume_end": True, "volume_share": 0.1},
-     ["implausibly large", "first or last slice"]),
+# ------------------------------------------------------------------ the card's calibration
+MODEL = QualityModel("single", ("confidence", "log_volume"), (0.9, 4.0), (0.05, 0.5), (0.1, 0.02), 0.85,
+                     (-0.2, 0.1), {"confidence": 0.95, "log_volume": 4.0}, "out of fold: test")
+
+
+@pytest.mark.parametrize("features, expected", [
+    ({"confidence": 0.9, "log_volume": 4.0}, 0.85),  # at the centre: the intercept
+    ({"confidence": 0.8, "log_volume": 4.0}, 0.85 + 0.1 * -2),  # two scales below on confidence
+    ({"confidence": 0.9, "log_volume": 5.0}, 0.85 + 0.02 * 2),
+    ({"confidence": 0.2, "log_volume": 0.0}, 0.0),  # clipped at 0
 ])
-def test_rules_table(rules, features, reasons):
-    base = {"volume_px": 100, "confidence": 0.9, "uncertain_share": 0.1, "volume_share": 0.01,
-            "removed_share": 0.0, "tta_agreement": None, "touches_volume_end": False}
-    out = assess({**base, **features}, rules)
-    assert out["flag"] == bool(reasons)
-    assert len(out["reasons"]) == len(reasons)
-    for got, want in zip(out["reasons"], reasons):
-        assert want in got
+def test_estimate_is_the_stored_linear_model(features, expected):
+    assert MODEL.estimate(features) == pytest.approx(expected)
 
 
-def test_no_rules_means_no_flag_and_says_why():
-    out = assess({"volume_px": 0}, None)
-    assert out["flag"] is False and "no review rules are calibrated" in out["note"]
+def test_calibration_round_trips_through_a_card_and_bad_ones_are_one_line():
+    card = json.loads(json.dumps({"review": {"modes": {"single": MODEL.to_dict()}}}))
+    assert QualityModel.from_card(card, "single") == MODEL
+    assert QualityModel.from_card(card, "tta") is None  # another mode's calibration never stands in
+    assert QualityModel.from_card({}, "single") is None
+    for bad in ({"coef": [0.1, "x"]}, {"features": ["confidence", "shoe_size"]}, {"center": [0.9]},
+                {"residual_quantiles": [0.1]}, {"intercept": float("nan")}):
+        broken = {"review": {"modes": {"single": {**MODEL.to_dict(), **bad}}}}
+        with pytest.raises(ModelError, match="review.modes.single is not a quality calibration"):
+            QualityModel.from_card(broken, "single")
 
 
-def test_rules_round_trip_through_a_card():
-    rules = ReviewRules(min_confidence=0.71, max_removed_share=0.2)
-    card = {"review": {"rules": {k: v for k, v in rules.to_dict().items() if v not in (None, False)}}}
-    assert ReviewRules.from_card(json.loads(json.dumps(card))) == rules
-    assert ReviewRules.from_card({}) is None
+def test_assess_flags_below_080_with_reasons_that_are_true_as_printed():
+    low = {"confidence": 0.8, "log_volume": 4.0, "volume_px": 9999, "flair_copies": 0, "copied_channels": []}
+    out = assess(low, MODEL, "single")
+    assert out["expected_dsc"] == pytest.approx(0.65) and out["flag"] is True
+    assert out["interval"] == [pytest.approx(0.45), pytest.approx(0.75)]
+    assert out["reasons"] == ["mean probability inside the mask 0.800 (training patients' median 0.950)"]
+    assert "expected DSC 0.650 (90% interval 0.450-0.750) REVIEW: mean probability" in summary_text(out)
+    good = assess({**low, "confidence": 0.95}, MODEL, "single")
+    assert good["flag"] is False and good["reasons"] == []
 
 
-def test_calibration_catches_bad_cases_within_the_good_budget(tmp_path):
-    """Bad patients have low confidence; one good patient too. The fitted rule must catch
-    every bad one and flag at most 20% of the good ones, and the leave-one-fold-out count
-    is computed on folds the rule was not fitted on."""
-    rng = np.random.default_rng(0)
-    per_patient = {}
-    for i in range(40):
-        bad = i < 8
-        conf = rng.uniform(0.55, 0.7) if bad or i == 8 else rng.uniform(0.8, 0.95)
-        per_patient[f"P{i:02d}"] = {"dsc": 0.6 if bad else 0.9, "fold": i % 4, "review_features": {
-            "volume_px": 1000, "confidence": conf, "uncertain_share": 0.1, "volume_share": 0.01,
-            "removed_share": 0.0, "tta_agreement": None, "touches_volume_end": False}}
-    cv_json = tmp_path / "cv.json"
-    cv_json.write_text(json.dumps({"variants": {"native_lcc": {"per_patient": per_patient}}}))
-    cases = cal.load_cases(cv_json)
-    rules = cal.fit(cases, bad=0.8, max_good_flagged=0.2)
-    c = cal.counts(cases, cal.flags(cases, rules), 0.8)
-    assert c["bad_flagged"] == c["bad"] == 8
-    assert c["good_flagged"] <= 0.2 * c["good"]
-    assert rules.min_confidence is not None and 0.7 <= rules.min_confidence <= 0.8
-    card = tmp_path / "card.json"
-    card.write_text("{}")
-    assert cal.main([str(cv_json), "--write-card", str(card)]) == 0
-    stored = json.loads(card.read_text())["review"]
-    assert stored["leave_one_fold_out"]["bad"] == 8 and stored["in_sample"]["bad_flagged"] == 8
-    one_fold = {p: {**r, "fold": 0} for p, r in per_patient.items()}
-    cv_json.write_text(json.dumps({"variants": {"native_lcc": {"per_patient": one_fold}}}))
-    assert cal.main([str(cv_json), "--write-card", str(card)]) == 0
-    assert json.loads(card.read_text())["review"]["leave_one_patient_out"]["bad"] == 8
+def test_no_calibration_means_no_estimate_and_no_ok_but_anomalies_are_named():
+    feats = {"volume_px": 0, "copied_channels": ["pre-contrast", "post-contrast"], "flair_copies": 2}
+    out = assess(feats, None, "ensemble")
+    assert out["expected_dsc"] is None and out["flag"] is None and "uncalibrated" in out["note"]
+    assert out["reasons"][0].startswith("pre-contrast and post-contrast are copies of FLAIR")
+    assert "no tumor found" in out["reasons"][1]
+    assert summary_text(out).startswith("quality uncalibrated: pre-contrast and post-contrast are copies")
 
 
-# ------------------------------------------------------------------ the flag in real runs
-def test_run_writes_the_review_flag_and_the_batch_lists_flagged_patients(kaggle_root, tmp_path):
-    """A card whose rules demand near-certainty flags both real patients; the recomputed
-    confidence inside each written mask is what the report says it is."""
-    import shutil
+def test_every_shipped_mode_has_its_own_calibration():
+    from segengine.engine.ensemble import load_plan
 
-    import tifffile
+    reviews = {m: Review.for_plan(load_plan(None, e, t)) for m, e, t in
+               (("single", None, False), ("tta", None, True), ("ensemble", True, False))}
+    for mode, review in reviews.items():
+        assert review.mode == mode and review.model is not None and review.model.mode == mode
+        assert review.reference and len(review.reference["log_mean_median"]) == len(CHANNELS)
+    assert "views_disagreement" in reviews["tta"].model.features
+    assert reviews["ensemble"].model.calibration.startswith("proxy")
+    assert reviews["single"].model.calibration.startswith("out of fold")
+
+
+# ------------------------------------------------------------------ the fit
+def _case(i: int, dsc: float, conf: float) -> dict:
+    f = {"confidence": 0.9, "high_share": conf, "log_volume": 4.0 + 0.01 * (i % 3), "uncertain_ratio": 0.2, "removed_share": 0.0,
+         "components": 0.7, "flair_copies": 0, "views_disagreement": 0.05}
+    return {"patient": f"P{i:02d}", "fold": i % 4, "means": [40.0 + i % 5, 45.0, 50.0],
+            "single": {"features": f, "dsc": dsc}, "tta": {"features": f, "dsc": dsc}, "ensemble": {"features": f, "dsc": dsc}}
+
+
+def test_fit_ranks_by_the_informative_feature_and_scores_left_out_folds():
+    """DSC is a monotone function of the confident share here; leaving each fold out, the estimate must
+    rank every patient as the truth does and flag exactly the ones below 0.80."""
+    from segengine.train.quality_calibration import fit_mode
+
+    rng = np.random.default_rng(1)
+    conf = rng.uniform(0.6, 0.99, size=40)
+    cases = [_case(i, float(0.3 + 0.65 * (c - 0.6) / 0.39), float(c)) for i, c in enumerate(conf)]
+    model, scores, held = fit_mode(cases, "single")
+    assert scores["spearman"] == pytest.approx(1.0)
+    assert scores["bad_flagged"] == scores["bad"] > 0 and scores["good_flagged"] == 0
+    assert model.features[0] == "high_share" and model.coef[0] > 0
+    assert model.calibration.startswith("out of fold: 40 CV patients")
+
+
+# ------------------------------------------------------------------ real runs
+def _run(args):
     from click.testing import CliRunner
 
-    from conftest import VAL_PATIENTS, copy_model
     from segengine.engine.cli import main
-    from segengine.engine.model import shipped_model_path
 
-    model = copy_model(shipped_model_path(), tmp_path / "model")
-    card = json.loads(model.with_suffix(".json").read_text())
-    card["review"] = {"rules": {"min_confidence": 0.999}}
-    model.with_suffix(".json").write_text(json.dumps(card))
-    root = tmp_path / "root"
-    for p in VAL_PATIENTS:
-        shutil.copytree(kaggle_root / p, root / p)
-    out = tmp_path / "out"
-    res = CliRunner().invoke(main, ["run", "--model", str(model), "--backend", "torch", "--patients", str(root),
-                                    "--out", str(out)])
+    res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    assert f"flagged for review: {len(VAL_PATIENTS)} of {len(VAL_PATIENTS)} done" in res.output
-    for p in VAL_PATIENTS:
-        rep = json.loads((out / p / "report.json").read_text())
-        assert rep["review"]["flag"] is True and "low confidence" in rep["review"]["reasons"][0]
-        masks = np.stack([tifffile.imread(out / p / f"{p}_{n}_mask.tif") > 0 for n in rep["slice_numbers"]])
-        assert rep["review"]["features"]["volume_px"] == int(masks.sum())
-        assert f"review: {p}: low confidence" in res.output
-    # without calibrated rules: not flagged, and the report says why
-    plain = copy_model(shipped_model_path(), tmp_path / "plain")
-    card.pop("review")
-    plain.with_suffix(".json").write_text(json.dumps(card))
-    res = CliRunner().invoke(main, ["run", "--model", str(plain), "--backend", "torch", "--patient",
-                                    str(root / VAL_PATIENTS[0]), "--out", str(tmp_path / "out2")])
-    assert res.exit_code == 0, res.output
-    rep = json.loads((tmp_path / "out2" / VAL_PATIENTS[0] / "report.json").read_text())
-    assert rep["review"]["flag"] is False and "no review rules are calibrated" in rep["review"]["note"]
+    return res
+
+
+def test_run_writes_the_estimate_for_a_real_patient_and_names_a_flair_copy(kaggle_root, tmp_path):
+    """The shipped card's calibration gives every real patient an estimate in [0, 1] inside its
+    interval; the same patient with pre/post replaced by FLAIR is named as a FLAIR copy."""
+    import tifffile
+
+    from conftest import VAL_PATIENTS
+
+    p = VAL_PATIENTS[0]
+    copy = tmp_path / "copy" / p
+    shutil.copytree(kaggle_root / p, copy)
+    for tif in copy.glob(f"{p}_*.tif"):
+        if not tif.name.endswith("_mask.tif"):
+            img = tifffile.imread(tif)
+            tifffile.imwrite(tif, np.repeat(img[..., 1:2], 3, axis=-1))
+    for folder, out in ((kaggle_root / p, tmp_path / "plain"), (copy, tmp_path / "copied")):
+        res = _run(["run", "--backend", "torch", "--threads", "1", "--patient", str(folder), "--out", str(out)])
+        review = json.loads((out / p / "report.json").read_text())["review"]
+        assert 0.0 <= review["interval"][0] <= review["expected_dsc"] <= review["interval"][1] <= 1.0
+        assert review["flag"] == (review["expected_dsc"] < 0.80)
+        assert f"expected DSC {review['expected_dsc']:.3f}" in res.output
+        assert "copies of FLAIR" in res.output if out.name == "copied" else "FLAIR" not in res.output
+    copied = json.loads((tmp_path / "copied" / p / "report.json").read_text())["review"]
+    assert copied["features"]["copied_channels"] == ["pre-contrast", "post-contrast"]
+    assert copied["reasons"][0].startswith("pre-contrast and post-contrast are copies of FLAIR")
+
+
+def test_tta_measures_how_much_the_views_agree(kaggle_root, tmp_path):
+    """With --tta the estimate uses the flip views' agreement, measured on this patient (a real
+    run: not 0, not exactly 1), and the tta calibration."""
+    from conftest import VAL_PATIENTS
+
+    p = VAL_PATIENTS[1]
+    _run(["run", "--backend", "torch", "--threads", "1", "--tta", "--patient", str(kaggle_root / p),
+          "--out", str(tmp_path / "o")])
+    review = json.loads((tmp_path / "o" / p / "report.json").read_text())["review"]
+    assert 0.0 < review["features"]["views_disagreement"] < 0.5
+    assert review["calibration"].startswith("out of fold") and "mirrored" in review["calibration"]
+
+
+def test_views_agreement_is_the_mean_dice_of_each_view_with_the_mean():
+    """Two members on one patient: A marks 4 pixels, B marks 2 of them. The mean marks the 2 both
+    see (0.5 is not above 0.5 on the others), so Dice(A, mean) = 2*2/(4+2), Dice(B, mean) = 1."""
+    from types import SimpleNamespace
+
+    from segengine.engine.backends.base import Backend
+    from segengine.engine.ensemble import AveragingBackend
+
+    class Fixed(Backend):
+        def __init__(self, prob):
+            super().__init__(SimpleNamespace(), threads=1)
+            self.prob = prob
+
+        def load(self):
+            return self
+
+        def infer(self, batch):
+            return np.repeat(self.prob[None], len(batch), axis=0)
+
+    a, b = np.zeros((4, 4), np.float32), np.zeros((4, 4), np.float32)
+    a[0, :4] = 1.0
+    b[0, :2] = 1.0
+    plan = SimpleNamespace(tta=False)
+    backend = AveragingBackend(plan, [Fixed(a), Fixed(b)])
+    backend.predict(np.zeros((3, 3, 4, 4), np.float32), batch_size=2)  # two batches, summed over both
+    assert backend.last_views_agreement == pytest.approx((2 * 2 / (4 + 2) + 1.0) / 2)
+    backend.predict(np.zeros((1, 3, 4, 4), np.float32))
+    assert backend.last_views_agreement == pytest.approx((2 * 2 / (4 + 2) + 1.0) / 2)  # per call, not cumulative

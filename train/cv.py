@@ -3,6 +3,9 @@
     python -m segengine.train.cv --data ../shared/data/lgg --out runs/cv/a1 --folds 5 -- --steps 4000
     python -m segengine.train.cv --out runs/cv/a1 --folds 5 --only 0,1 --score-only
     python -m segengine.train.cv compare runs/cv/a1 runs/cv/b0
+    python -m segengine.train.cv rescore models/resunet16v2_folds.ensemble.json --out runs/cv/v2_rescore
+    python -m segengine.train.cv component-rule runs/cv/v2_rescore --data DATA
+    python -m segengine.train.cv calibrate-review runs/cv/v2_rescore --data DATA --write-card models/resunet16.json
 
 Each fold trains with ``segengine train --folds N --fold K`` (arguments after ``--`` are
 passed on; an interrupted fold resumes from its checkpoint, ``--stop-after`` splits it
@@ -27,6 +30,7 @@ from segengine.engine.io import read_patient
 from segengine.engine.metrics import volume_metrics
 from segengine.engine.postprocess import PostprocessConfig, postprocess
 from segengine.engine.evaluate import summarize_rows
+from segengine.train.paired import bootstrap_mean_ci, compare  # noqa: F401 - cv compare's, re-exported
 from segengine.train.folds import DEFAULT_DATA, DEFAULT_FOLD_SEED, FoldError, fold_dir, load_or_write_folds, splits_dir
 
 # Post-processing variants scored on every out-of-fold patient (native protocol).
@@ -59,10 +63,7 @@ def train_fold(data: Path, out: Path, n_folds: int, k: int, seed: int, train_arg
 
 def score_fold(data: Path, out: Path, n_folds: int, k: int, seed: int, threads: int | None) -> dict:
     """Ship fold ``k``'s model and score its held-out patients; cached in ``fold{k}/oof.json``."""
-    from segengine.engine import backends as registry
     from segengine.engine.model import card_path, load_model_spec
-    from segengine.engine.pipeline import finish_patient, model_input, predict_flipped, preprocess_patient, segment
-    from segengine.engine.review import review_features
     from segengine.train.ship import ship_run
 
     run = fold_run(out, k)
@@ -75,11 +76,21 @@ def score_fold(data: Path, out: Path, n_folds: int, k: int, seed: int, threads: 
         "train": f"splits/train.txt minus fold {k} ({fold_dir(n_folds, seed).name}/fold{k}.txt)",
         "held_out": f"{fold_dir(n_folds, seed).name}/fold{k}.txt ({len(held_out)} patients, scored out of fold)"})
     card_path(weights).write_text(json.dumps(card, indent=2))
-    spec = load_model_spec(weights)
+    return score_model(load_model_spec(weights), data, held_out, k, run, threads)
+
+
+def score_model(spec, data: Path, held_out: list[str], k: int, run: Path, threads: int | None,
+                reference: bool = True) -> dict:
+    """Score one fold model on its held-out patients with the engine's own pipeline and metrics;
+    keep the native probabilities (plain and mirrored, float16) in ``run/oof/``; write ``run/oof.json``."""
+    from segengine.engine import backends as registry
+    from segengine.engine.pipeline import finish_patient, model_input, predict_flipped, preprocess_patient, segment
+
+    run.mkdir(parents=True, exist_ok=True)
     oof_dir = run / "oof"
     oof_dir.mkdir(exist_ok=True)
-    rows: dict[str, list[dict]] = ({f"native_{v}": [] for v in POST_VARIANTS}
-                                   | {"native_lcc_tta": [], "reference_lcc": []})
+    rows: dict[str, list[dict]] = ({f"native_{v}": [] for v in POST_VARIANTS} | {"native_lcc_tta": []}
+                                   | ({"reference_lcc": []} if reference else {}))
     none = PostprocessConfig.none()
     with registry.create("torch", spec, threads=threads) as backend:
         for patient in held_out:
@@ -91,23 +102,53 @@ def score_fold(data: Path, out: Path, n_folds: int, k: int, seed: int, threads: 
             flipped = finish_patient(vol, pre, grid_flipped, "native", none, {}).prob
             np.savez_compressed(oof_dir / f"{patient}.npz", prob=seg.prob.astype(np.float16),
                                 prob_flipped=flipped.astype(np.float16))
-            lcc = postprocess(seg.prob, POST_VARIANTS["lcc"])
-            features = review_features(seg.prob, lcc, pre.geometry,
-                                       tta_mask=postprocess(flipped, POST_VARIANTS["lcc"]))
             for name, post in POST_VARIANTS.items():
                 rows[f"native_{name}"].append({"patient": patient, "fold": k,
                                                **volume_metrics(postprocess(seg.prob, post), seg.truth)})
-            rows["native_lcc"][-1]["review_features"] = features
             tta = postprocess((seg.prob + flipped) / 2, POST_VARIANTS["lcc"])
             rows["native_lcc_tta"].append({"patient": patient, "fold": k, **volume_metrics(tta, seg.truth)})
-            ref = segment(vol, backend, "reference")
-            rows["reference_lcc"].append({"patient": patient, "fold": k, **volume_metrics(ref.mask, ref.truth)})
+            if reference:
+                ref = segment(vol, backend, "reference")
+                rows["reference_lcc"].append({"patient": patient, "fold": k, **volume_metrics(ref.mask, ref.truth)})
             print(f"fold {k} {patient}: native DSC {rows['native_lcc'][-1]['dsc']:.4f}", flush=True)
-    result = {"fold": k, "model_sha256": spec.sha256, "flops_per_slice": card["flops_per_slice"],
-              "cpu_minutes": card["training"]["cpu_minutes"], "command": card["training"]["command"],
+    card = spec.card
+    result = {"fold": k, "model_sha256": spec.sha256, "flops_per_slice": card.get("flops_per_slice"),
+              "cpu_minutes": card.get("training", {}).get("cpu_minutes"),
+              "command": card.get("training", {}).get("command"),
               "scores": {name: summarize_rows(r) for name, r in rows.items()}}
-    result_path.write_text(json.dumps(result, indent=2))
+    (run / "oof.json").write_text(json.dumps(result, indent=2, default=_nan_none))
     return result
+
+
+def _nan_none(v):
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def member_fold(spec, n_folds: int, seed: int) -> int:
+    """The fold a shipped fold model held out, from its card (``held_out: cv5_seed0/foldK.txt ...``)."""
+    import re
+
+    held = str(spec.card.get("training", {}).get("data_split", {}).get("held_out", ""))
+    m = re.match(rf"{re.escape(fold_dir(n_folds, seed).name)}/fold(\d+)\.txt", held)
+    if not m:
+        raise SystemExit(f"{spec.weights}: its card names no held-out fold of {fold_dir(n_folds, seed).name} ({held!r})")
+    return int(m.group(1))
+
+
+def rescore(manifest: Path, data: Path, out: Path, n_folds: int, seed: int, threads: int | None,
+            reference: bool) -> list[dict]:
+    """Score every member of a shipped fold ensemble on the fold its card says it held out
+    (out-of-fold probabilities without training; each fold cached in ``out/fold{k}/oof.json``)."""
+    from segengine.engine.ensemble import load_ensemble
+
+    folds = load_or_write_folds_for(data, n_folds, seed)
+    results = []
+    for spec in load_ensemble(manifest).members:
+        k = member_fold(spec, n_folds, seed)
+        cached = fold_run(out, k) / "oof.json"
+        results.append(json.loads(cached.read_text()) if cached.exists() else
+                       score_model(spec, data, folds[k], k, fold_run(out, k), threads, reference))
+    return sorted(results, key=lambda r: r["fold"])
 
 
 def load_or_write_folds_for(data: Path, n_folds: int, seed: int) -> list[list[str]]:
@@ -147,8 +188,9 @@ def ship_ensemble(cv_out: Path, n_folds: int, models_dir: Path, name: str, agg: 
     """Copy every fold's shipped model beside a ``NAME.ensemble.json`` manifest (``run --ensemble``).
 
     Members are stored as float16 weights (half the bytes; the loader computes in float32),
-    each with its own card and SHA-256; the manifest carries the recipe's CV summary. No review
-    rules: a single model's rules were not fitted on averaged probabilities. Every fold must be
+    each with its own card and SHA-256; the manifest carries the recipe's CV summary. Its quality
+    calibration (``review.modes.ensemble``) is written afterwards by ``cv calibrate-review
+    --write-manifest``: a single model's does not fit averaged probabilities. Every fold must be
     finished: an ensemble of some folds is not the recipe's.
     """
     import torch
@@ -189,30 +231,6 @@ def ship_ensemble(cv_out: Path, n_folds: int, models_dir: Path, name: str, agg: 
     path = models_dir / f"{name}{ENSEMBLE_SUFFIX}"
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return path
-
-
-def compare(a: dict, b: dict, variant: str = "native_lcc", variant_b: str | None = None) -> str:
-    """Paired per-patient comparison of two CV results on the patients both scored (or, with
-    ``variant_b``, of two scoring variants, e.g. a post-processing step, of one result)."""
-    from scipy.stats import wilcoxon
-
-    pa, pb = a["variants"][variant]["per_patient"], b["variants"][variant_b or variant]["per_patient"]
-    common = sorted(set(pa) & set(pb))
-    if not common:
-        return "no patients in common"
-    da = np.array([pa[p]["dsc"] for p in common])
-    db = np.array([pb[p]["dsc"] for p in common])
-    diff = db - da
-    lines = [f"{variant}{' vs ' + variant_b if variant_b else ''}: {len(common)} patients in common",
-             f"  {a['recipe']}: mean {da.mean():.4f} median {np.median(da):.4f} min {da.min():.4f}",
-             f"  {b['recipe']}: mean {db.mean():.4f} median {np.median(db):.4f} min {db.min():.4f}",
-             f"  {b['recipe']} - {a['recipe']}: mean {diff.mean():+.4f}, better on {(diff > 0).sum()}, "
-             f"worse on {(diff < 0).sum()}"]
-    if np.any(diff != 0):
-        lines[-1] += f", Wilcoxon p = {wilcoxon(db, da).pvalue:.3f}"
-    worst = np.argsort(diff)[:3]
-    lines.append("  largest losses: " + ", ".join(f"{common[i]} {diff[i]:+.3f}" for i in worst))
-    return "\n".join(lines)
 
 
 def threshold_sweep(cv_out: Path, data: Path, thresholds: list[float]) -> list[str]:
@@ -356,6 +374,31 @@ def _main(argv: list[str] | None = None) -> int:
         res = [read_cv_result(args.runs[0], (args.variant,)),
                read_cv_result(args.runs[1], (args.variant_b or args.variant,))]
         print(compare(res[0], res[1], args.variant, args.variant_b))
+        return 0
+    if argv[:1] == ["component-rule"]:
+        from segengine.train.component_rule import main as component_rule_main
+
+        return component_rule_main(argv[1:])
+    if argv[:1] == ["calibrate-review"]:
+        from segengine.train.quality_calibration import main as calibrate_main
+
+        return calibrate_main(argv[1:])
+    if argv[:1] == ["rescore"]:
+        ap = argparse.ArgumentParser(prog="python -m segengine.train.cv rescore", description=rescore.__doc__)
+        ap.add_argument("manifest", type=Path, help="a fold ensemble's *.ensemble.json (members name their held-out fold)")
+        ap.add_argument("--out", type=Path, required=True, help="CV run folder to write (fold*/oof.json, fold*/oof/, cv.json)")
+        ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+        ap.add_argument("--folds", type=int, default=5)
+        ap.add_argument("--fold-seed", type=int, default=DEFAULT_FOLD_SEED)
+        ap.add_argument("--threads", type=int, default=None)
+        ap.add_argument("--native-only", action="store_true", help="skip the reference protocol (a third of the time)")
+        args = ap.parse_args(argv[1:])
+        results = rescore(args.manifest, args.data, args.out, args.folds, args.fold_seed, args.threads,
+                          not args.native_only)
+        agg = aggregate(results, args.out.name, args.folds, args.fold_seed)
+        (args.out / "cv.json").write_text(json.dumps(agg, indent=2, default=_nan_none))
+        for variant, v in agg["variants"].items():
+            print(f"{variant:<16} {v['patients']:>3} patients  mean {v['mean']:.4f}  median {v['median']:.4f}")
         return 0
     if argv[:1] == ["thresholds"]:
         ap = argparse.ArgumentParser(prog="python -m segengine.train.cv thresholds")

@@ -20,6 +20,7 @@ import torch
 
 from segengine.engine.model import card_path, input_channels, sha256_file
 from segengine.engine.network import build_model, count_flops
+from segengine.train import robust_aug
 
 
 def ship_run(run: Path, out: Path, data_split: dict | None = None) -> dict:
@@ -67,7 +68,8 @@ def ship_run(run: Path, out: Path, data_split: dict | None = None) -> dict:
                             + (", per-channel gamma 0.7-1.5 and contrast 0.75-1.25" if config.get("intensity_aug") else "")
                             + (f", random {config['crop']}x{config['crop']} windows" if config.get("crop") else "")
                             + (f", pre/post channels replaced by FLAIR on {config['flair_copy_p']:.0%} of slices"
-                               if config.get("flair_copy_p") else ""),
+                               if config.get("flair_copy_p") else "")
+                            + (f", {robust_aug.describe(config)}" if robust_aug.describe(config) else ""),
             "precision": "bfloat16 autocast, channels-last (weights float32)" if config.get("amp") == "bf16" else "float32",
             "sampling": f"{config['tumor_sampling']:.0%} of draws weighted by tumor area, rest uniform",
             "seed": config["seed"], "threads": config["threads"],
@@ -83,6 +85,8 @@ def ship_run(run: Path, out: Path, data_split: dict | None = None) -> dict:
                        + (f" --tversky-alpha {config['tversky_alpha']} --tversky-beta {config['tversky_beta']}"
                           if config.get("loss") == "tversky_bce" else "")
                        + (f" --flair-copy-p {config['flair_copy_p']}" if config.get("flair_copy_p") else "")
+                       + "".join(f" --{k[:-2].replace('_', '-')}-p {config[k]}" for k in robust_aug.TRANSFORMS
+                                 if config.get(k))
                        + (f" --amp {config['amp']}" if config.get("amp", "none") != "none" else "")
                        + (f" --epoch-steps {config['epoch_steps']}" if config.get("epoch_steps", 250) != 250 else ""),
         },

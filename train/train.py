@@ -26,6 +26,7 @@ from segengine.engine.network import build_model, count_flops
 from segengine.engine.postprocess import largest_component
 from segengine.engine.preprocess import stack_context
 from segengine.engine.metrics import dsc
+from segengine.train import robust_aug
 from segengine.train.data import VolumeSet, load_volume_set
 from segengine.train.folds import split_for_fold, splits_dir
 
@@ -60,6 +61,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--flair-copy-p", type=float, default=0.0, metavar="P",
                     help="share of slices whose pre- and post-contrast channels are replaced by FLAIR, as some "
                          "patients arrive (their missing sequences filled with FLAIR copies)")
+    for name, what in (("brightness", "each modality multiplied by 0.75-1.25"),
+                       ("noise", "Gaussian noise of variance up to 0.1"),
+                       ("blur", "one modality blurred, sigma 0.5-1.0"),
+                       ("dark-channel", "one modality re-quantized to 6-20 grey levels (a very dark scan, normalized)"),
+                       ("swap-contrast", "two modalities swapped (contrast that looks swapped)")):
+        ap.add_argument(f"--{name}-p", type=float, default=0.0, metavar="P",
+                        help=f"share of slices with {what} (train/robust_aug.py; 0: off)")
     ap.add_argument("--amp", default="none", choices=["none", "bf16"],
                     help="bf16: bfloat16 autocast and channels-last memory, ~2.3x faster on CPUs with AMX/AVX-512 "
                          "BF16; weights stay float32")
@@ -314,6 +322,7 @@ def main(argv=None) -> int:
             x, y = random_crop(x, y, args.crop, gen)
         if args.intensity_aug:
             x = intensity_augment(x, gen)
+        x = robust_aug.apply(x, vars(args), gen)
         x = flair_copy(x, args.flair_copy_p, gen)
         if amp:
             x = x.contiguous(memory_format=torch.channels_last)

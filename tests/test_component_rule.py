@@ -1,0 +1,73 @@
+"""The component rule and the paired comparison it is judged by (hand-made volumes)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segengine.engine.model import ModelError
+from segengine.engine.postprocess import PostprocessConfig, component_stats, largest_component, postprocess
+
+
+def _volume() -> np.ndarray:
+    """Three components: 6 voxels at p 0.6, 4 voxels at p 0.99, 1 voxel at p 0.95."""
+    prob = np.zeros((3, 10, 10), np.float32)
+    prob[1, 0, :6] = 0.6
+    prob[1, 5, :4] = 0.99
+    prob[1, 9, 9] = 0.95
+    return prob
+
+
+@pytest.mark.parametrize("rule, kept", [
+    ({}, {"big"}),  # the default: the largest component (v2)
+    ({"rank_by": "mass"}, {"sure"}),  # mass 3.96 against the largest's 3.6: the confident one first, alone
+    ({"rank_by": "size", "keep_mass_ratio": 0.5, "keep_min_peak": 0.9}, {"big", "sure"}),  # 3.96 >= 0.5 * 3.6, peak .99
+    ({"rank_by": "size", "keep_mass_ratio": 0.5, "keep_min_peak": 0.995}, {"big"}),  # no other peak that high
+    ({"rank_by": "size", "keep_mass_ratio": 0.2, "keep_min_peak": 0.9}, {"big", "sure", "speck"}),  # .95 >= .2 * 3.6
+])
+def test_rules_keep_the_components_they_say(rule, kept):
+    prob = _volume()
+    where = {"big": (1, 0, 0), "sure": (1, 5, 0), "speck": (1, 9, 9)}
+    mask = postprocess(prob, PostprocessConfig(**rule))
+    assert {k for k, idx in where.items() if mask[idx]} == kept
+    assert mask.sum() == sum({"big": 6, "sure": 4, "speck": 1}[k] for k in kept)  # whole components only
+    if rule == {}:
+        assert np.array_equal(mask, largest_component(prob > 0.5))
+
+
+def test_component_stats_by_hand():
+    _, stats = component_stats(_volume(), _volume() > 0.5)
+    assert sorted(stats["size"]) == [1, 4, 6]
+    assert sorted(np.round(stats["mass"], 4)) == [0.95, 3.6, 3.96]
+    assert sorted(np.round(stats["peak"], 4)) == [0.6, 0.95, 0.99]
+
+
+def test_card_rule_and_bad_rules():
+    assert PostprocessConfig.from_card({}) == PostprocessConfig()
+    card = {"postprocess": {"rank_by": "mass", "keep_mass_ratio": 0.3, "keep_min_peak": 0.9, "fitted": "text"}}
+    post = PostprocessConfig.from_card(card, fill_holes_2d=True)
+    assert (post.rank_by, post.keep_mass_ratio, post.keep_min_peak, post.fill_holes_2d) == ("mass", 0.3, 0.9, True)
+    assert PostprocessConfig.from_card(card, largest_component=False).rule_name == "every component"
+    for bad in ({"rank_by": "colour"}, {"keep_mass_ratio": "x"}, {"keep_min_peak": True}):
+        with pytest.raises(ModelError, match="postprocess rule"):
+            PostprocessConfig.from_card({"postprocess": bad})
+
+
+def test_oracle_is_the_best_subset_and_case_dsc_counts_overlaps():
+    from segengine.train.component_rule import case_dsc, oracle_dsc
+
+    # components of 10 (8 true), 4 (4 true), 6 (0 true) voxels; 14 true voxels in all
+    case = {"stats": {"size": np.array([10.0, 4.0, 6.0]), "mass": np.array([9.0, 3.9, 5.0]),
+                      "peak": np.array([1.0, 0.99, 0.9])}, "inter": np.array([8.0, 4.0, 0.0]), "truth": 14.0}
+    assert case_dsc(case, {"rank_by": "size", "keep_mass_ratio": 2.0, "keep_min_peak": 1.0}) == pytest.approx(16 / 24)
+    assert oracle_dsc(case) == pytest.approx(2 * 12 / (14 + 14))  # the first two, not the false third
+
+
+@pytest.mark.parametrize("values, lo, hi", [
+    (np.full(30, 0.02), 0.02, 0.02),  # no spread: the CI is the value
+    (np.r_[np.zeros(50), np.ones(50)], 0.5 - 1.96 * 0.05, 0.5 + 1.96 * 0.05),  # sd 0.5/sqrt(100) = 0.05
+])
+def test_bootstrap_ci_matches_the_normal_approximation(values, lo, hi):
+    from segengine.train.paired import bootstrap_mean_ci
+
+    got = bootstrap_mean_ci(values)
+    assert got == pytest.approx((lo, hi), abs=0.01)
