@@ -431,7 +431,7 @@ def export(model, kinds, data_root, train_list, calibration_slices, opset, trito
 @main.command()
 @click.option("--data", "data_root", type=click.Path(path_type=Path), help="patients to time (default: synthetic slices, no end-to-end)")
 @click.option("--patients", "n_patients", type=click.IntRange(1, 1000), default=10, show_default=True)
-@click.option("--backends", default="torch,onnxruntime,onnxruntime-int8,tensorrt", show_default=True)
+@click.option("--backends", default="torch,onnxruntime,onnxruntime-int8,openvino,openvino-int8,tensorrt", show_default=True)
 @click.option("--batch-sizes", default="1,8,32", show_default=True)
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
 @click.option("--warmup", type=click.IntRange(0, 1000), default=3, show_default=True)

@@ -252,3 +252,22 @@ def test_a_real_probe_returns_a_trusted_available_backend(monkeypatch, tmp_path)
     assert registry.why_unavailable(picked, spec) is None and why_untrusted(spec, picked) is None
     recorded = speed.recorded_ms(speed.cpu_key(), spec.sha256, 1)
     assert picked in recorded and set(recorded) <= set(registry.AUTO_CANDIDATES)
+
+
+# --------------------------------------------------------------------------- bench
+def test_bench_records_its_largest_batch_figures_for_auto(monkeypatch, tmp_path):
+    """`segengine bench` leaves auto its ms/slice (largest batch, exported backends only), keyed
+    by this CPU and the model's SHA-256; a failed row or torch's is not a figure for auto."""
+    from segengine.bench.bench import record_for_auto
+
+    spec = load_model_spec()
+    monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path))
+    rows = [{"backend": "openvino-int8", "status": "ok", "batch_size": 1, "per_slice_ms": 9.0},
+            {"backend": "openvino-int8", "status": "ok", "batch_size": 32, "per_slice_ms": 6.5},
+            {"backend": "onnxruntime-int8", "status": "ok", "batch_size": 32, "per_slice_ms": 7.5},
+            {"backend": "onnxruntime", "status": "not available: x", "batch_size": None},
+            {"backend": "torch", "status": "ok", "batch_size": 32, "per_slice_ms": 30.0}]
+    got = record_for_auto(spec, rows, 1)
+    assert got["ms_per_slice"] == {"openvino-int8": 6.5, "onnxruntime-int8": 7.5}
+    assert speed.recorded_ms(speed.cpu_key(), spec.sha256, 1) == {"openvino-int8": 6.5, "onnxruntime-int8": 7.5}
+    assert speed.recorded_ms(speed.cpu_key(), spec.sha256, 2) == {}  # another thread count: not these figures
