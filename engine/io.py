@@ -104,7 +104,10 @@ def _quiet_tifffile():
 
 
 def _read_tiff(path: Path) -> np.ndarray:
-    return _quiet_tifffile().imread(path)
+    from segengine.engine.tiff_fast import read_tiff  # plain Kaggle slices without tifffile's tag parsing
+
+    arr = read_tiff(path)
+    return arr if arr is not None else _quiet_tifffile().imread(path)
 
 
 def _read_pil(path: Path) -> np.ndarray:
@@ -119,6 +122,11 @@ READERS = {".tif": _read_tiff, ".tiff": _read_tiff, ".png": _read_pil, ".webp": 
 
 
 def _tiff_shape(path: Path) -> tuple[int, ...]:
+    from segengine.engine.tiff_fast import tiff_shape
+
+    shape = tiff_shape(path)
+    if shape is not None:
+        return shape
     with _quiet_tifffile().TiffFile(path) as tf:
         return tuple(tf.pages[0].shape)
 
