@@ -165,7 +165,8 @@ def _load_spec(model: str | None):
               help="a folder of patients (kaggle_3m; NIfTI cases may sit beside tif folders)")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="results go to OUT/<patient>/")
 @click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto", show_default=True,
-              help="auto = fastest backend available here that passed `segengine validate` for this model; "
+              help="auto = the fastest on this CPU (ms/slice from `segengine bench` or a one-time probe, cached in "
+                   "~/.cache/segengine) of the backends available here that passed `segengine validate` for this model; "
                    "triton = the model served by a Triton server at $SEGENGINE_TRITON_URL")
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="model .pt with its card (default: shipped)")
 @accurate_mode_options

@@ -271,3 +271,43 @@ def test_bench_records_its_largest_batch_figures_for_auto(monkeypatch, tmp_path)
     assert got["ms_per_slice"] == {"openvino-int8": 6.5, "onnxruntime-int8": 7.5}
     assert speed.recorded_ms(speed.cpu_key(), spec.sha256, 1) == {"openvino-int8": 6.5, "onnxruntime-int8": 7.5}
     assert speed.recorded_ms(speed.cpu_key(), spec.sha256, 2) == {}  # another thread count: not these figures
+
+
+# --------------------------------------------------------------------------- the ensemble on the fast backends
+@needs_openvino
+@pytest.mark.parametrize("backend", ["openvino-int8", "onnxruntime-int8"])
+def test_the_fold_ensemble_runs_on_int8_backends_like_torch(kaggle_root, backend):
+    """Every shipped fold member has an INT8 export with a PASS verdict for this backend, and the
+    averaged mask on a real validation patient is within the INT8 tolerance of torch's."""
+    from segengine.engine.ensemble import load_ensemble
+    from segengine.engine.io import read_patient
+    from segengine.engine.metrics import dsc
+    from segengine.engine.pipeline import finish_patient, model_input, preprocess_patient
+    from segengine.engine.postprocess import PostprocessConfig
+    from segengine.engine.verdict import tolerances_for, why_untrusted
+
+    plan = load_ensemble()
+    assert all(why_untrusted(m, backend) is None for m in plan.members)
+    vol = read_patient(kaggle_root / VAL_PATIENTS[0])
+    pre = preprocess_patient(vol, "native", plan.input_size)
+    x = model_input(pre, plan)
+    segs = {}
+    for name in (backend, "torch"):
+        with registry.create(name, plan, threads=1) as runner:
+            segs[name] = finish_patient(vol, pre, runner.predict(x), "native", PostprocessConfig(), {})
+    tol = tolerances_for("int8")
+    a, t = segs[backend], segs["torch"]
+    assert dsc(a.mask, t.mask) >= tol["min_agreement"]
+    assert abs(dsc(a.mask, a.truth) - dsc(t.mask, t.truth)) <= tol["max_abs_delta_dsc"]
+
+
+@needs_openvino
+def test_run_ensemble_with_auto_picks_a_fast_trusted_backend(kaggle_root, tmp_path):
+    from segengine.engine.cli import main
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["run", "--patient", str(kaggle_root / VAL_PATIENTS[1]), "--out", str(out),
+                                    "--ensemble", "--backend", "auto", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(next(out.rglob("report.json")).read_text())
+    assert report["backend"] in ("openvino-int8", "onnxruntime-int8")  # the members ship INT8 exports only
