@@ -108,16 +108,14 @@ def choose(candidates: Iterable[str], ms: dict[str, float]) -> str | None:
     return min(timed, key=lambda c: ms[c]) if timed else None
 
 
-def probe(spec, names: list[str], threads: int | None, batch: int = PROBE_BATCH, rounds: int = PROBE_ROUNDS,
-          create: Callable | None = None) -> dict[str, float]:
-    """ms/slice of each backend on ``batch`` synthetic slices of ``spec``'s input: the minimum of
-    ``rounds`` timed runs after one warm-up, the backends interleaved round by round so a load
-    change on the machine hits them alike. A backend that fails to load or run is left out."""
+def probe(spec, names: list[str], threads: int | None, create: Callable, batch: int = PROBE_BATCH,
+          rounds: int = PROBE_ROUNDS) -> dict[str, float]:
+    """ms/slice of each backend (``create(name)``: its class) on ``batch`` synthetic slices of
+    ``spec``'s input: the minimum of ``rounds`` timed runs after one warm-up, the backends
+    interleaved round by round so a load change on the machine hits them alike. A backend that
+    fails to load or run is left out."""
     import numpy as np
 
-    from segengine.engine import backends as registry
-
-    create = create or registry.backend_class
     x = np.random.default_rng(0).standard_normal((batch, *spec.input_shape), dtype=np.float32)
     loaded = {}
     for name in names:
@@ -140,22 +138,20 @@ def probe(spec, names: list[str], threads: int | None, batch: int = PROBE_BATCH,
     return best
 
 
-def fastest(spec, candidates: list[str], threads: int | None = None, log: Callable[[str], Any] | None = None,
-            measure: Callable | None = None) -> str | None:
-    """The fastest of ``candidates`` (available and trusted) for ``spec`` on this CPU: from the
-    recorded figures, probing (and recording) the candidates not measured yet."""
-    from segengine.engine.ensemble import members_of
-
+def fastest(model, candidates: list[str], threads: int | None = None, log: Callable[[str], Any] | None = None,
+            measure: Callable | None = None, create: Callable | None = None) -> str | None:
+    """The fastest of ``candidates`` (available and trusted) for ``model`` (a ModelSpec; for a plan
+    its first member: the members share one architecture) on this CPU: from the recorded figures,
+    probing (``measure``, default ``probe`` with ``create``) and recording the ones not measured yet."""
     if len(candidates) <= 1:
         return candidates[0] if candidates else None
-    model = members_of(spec)[0]  # the members of a plan share one architecture: one times them all
     cpu = cpu_key()
     ms = recorded_ms(cpu, model.sha256, threads)
     missing = [c for c in candidates if c not in ms]
     if missing:
         if log:
             log(f"auto: timing {', '.join(missing)} once on this CPU ({cpu}); cached in {cache_path()}")
-        new = (measure or probe)(model, missing, threads)
+        new = measure(model, missing, threads) if measure else probe(model, missing, threads, create)
         if new:
             record_ms(cpu, model.sha256, threads, new, "probe")
         ms = {**ms, **new}

@@ -66,7 +66,8 @@ def resolve(name: str, spec, threads: int | None = None) -> str:
 
     trusted = [c for c in AUTO_CANDIDATES
                if why_unavailable(c, spec) is None and all(why_untrusted(m, c) is None for m in members_of(spec))]
-    picked = fastest(spec, trusted, threads) if trusted else None
+    # the members of a plan share one architecture: the first one's timings stand for all
+    picked = fastest(members_of(spec)[0], trusted, threads, create=backend_class) if trusted else None
     if picked:
         return picked
     if why_unavailable("torch", spec) is None:
