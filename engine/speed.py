@@ -61,16 +61,32 @@ def entry_key(cpu: str, model_sha256: str, threads: int | None) -> str:
     return f"{cpu} | {model_sha256} | threads={threads or 'all'}"
 
 
-def read_cache(path: Path | None = None) -> dict[str, Any]:
-    """The cache's entries; an absent, unreadable or foreign file reads as empty (it is re-measured)."""
-    path = path or cache_path()
+def _read_file(path: Path) -> dict[str, Any]:
+    """The cache file as {"entries": ..., "facts": ...}; an absent, unreadable or foreign file reads as empty."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError):
-        return {}
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("entries"), dict):
-        return {}
-    return data["entries"]
+        data = None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        data = {}
+    return {k: data[k] if isinstance(data.get(k), dict) else {} for k in ("entries", "facts")}
+
+
+def _write_file(path: Path, data: dict[str, Any]) -> Path | None:
+    """The one atomic write; None when the cache cannot be written (the figures are measured again)."""
+    from segengine.export.onnx_export import write_json_atomic
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"schema": SCHEMA, **data})
+    except OSError:
+        return None
+    return path
+
+
+def read_cache(path: Path | None = None) -> dict[str, Any]:
+    """The cache's ms/slice entries (empty when there is no usable cache)."""
+    return _read_file(path or cache_path())["entries"]
 
 
 def recorded_ms(cpu: str, model_sha256: str, threads: int | None, path: Path | None = None) -> dict[str, float]:
@@ -85,21 +101,32 @@ def recorded_ms(cpu: str, model_sha256: str, threads: int | None, path: Path | N
 def record_ms(cpu: str, model_sha256: str, threads: int | None, ms: dict[str, float], how: str,
               path: Path | None = None) -> Path | None:
     """Merge ``ms`` (backend -> ms/slice) into the cache (the one atomic write); None if it cannot be written."""
-    from segengine.export.onnx_export import now_iso, write_json_atomic
+    from segengine.export.onnx_export import now_iso
 
     path = path or cache_path()
-    entries = read_cache(path)
+    data = _read_file(path)
+    entries = data["entries"]
     key = entry_key(cpu, model_sha256, threads)
     old = entries.get(key) if isinstance(entries.get(key), dict) else {}
     merged = {**(old.get("ms_per_slice") or {}), **{k: round(float(v), 4) for k, v in ms.items()}}
     entries[key] = {"cpu": cpu, "model_sha256": model_sha256, "threads": threads, "ms_per_slice": merged,
                     "how": {**(old.get("how") or {}), **{k: how for k in ms}}, "measured": now_iso()}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, {"schema": SCHEMA, "entries": entries})
-    except OSError:
-        return None
-    return path
+    return _write_file(path, data)
+
+
+def cpu_fact(name: str, version: str, learn: Callable[[], str], path: Path | None = None) -> str:
+    """A fact about this CPU that is slow to learn, learned once per CPU and library ``version`` and
+    then read from the cache: OpenVINO's default inference precision needs OpenVINO imported (~1 s
+    at every `run --backend auto` otherwise, even when ONNX Runtime is the one picked)."""
+    path = path or cache_path()
+    key = f"{cpu_key()} | {name} | {version}"
+    data = _read_file(path)
+    value = data["facts"].get(key)
+    if not isinstance(value, str):
+        value = learn()
+        data["facts"][key] = value
+        _write_file(path, data)
+    return value
 
 
 def choose(candidates: Iterable[str], ms: dict[str, float]) -> str | None:

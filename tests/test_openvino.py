@@ -241,6 +241,25 @@ def test_an_unreadable_or_foreign_cache_is_measured_again(monkeypatch, tmp_path,
     assert json.loads(speed.cache_path().read_text())["schema"] == speed.SCHEMA
 
 
+def test_a_cpu_fact_is_learned_once_per_cpu_and_version(monkeypatch, tmp_path):
+    """OpenVINO's default precision is asked of OpenVINO once (importing it costs ~1 s), then read
+    back; another library version, or another CPU, asks again; ms/slice entries survive beside it."""
+    monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path))
+    asked = []
+
+    def learn():
+        asked.append(1)
+        return "bf16"
+
+    speed.record_ms("Test CPU [avx2]", "0" * 64, 1, {"openvino": 3.0}, "test")
+    assert speed.cpu_fact("precision", "1.0", learn) == "bf16" and len(asked) == 1
+    assert speed.cpu_fact("precision", "1.0", learn) == "bf16" and len(asked) == 1
+    assert speed.cpu_fact("precision", "2.0", learn) == "bf16" and len(asked) == 2
+    monkeypatch.setattr(speed, "cpu_key", lambda cpuinfo=None: "Other CPU [avx2]")
+    assert speed.cpu_fact("precision", "1.0", learn) == "bf16" and len(asked) == 3
+    assert speed.recorded_ms("Test CPU [avx2]", "0" * 64, 1) == {"openvino": 3.0}
+
+
 @needs_openvino
 def test_a_real_probe_returns_a_trusted_available_backend(monkeypatch, tmp_path):
     from segengine.engine.verdict import why_untrusted

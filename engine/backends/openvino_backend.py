@@ -42,8 +42,14 @@ def cpu_capabilities() -> list[str]:
 def inference_precision() -> str:
     """What OpenVINO runs a graph's float parts in on this CPU by default (the CPU plugin's
     INFERENCE_PRECISION_HINT: bf16 where the CPU has native bfloat16, else f32); pinned at compile
-    time so a verdict says what it measured."""
-    return _core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+    time so a verdict says what it measured. Asked of OpenVINO once per CPU and OpenVINO version
+    (speed.cpu_fact): checking a verdict then costs no import of OpenVINO."""
+    from importlib.metadata import version
+
+    from segengine.engine.speed import cpu_fact
+
+    return cpu_fact("openvino default INFERENCE_PRECISION_HINT", version("openvino"),
+                    lambda: _core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name())
 
 
 class OpenVinoBackend(Backend):
