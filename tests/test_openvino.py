@@ -330,3 +330,28 @@ def test_run_ensemble_with_auto_picks_a_fast_trusted_backend(kaggle_root, tmp_pa
     assert res.exit_code == 0, res.output
     report = json.loads(next(out.rglob("report.json")).read_text())
     assert report["backend"] in ("openvino-int8", "onnxruntime-int8")  # the members ship INT8 exports only
+
+
+@needs_openvino
+@pytest.mark.parametrize("backend", OV_BACKENDS)
+def test_a_load_from_openvinos_compiled_cache_predicts_the_same(monkeypatch, tmp_path, backend):
+    """The second load imports the blob the first compiled (beside auto's figures) and gives the
+    very same probabilities; an uncachable folder only means compiling every time."""
+    import numpy as np
+
+    from segengine.export.onnx_export import synthetic_images
+
+    spec = load_model_spec()
+    x = synthetic_images(4, spec.input_size, channels=spec.in_channels)
+    monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path / "cache"))
+    with registry.create(backend, spec, threads=1) as first:
+        a = first.infer(x)
+    blobs = list((tmp_path / "cache" / "openvino").glob("*.blob"))
+    assert blobs
+    with registry.create(backend, spec, threads=1) as second:
+        b = second.infer(x)
+    assert list((tmp_path / "cache" / "openvino").glob("*.blob")) == blobs and np.array_equal(a, b)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path / "file" / "below"))
+    with registry.create(backend, spec, threads=1) as uncached:
+        assert np.array_equal(uncached.infer(x), a)

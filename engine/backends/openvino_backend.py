@@ -16,7 +16,9 @@ that would run bf16 (``verdict_mismatch``).
 from __future__ import annotations
 
 import importlib.util
+import os
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,6 +52,22 @@ def inference_precision() -> str:
 
     return cpu_fact("openvino default INFERENCE_PRECISION_HINT", version("openvino"),
                     lambda: _core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name())
+
+
+def compiled_cache_dir() -> Path | None:
+    """Where OpenVINO keeps the models it compiled for this CPU (beside auto's figures, outside the
+    repository): a later load imports the blob instead of compiling (0.46 -> 0.08 s for the fp32
+    graph, 1.3 -> 0.35 s for the INT8 one, measured here). OpenVINO keys each blob by the model
+    file's content, the device and the compile settings, and the file itself is checked against its
+    sidecar before (check_export). None when the folder cannot be made: compiled every time then."""
+    from segengine.engine.speed import cache_path
+
+    folder = cache_path().parent / "openvino"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return folder if os.access(folder, os.W_OK) else None
 
 
 class OpenVinoBackend(Backend):
@@ -96,6 +114,9 @@ class OpenVinoBackend(Backend):
                   "NUM_STREAMS": 1}
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = int(self.threads)
+        blobs = compiled_cache_dir()
+        if blobs is not None:
+            config["CACHE_DIR"] = str(blobs)
         try:
             compiled = _core().compile_model(str(path), "CPU", config)
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses with long texts
