@@ -59,7 +59,7 @@ def _stale_export(spec, monkeypatch):
         p.write_text(json.dumps(side))
 
 
-UNAVAILABLE = [(_not_installed, "openvino is not installed"), (_no_export, "export beside"),
+UNAVAILABLE = [(_not_installed, "openvino is not installed"), (_no_export, "export of resunet16.pt; run `segengine export"),
                (_corrupt_export, "does not match its sidecar"), (_stale_export, "stale export")]
 
 

@@ -81,11 +81,8 @@ class OpenVinoBackend(Backend):
         if not importlib.util.find_spec("openvino"):
             return "openvino is not installed (pip install openvino)"
         if spec is not None:
-            path = spec.export_path(cls.export_kind)
-            if not path.exists():
-                return f"no {cls.export_kind} export beside {spec.weights.name} (run `segengine export`)"
             try:
-                check_export(spec, cls.export_kind)  # a stale export or a SHA-256 mismatch: say so here
+                check_export(spec, cls.export_kind)  # missing, stale, or a SHA-256 mismatch: say which
             except ModelError as exc:
                 return str(exc)
         return None
