@@ -1,7 +1,7 @@
 """Which INT8 graph OpenVINO should run: the shipped QDQ export, or NNCF post-training quantization
 of the fp32 export on the same calibration slices. Speed and masks, in one process.
 
-    pip install nncf   # not a segengine dependency: only this comparison uses it
+    pip install "segengine[quantize]"   # nncf: only this comparison uses it
     python -m segengine.bench.int8_ptq_compare --train-data kaggle_3m \
         --train-list ../shared/data/lgg/splits/train.txt --val-data val_kaggle_3m --threads 1
 
