@@ -355,3 +355,30 @@ def test_a_load_from_openvinos_compiled_cache_predicts_the_same(monkeypatch, tmp
     monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path / "file" / "below"))
     with registry.create(backend, spec, threads=1) as uncached:
         assert np.array_equal(uncached.infer(x), a)
+
+
+@needs_openvino
+def test_running_openvino_starts_no_telemetry(tmp_path):
+    """A run on OpenVINO imports no model-conversion tools, hence no openvino_telemetry (which would
+    report to Google Analytics and write ~/intel/); convert_model stays importable afterwards."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, threading\n"
+        "from segengine.engine import backends as registry\n"
+        "from segengine.engine.model import load_model_spec\n"
+        "from segengine.export.onnx_export import synthetic_images\n"
+        "spec = load_model_spec()\n"
+        "with registry.create('openvino-int8', spec, threads=1) as b:\n"
+        "    b.infer(synthetic_images(1, spec.input_size, channels=spec.in_channels))\n"
+        "print('telemetry' if 'openvino_telemetry' in sys.modules else 'none', len(threading.enumerate()))\n"
+        "from openvino.tools.ovc import convert_model\n"
+        "print('ovc ok')\n"
+    )
+    env = {**__import__("os").environ, "HOME": str(tmp_path), speed.CACHE_ENV: str(tmp_path / "cache")}
+    env.pop("CI", None)  # openvino_telemetry stays quiet under CI=true: test the user's case
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    assert lines[0] == "none 1" and lines[1] == "ovc ok"

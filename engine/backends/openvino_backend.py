@@ -29,11 +29,30 @@ from segengine.engine.model import ModelError, check_export
 VERDICT_KEY = "validation_openvino"
 
 
-@lru_cache(maxsize=1)
-def _core():
+def _openvino():
+    """OpenVINO's runtime without its model-conversion tools. ``import openvino`` also imports
+    ``openvino.tools.ovc`` (convert_model), which starts a usage-telemetry thread reporting to Google
+    Analytics and writes ~/intel/ (openvino_telemetry: on unless the user opted out or CI=true). The
+    engine compiles ONNX through the runtime and converts nothing, so a patient's run does not phone
+    home, and the import is shorter (0.2 instead of 0.3-0.8 s here). Only the first import is
+    affected: ovc stays importable afterwards for code that wants it (nncf, a user's script)."""
+    import sys
+
+    if "openvino" not in sys.modules and "openvino.tools.ovc" not in sys.modules:
+        sys.modules["openvino.tools.ovc"] = None  # openvino/__init__ skips it on ImportError
+        try:
+            import openvino  # noqa: F401
+        finally:
+            if sys.modules.get("openvino.tools.ovc", 0) is None:
+                del sys.modules["openvino.tools.ovc"]
     import openvino as ov
 
-    return ov.Core()
+    return ov
+
+
+@lru_cache(maxsize=1)
+def _core():
+    return _openvino().Core()
 
 
 def cpu_capabilities() -> list[str]:
@@ -103,8 +122,7 @@ class OpenVinoBackend(Backend):
         return None
 
     def load(self):
-        import openvino as ov
-
+        ov = _openvino()
         path = check_export(self.spec, self.export_kind)
         self.inference_precision = inference_precision()
         config = {"INFERENCE_PRECISION_HINT": self.inference_precision, "PERFORMANCE_HINT": "LATENCY",
