@@ -36,9 +36,11 @@ def _ifd(path: Path) -> tuple[dict, int] | None:
             return None  # BigTIFF and anything else: tifffile
         bo = "<" if head[:2] == b"II" else ">"
         (offset,) = struct.unpack(bo + "I", head[4:8])
-        if offset + 2 > len(head):
+        if offset + 2 > size:
+            return None
+        if offset + 2 > len(head):  # the IFD after the pixels: read it where it is
             fh.seek(offset)
-            head = b"\0" * offset + fh.read(_HEAD)
+            head, offset = fh.read(_HEAD), 0
         (n,) = struct.unpack(bo + "H", head[offset:offset + 2])
         end = offset + 2 + 12 * n + 4
         if end > len(head):
@@ -54,6 +56,8 @@ def _ifd(path: Path) -> tuple[dict, int] | None:
             raw = head[offset + 10 + 12 * i:offset + 14 + 12 * i]
             if count * width > 4:  # the values live elsewhere in the file
                 (pos,) = struct.unpack(bo + "I", raw)
+                if pos + count * width > size:
+                    return None
                 fh.seek(pos)
                 raw = fh.read(count * width)
                 if len(raw) != count * width:
