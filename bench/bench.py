@@ -20,8 +20,45 @@ from segengine.bench.measure import (E2E_BATCH_SIZE, end_to_end_row, input_slice
                                      patient_folders)
 from segengine.bench.report import format_table, plot  # noqa: F401 - the bench's public API
 
-DEFAULT_BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8", "tensorrt")
+DEFAULT_BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-int8", "tensorrt")
 SCHEMA = "segengine-bench/2"
+
+
+def _load_average() -> float | None:
+    import os
+
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def _loaded(load: dict) -> bool:
+    """Another process was competing for the cores: more than a quarter core busy beside ours at start."""
+    cores = load.get("cores") or 1
+    return load.get("start") is not None and load["start"] > 0.25 * cores
+
+
+def record_for_auto(spec, model_only: list[dict], threads: int | None) -> dict | None:
+    """Each timed backend's ms/slice at its largest batch into auto's cache (engine/speed.py) for
+    this CPU and model: ``auto`` then picks by this bench instead of its own short probe. Not for
+    an ensemble/TTA plan (its rows time several models at once)."""
+    from segengine.engine import backends as registry
+    from segengine.engine import speed
+    from segengine.engine.ensemble import InferencePlan
+
+    if isinstance(spec, InferencePlan):
+        return None
+    best: dict[str, tuple[int, float]] = {}
+    for row in model_only:
+        if row.get("status") == "ok" and row["backend"] in registry.AUTO_CANDIDATES:
+            if row["batch_size"] >= best.get(row["backend"], (0, 0.0))[0]:
+                best[row["backend"]] = (row["batch_size"], row["per_slice_ms"])
+    if not best:
+        return None
+    ms = {name: value for name, (_, value) in best.items()}
+    where = speed.record_ms(speed.cpu_key(), spec.sha256, threads, ms, "bench")
+    return {"cpu": speed.cpu_key(), "threads": threads, "ms_per_slice": ms, "cache": None if where is None else str(where)}
 
 
 def run_bench(spec, data_root=None, patients: int = 3, backends: Iterable[str] = DEFAULT_BACKENDS,
@@ -79,6 +116,7 @@ def run_bench(spec, data_root=None, patients: int = 3, backends: Iterable[str] =
     model_only: list[dict] = []
     for name in backends:
         model_only.extend(model_only_rows(name, spec, x, batch_sizes, threads, warmup, iterations, flops, peaks, log))
+    recorded_for_auto = record_for_auto(spec, model_only, threads)
 
     e2e: list[dict] = []
     if end_to_end and folders:
@@ -119,6 +157,10 @@ def run_bench(spec, data_root=None, patients: int = 3, backends: Iterable[str] =
             notes.append("end-to-end speedups compare per-patient wall times; the reference predicts D-2 slices "
                          "on its 256x256 grid, the engine every slice mapped back to the original grid")
 
+    load = {"start": (machine.get("loadavg_at_start") or [None])[0], "end": _load_average(), "cores": machine.get("usable_cpus")}
+    if _loaded(load):
+        notes.append(f"LOADED machine (1-min load average {load['start']} at start, {load['end']} at end, on "
+                     f"{load['cores']} cores): figures for decisions only, not for README")
     notes += [
         "model-only: per batch size, warm-up calls then timed Backend.infer calls on the same batch; "
         "per-slice ms = p50 batch latency / batch size; throughput = batch size / mean latency",
@@ -148,6 +190,8 @@ def run_bench(spec, data_root=None, patients: int = 3, backends: Iterable[str] =
                   "flops_per_slice": flops, "gflop_per_slice": flops / 1e9,
                   **({"plan": spec.describe()} if isinstance(spec, InferencePlan) else {})},
         "peak": peaks,
+        "load_average": load,
+        "recorded_for_auto": recorded_for_auto,
         "model_only": model_only,
         "end_to_end": e2e,
         "reference": ref,

@@ -136,7 +136,7 @@ def machine_info(cpuinfo: str | None = None) -> dict:
     ghz, clock_source = clock_ghz(cpu["model"], cpu["mhz"])
     versions = {}
     for key, dists in (("numpy", ["numpy"]), ("torch", ["torch"]), ("onnxruntime", ["onnxruntime", "onnxruntime-gpu"]),
-                       ("tensorrt", ["tensorrt", "tensorrt-cu12"]), ("scipy", ["scipy"]),
+                       ("tensorrt", ["tensorrt", "tensorrt-cu12"]), ("openvino", ["openvino"]), ("scipy", ["scipy"]),
                        ("scikit-image", ["scikit-image"])):
         versions[key] = next((v for v in map(_version, dists) if v), None)
     try:

@@ -40,13 +40,16 @@ def _profiled_run(original_run, profiles: dict[str, cProfile.Profile]):
 
 
 def summarize(profiles: dict[str, cProfile.Profile]) -> str:
+    import segengine.engine as engine_pkg
+
+    root = str(Path(engine_pkg.__file__).resolve().parent.parent)  # the checkout, whatever its folder is called
     lines = []
     for name, prof in profiles.items():
         stats = pstats.Stats(prof, stream=io.StringIO())
         total = stats.total_tt
         rows = {}
         for (path, _, func), (_, _, _, cum, _) in stats.stats.items():
-            if func in FUNCTIONS and ("segengine" in path or func == "save"):
+            if func in FUNCTIONS and (path.startswith(root) or "segengine" in path or func == "save"):
                 rows[func] = max(rows.get(func, 0.0), cum)
         parts = ", ".join(f"{f} {rows[f]:.2f}" for f in FUNCTIONS if rows.get(f, 0) >= 0.005)
         lines.append(f"{name:>14}: {total:6.2f} CPU s  ({parts})")

@@ -204,7 +204,8 @@ def _load_spec(model: str | None):
                    "folders may sit beside tif folders)")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="results go to OUT/<patient>/")
 @click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto", show_default=True,
-              help="auto = fastest backend available here that passed `segengine validate` for this model; "
+              help="auto = the fastest on this CPU (ms/slice from `segengine bench` or a one-time probe, cached in "
+                   "~/.cache/segengine) of the backends available here that passed `segengine validate` for this model; "
                    "triton = the model served by a Triton server at $SEGENGINE_TRITON_URL")
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="model .pt with its card (default: shipped)")
 @accurate_mode_options
@@ -486,7 +487,7 @@ def export(model, kinds, data_root, train_list, calibration_slices, opset, trito
 @main.command()
 @click.option("--data", "data_root", type=click.Path(path_type=Path), help="patients to time (default: synthetic slices, no end-to-end)")
 @click.option("--patients", "n_patients", type=click.IntRange(1, 1000), default=10, show_default=True)
-@click.option("--backends", default="torch,onnxruntime,onnxruntime-int8,tensorrt", show_default=True)
+@click.option("--backends", default="torch,onnxruntime,onnxruntime-int8,openvino,openvino-int8,tensorrt", show_default=True)
 @click.option("--batch-sizes", default="1,8,32", show_default=True)
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
 @click.option("--warmup", type=click.IntRange(0, 1000), default=3, show_default=True)

@@ -111,7 +111,11 @@ def _quiet_tifffile():
 
 
 def _read_tiff(path: Path) -> np.ndarray:
-    return _quiet_tifffile().imread(path, key=0)  # one page: the header check refused files of several
+    from segengine.engine.tiff_fast import read_tiff  # plain Kaggle slices without tifffile's tag parsing
+
+    arr = read_tiff(path)
+    # else one page: the header check refused files of several
+    return arr if arr is not None else _quiet_tifffile().imread(path, key=0)
 
 
 def _read_pil(path: Path) -> np.ndarray:
@@ -127,7 +131,12 @@ READERS = {".tif": _read_tiff, ".tiff": _read_tiff, ".png": _read_pil, ".webp": 
 
 def _tiff_shape(path: Path) -> tuple[int, ...]:
     """The first page's shape; a file of several pages (each would be decoded) or of samples wider
-    than 8 bits is refused here, from the header."""
+    than 8 bits is refused here, from the header (the fast path answers only for one 8-bit page)."""
+    from segengine.engine.tiff_fast import tiff_shape
+
+    shape = tiff_shape(path)
+    if shape is not None:
+        return shape
     with _quiet_tifffile().TiffFile(path) as tf:
         page = tf.pages[0]
         pages = len(tf.pages)

@@ -98,11 +98,12 @@ def check_sidecar(side: Any, where: Path) -> dict[str, Any]:
     _check_sha(where, "source_sha256", side.get("source_sha256"), required=True)
     _check_sha(where, "sha256", side.get("sha256"), required=False)
     _check_fields(where, "", side, SIDECAR_FIELDS)
-    verdict = side.get("validation")
-    if verdict is not None:
-        if not isinstance(verdict, dict):
-            raise ModelError(f"{where}: validation must be an object")
-        _check_fields(where, "validation.", verdict, VERDICT_FIELDS)
+    for key in [k for k in side if k.startswith("validation")]:  # one verdict per runtime (verdict.verdict_key)
+        verdict = side[key]
+        if verdict is not None:
+            if not isinstance(verdict, dict):
+                raise ModelError(f"{where}: {key} must be an object")
+            _check_fields(where, f"{key}.", verdict, VERDICT_FIELDS)
     return side
 
 

@@ -128,7 +128,7 @@ def run_patients(patient_dir: Path | None, patients_root: Path | None, out: Path
     for note in tidy_out(out):
         _stderr(f"segengine: {note}")
     spec = load_plan(model, ensemble, tta)
-    name = registry.resolve(backend_name, spec)
+    name = registry.resolve(backend_name, spec, threads)
     post = PostprocessConfig.from_card(spec.card, largest_component=postprocess, fill_holes_2d=fill_holes)
     t = time.perf_counter()
     backend = registry.create(name, spec, threads=threads).load()
@@ -269,7 +269,7 @@ def evaluate_model(data_root: Path, model: str | None, protocol: str, backend_na
 
     folders = select_patients(Path(data_root), patients_file)
     spec = load_plan(model, ensemble, tta)
-    name = registry.resolve(backend_name, spec)
+    name = registry.resolve(backend_name, spec, threads)
     rows = []
     with registry.create(name, spec, threads=threads) as backend:
         for folder in (progress(folders) if progress else folders):

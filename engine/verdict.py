@@ -28,7 +28,8 @@ TOLERANCES = {
     "int8": {"max_abs_delta_dsc": 0.005, "min_agreement": 0.98},
 }
 RECORDED_KEYS = ("passed", "backend", "against", "precision", "export_kind", "export_sha256",
-                 "tolerances", "patients_count", "means", "worst", "date")
+                 "tolerances", "patients_count", "means", "worst", "date", "runtime")
+DEFAULT_VERDICT_KEY = "validation"  # the sidecar key; a backend running another runtime's file has its own (verdict_key)
 
 
 class VerdictError(ModelError):
@@ -76,7 +77,7 @@ def compute(spec: ModelSpec, data_root: Path, patients_file: str | None, backend
 
     post = post or PostprocessConfig()
     folders = select_patients(Path(data_root), patients_file)
-    a_name, b_name = registry.resolve(backend, spec), registry.resolve(against, spec)
+    a_name, b_name = registry.resolve(backend, spec, threads), registry.resolve(against, spec, threads)
     a_cls = registry.backend_class(a_name)
     export_kind = getattr(a_cls, "export_kind", None)
     export_sha = _export_sha256(spec, export_kind)
@@ -111,7 +112,7 @@ def compute(spec: ModelSpec, data_root: Path, patients_file: str | None, backend
         "backend": a.name, "against": b.name, "precision": a.precision, "export_kind": export_kind,
         "model_sha256": spec.sha256, "export_sha256": export_sha, "protocol": "native", "tolerances": tol,
         "criteria": "every patient: |dDSC| <= max_abs_delta_dsc and agreement >= min_agreement",
-        "numerics": getattr(a, "numerics", None),
+        "numerics": getattr(a, "numerics", None), "runtime": getattr(a, "runtime", None),
         "patients": rows, "patients_count": len(rows), "means": means, "worst": worst,
         "passed": bool(within), "date": _dt.date.today().isoformat(),
     }
@@ -188,13 +189,21 @@ def record(spec: ModelSpec, result: dict[str, Any]) -> Path:
                            f"{result.get('precision')} ({tolerances_for(result.get('precision', 'fp32'))})")
     side_p = sidecar_path(spec.export_path(kind))
     side = json.loads(side_p.read_text())
-    side["validation"] = {**{k: result.get(k) for k in RECORDED_KEYS}, "passed": bool(result["passed"]),
+    side[verdict_key(result.get("backend", "?"))] = {**{k: result.get(k) for k in RECORDED_KEYS}, "passed": bool(result["passed"]),
                           "source_sha256": spec.sha256, "recorded": now_iso()}
     write_json_atomic(side_p, side)
     return side_p
 
 
 # --------------------------------------------------------------------------- trust
+def verdict_key(backend: str) -> str:
+    """Where ``backend``'s verdict lives in its export's sidecar: ``validation``, or the backend's
+    own key when it runs a file another runtime also runs (OpenVINO on the ONNX exports)."""
+    from segengine.engine import backends as registry
+
+    return getattr(registry.backend_class(backend), "verdict_key", DEFAULT_VERDICT_KEY)
+
+
 def why_untrusted(spec: ModelSpec, backend: str) -> str | None:
     """None when ``backend`` has a recorded PASS that still holds for ``spec``, else why not."""
     from segengine.engine import backends as registry
@@ -209,7 +218,7 @@ def why_untrusted(spec: ModelSpec, backend: str) -> str | None:
         export_sha = _export_sha256(spec, kind)
     except ModelError as exc:
         return str(exc)
-    v = (spec.sidecar(kind) or {}).get("validation") or {}
+    v = (spec.sidecar(kind) or {}).get(verdict_key(backend)) or {}
     checks = [
         (bool(v), "no verdict recorded (segengine validate --record)"),
         (v.get("passed") is True, "its recorded verdict is FAIL"),
@@ -218,4 +227,8 @@ def why_untrusted(spec: ModelSpec, backend: str) -> str | None:
         (v.get("export_sha256") == export_sha, "its verdict is for another export file"),
         (v.get("tolerances") == tolerances_for(cls.precision), f"its verdict used other tolerances than {cls.precision}'s"),
     ]
-    return next((f"{backend}: {why}" for ok, why in checks if not ok), None)
+    why = next((f"{backend}: {why}" for ok, why in checks if not ok), None)
+    if why is None and hasattr(cls, "verdict_mismatch"):  # numerics that depend on this CPU (OpenVINO's bf16)
+        mismatch = cls.verdict_mismatch(v)
+        why = f"{backend}: {mismatch}" if mismatch else None
+    return why

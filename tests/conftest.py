@@ -40,6 +40,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _backend_speed_cache(tmp_path_factory):
+    """auto's measured ms/slice (engine/speed.py) go to a private folder, never the user's ~/.cache."""
+    os.environ["SEGENGINE_CACHE_DIR"] = str(tmp_path_factory.mktemp("speed-cache"))
+
+
 @pytest.fixture(scope="session")
 def kaggle_root(tmp_path_factory) -> Path:
     """DEST/kaggle_3m with three real patients as uncompressed .tif (what users have)."""

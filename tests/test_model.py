@@ -50,7 +50,7 @@ def test_exports_are_current_and_trusted(spec):
         recomputed = means["abs_delta_dsc"] <= tol["max_abs_delta_dsc"] and means["agreement"] >= tol["min_agreement"]
         assert recomputed and verdict["passed"] == recomputed and verdict["patients_count"] == 10
         assert abs(means["dsc_backend"] - means["dsc_against"]) <= tol["max_abs_delta_dsc"]
-    assert registry.resolve("auto", spec) in ("onnxruntime", "onnxruntime-int8", "tensorrt")
+    assert registry.resolve("auto", spec) in registry.AUTO_CANDIDATES  # the fastest measured here (engine/speed.py)
     all_models = [p for p in spec.weights.parent.iterdir() if p.name.startswith(spec.name)]
     assert sum(p.stat().st_size for p in all_models) < 60e6
 

@@ -10,12 +10,15 @@ REGISTRY: dict[str, str] = {
     "onnxruntime": "segengine.engine.backends.onnxruntime_backend:OnnxRuntimeBackend",
     "onnxruntime-int8": "segengine.engine.backends.onnxruntime_backend:OnnxRuntimeInt8Backend",
     "onnxruntime-fp16": "segengine.engine.backends.onnxruntime_backend:OnnxRuntimeFp16Backend",  # numerics; never auto
+    "openvino": "segengine.engine.backends.openvino_backend:OpenVinoBackend",
+    "openvino-int8": "segengine.engine.backends.openvino_backend:OpenVinoInt8Backend",
     "tensorrt": "segengine.engine.backends.tensorrt_backend:TensorRTBackend",
     "triton": "segengine.engine.backends.triton_backend:TritonBackend",  # remote; never picked by auto
 }
 NAMES = ["auto", *REGISTRY]
-# Fastest first, as measured by `segengine bench` on CPU (README); tensorrt wins where present.
-AUTO_ORDER = ["tensorrt", "onnxruntime-int8", "onnxruntime", "torch"]
+# What auto chooses among, by ms/slice measured on this CPU (engine/speed.py), once trusted and
+# available; torch, the reference of every verdict, when none of them is.
+AUTO_CANDIDATES = ["tensorrt", "openvino-int8", "openvino", "onnxruntime-int8", "onnxruntime"]
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -45,9 +48,10 @@ def availability(spec=None) -> dict[str, str | None]:
     return {name: why_unavailable(name, spec) for name in REGISTRY}
 
 
-def resolve(name: str, spec) -> str:
-    """Turn ``auto`` into the fastest backend that is available and has a trusted verdict for ``spec``
-    (for an ensemble or TTA plan: for every member model)."""
+def resolve(name: str, spec, threads: int | None = None) -> str:
+    """Turn ``auto`` into the fastest backend on this CPU (measured ms/slice at ``threads``) among
+    those available with a trusted verdict for ``spec`` (for an ensemble or TTA plan: for every
+    member model); torch when none is."""
     from segengine.engine.ensemble import members_of
 
     if name != "auto":
@@ -58,9 +62,16 @@ def resolve(name: str, spec) -> str:
         return name
     from segengine.engine.verdict import why_untrusted
 
-    for candidate in AUTO_ORDER:
-        if why_unavailable(candidate, spec) is None and all(why_untrusted(m, candidate) is None for m in members_of(spec)):
-            return candidate
+    from segengine.engine.speed import fastest
+
+    trusted = [c for c in AUTO_CANDIDATES
+               if why_unavailable(c, spec) is None and all(why_untrusted(m, c) is None for m in members_of(spec))]
+    # the members of a plan share one architecture: the first one's timings stand for all
+    picked = fastest(members_of(spec)[0], trusted, threads, create=backend_class) if trusted else None
+    if picked:
+        return picked
+    if why_unavailable("torch", spec) is None:
+        return "torch"
     raise BackendUnavailable("no backend is available (install torch or onnxruntime)")
 
 
@@ -68,7 +79,7 @@ def create(name: str, spec, threads: int | None = None) -> Backend:
     """One runner for a model; an averaging runner over one runner per member for a plan."""
     from segengine.engine.ensemble import AveragingBackend, InferencePlan
 
-    name = resolve(name, spec)
+    name = resolve(name, spec, threads)
     if isinstance(spec, InferencePlan):
         return AveragingBackend(spec, [backend_class(name)(m, threads=threads) for m in spec.members])
     return backend_class(name)(spec, threads=threads)
