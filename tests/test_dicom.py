@@ -327,6 +327,44 @@ def _truncated_pixels(study, f):
     path.write_bytes(path.read_bytes()[:-5000])
 
 
+def _raw(paths, tag: int, vr: str, text: bytes):
+    """Write a header value as raw bytes, as a broken exporter would (pydicom validates what it is given)."""
+    from pydicom.dataelem import RawDataElement
+
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds[tag] = RawDataElement(pydicom.tag.Tag(tag), vr, len(text), text, 0, False, True)
+        ds.save_as(p, enforce_file_format=True)
+
+
+def _rescale_slope_zero(study, f):  # every stored value would map to the intercept: no image at all
+    _edit(_mine(study, f)["flair"][3:4], RescaleSlope=0, RescaleIntercept=0)
+
+
+def _rescale_slope_nan(study, f):  # would turn the whole series into NaN, then into a black volume
+    _raw(_mine(study, f)["flair"][3:4], 0x00281053, "DS", b"NaN ")
+
+
+def _frames_not_a_number(study, f):
+    _raw(_mine(study, f)["flair"][3:4], 0x00280008, "IS", b"xx")
+
+
+def _bits_stored_above_bits_allocated(study, f):  # an inconsistent header: which bits are the value?
+    _edit(_mine(study, f)["flair"][3:4], BitsStored=20, HighBit=19)
+
+
+def _post_in_another_frame_of_reference(study, f):  # same numbers, another patient coordinate system
+    _edit(_mine(study, f)["post"], FrameOfReferenceUID=pydicom.uid.generate_uid())
+
+
+def _flair_mixes_frames_of_reference(study, f):
+    _edit(_mine(study, f)["flair"][:5], FrameOfReferenceUID=pydicom.uid.generate_uid())
+
+
+def _escape_sequence_in_modality(study, f):  # a crafted header must not drive the user's terminal
+    _edit([p for ps in _mine(study, f).values() for p in ps] + sorted((f / "001").iterdir()), Modality="\x1b[2J")
+
+
 def _only_a_readme(study, f):
     shutil.rmtree(f)
     f.mkdir()
@@ -350,6 +388,13 @@ BAD_STUDIES = [
     (lambda s, f: None, ["--series", "flair=none"], "FLAIR is required"),
     (lambda s, f: None, ["--max-slices", "10"], "axial slices, more than the limit of 10"),
     (_only_a_readme, [], "accepted: Kaggle slices"),
+    (_rescale_slope_zero, [], "RescaleSlope 0"),
+    (_rescale_slope_nan, [], "RescaleSlope nan"),
+    (_frames_not_a_number, [], "NumberOfFrames 'xx' is not a number"),
+    (_bits_stored_above_bits_allocated, [], "BitsStored 20 of BitsAllocated 16"),
+    (_post_in_another_frame_of_reference, [], "does not share the FLAIR series' grid (another frame of reference"),
+    (_flair_mixes_frames_of_reference, [], "mixes frames of reference"),
+    (_escape_sequence_in_modality, [], "no MR series (modality \\x1b[2J)"),
 ]
 
 
@@ -366,6 +411,7 @@ def test_bad_study_is_one_line_and_exit_2(small_study, tmp_path, make, flags, wo
     res = _run(["--patient", str(folder), "--out", str(out), *flags])
     assert res.exit_code == 2, res.output
     assert res.output.count("\n") == 1 and res.output.startswith("segengine: error: ") and words in res.output, res.output
+    assert res.output.isascii() and "\x1b" not in res.output  # header text is escaped, never sent to the terminal raw
     assert not out.exists() or [p.name for p in out.iterdir()] in ([], ["index.html"])  # nothing partial
     assert tree_hashes(folder) == before
 
