@@ -117,6 +117,10 @@ class Series:
         return f"series {self.description or '(no description)'!r} ({_shown(self.uid)})"
 
 
+# header values longer than this are skipped while reading (pydicom's defer_size) and dropped:
+# segengine reads only short ones (UIDs, descriptions, positions), and the plan keeps every
+# image's header, so a vendor's private blob (or a crafted 2 GiB one) must not be held in memory
+DEFER_BYTES = 4096
 NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit / explicit VR little endian, uncompressed
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 
@@ -138,12 +142,27 @@ def _read_header(path: Path):
             if fh.read(DICM_OFFSET + 4)[DICM_OFFSET:] != b"DICM":
                 return None
             fh.seek(0)
-            ds = pydicom.dcmread(fh, stop_before_pixels=True)
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=DEFER_BYTES)
             offset = fh.tell()
+            _drop_deferred(ds)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
         raise DicomError(f"{path}: not a readable DICOM file ({_first_line(exc)})") from None
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
     return ds, (offset if syntax in NATIVE_LE else None)
+
+
+def _drop_deferred(ds) -> None:
+    """Remove the values pydicom skipped (defer_size): they would be re-read through the closed
+    descriptor this file was parsed from, and none of them is one segengine or the SEG needs."""
+    from pydicom.dataelem import RawDataElement
+
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag, keep_deferred=True)
+        if isinstance(elem, RawDataElement) and elem.value is None and elem.length:
+            del ds[tag]
+        elif elem.VR in ("SQ", None) and ds[tag].VR == "SQ":  # None: implicit VR, known once converted
+            for item in ds[tag].value:
+                _drop_deferred(item)
 
 
 def _first_line(exc: BaseException) -> str:

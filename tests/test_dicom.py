@@ -426,6 +426,29 @@ def test_of_several_post_series_the_one_on_the_flair_grid_is_taken(small_study, 
     assert "T1 POST GD 2" in {s.description for s in plan.ignored}
 
 
+def test_large_private_values_are_not_kept_with_the_headers(small_study, tmp_path):
+    """The plan keeps every image's header (up to 20000 files): a 32 MiB private value in one of them
+    must be skipped on reading, not held in memory; the study still reads the same."""
+    import tracemalloc
+
+    src, study = small_study
+    folder = tmp_path / "study"
+    shutil.copytree(src, folder)
+    path = _mine(study, folder)["flair"][4]
+    ds = pydicom.dcmread(path)
+    ds.add_new(0x00291010, "OB", bytes(32 * 2**20))  # e.g. a vendor's private blob before the pixels
+    ds.save_as(path, enforce_file_format=True)
+    del ds
+    tracemalloc.start()
+    try:
+        plan_study(folder)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB held while planning"
+    np.testing.assert_array_equal(read_patient(folder).image, read_patient(src).image)
+
+
 def test_empty_mask_gives_a_valid_seg_of_empty_frames(small_study, tmp_path, capfd):
     import highdicom as hd
 
