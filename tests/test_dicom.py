@@ -136,23 +136,11 @@ def mixed(kaggle_root, tmp_path_factory):
     return root, out, studies
 
 
-def _seg_volume(seg_path: Path, study) -> tuple[np.ndarray, object]:
+def _seg_volume(seg_path: Path, study, shape: tuple[int, int, int]) -> tuple[np.ndarray, object]:
     """The SEG as Kaggle-layout slices, placed through each frame's referenced FLAIR instance (the study's own map)."""
     import highdicom as hd
 
-    seg = hd.seg.segread(seg_path)
-    n = len(study.slice_numbers)
-    first = pydicom.dcmread(study.files["flair"][0], stop_before_pixels=True)
-    h, w = (first.Columns, first.Rows) if study.in_plane == "transpose" else (first.Rows, first.Columns)
-    vol = np.zeros((n, h, w), bool)
-    refs = [f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-            for f in seg.PerFrameFunctionalGroupsSequence]
-    frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=refs, segment_numbers=[1])[..., 0]
-    for uid, frame in zip(refs, frames):
-        seq, number = study.sop_to_slice[uid]
-        assert seq == "flair"
-        vol[study.slice_numbers.index(number)] = study.frame_to_kaggle(frame) > 0
-    return vol, seg
+    return study.seg_on_kaggle_slices(seg_path, shape), hd.seg.segread(seg_path)
 
 
 @pytest.mark.parametrize("case", ["dcm_flat", "dcm_oblique"])
@@ -161,7 +149,7 @@ def test_dicom_study_segments_like_its_tif_folder_through_the_seg(mixed, case):
     study, patient = studies[case], VAL_PATIENTS[0]
     tif = _stack_masks(out / patient, patient)
     assert tif.sum() > 1000  # a real tumor, not two empty masks
-    seg_vol, seg = _seg_volume(out / case / f"{case}_seg.dcm", study)
+    seg_vol, seg = _seg_volume(out / case / f"{case}_seg.dcm", study, tif.shape)
     assert _dice(seg_vol, tif) >= 0.99
     # the SEG: binary, one coded segment, the study's frame of reference, only FLAIR instances referenced
     flair = [pydicom.dcmread(f, stop_before_pixels=True) for f in study.files["flair"]]
