@@ -99,7 +99,9 @@ def is_dicom_study(path: Path) -> bool:
 
 
 def study_id(path: Path) -> str:
-    return Path(path).name
+    """The study folder's name, taken from the absolute path: ``--patient .`` inside a study has
+    no name of its own ("" would make OUT/<id> OUT itself)."""
+    return Path(os.path.abspath(path)).name
 
 
 # ---------------------------------------------------------------- headers

@@ -437,6 +437,17 @@ def test_large_private_values_are_not_kept_with_the_headers(small_study, tmp_pat
     np.testing.assert_array_equal(read_patient(folder).image, read_patient(src).image)
 
 
+@pytest.mark.parametrize("given", [".", "./", "../study/."])
+def test_study_given_as_dot_is_named_after_its_folder(small_study, monkeypatch, given):
+    """`--patient .` inside a study: the id is the folder's name, never "" (OUT/"" is OUT itself)."""
+    from segengine.engine.patient_job import patient_id_of
+
+    src, _ = small_study
+    monkeypatch.chdir(src)
+    assert patient_id_of(Path(given)) == "study"
+    assert read_patient(Path(given)).patient_id == "study"
+
+
 def test_empty_mask_gives_a_valid_seg_of_empty_frames(small_study, tmp_path, capfd):
     import highdicom as hd
 
