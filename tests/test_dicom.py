@@ -495,6 +495,22 @@ def test_study_without_frame_of_reference_keeps_its_results_and_says_why_there_i
     assert not (result / "study_seg.dcm").exists() and (result / "study_mask.nii.gz").exists()
 
 
+def test_disk_full_while_writing_the_seg_fails_the_patient_not_only_its_seg(small_study, tmp_path, monkeypatch):
+    """A SEG that highdicom refuses is a warning; a full disk is not: nothing of the patient is kept."""
+    import errno
+
+    import highdicom as hd
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hd.seg.Segmentation, "save_as", full)
+    src, _ = small_study
+    res = _run(["--patient", str(src), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 1 and "no space left on device" in res.output and "warning" not in res.output, res.output
+    assert not (tmp_path / "out" / "study").exists()
+
+
 def test_ray_workers_get_the_series_choice_and_write_the_seg_and_probabilities(small_study, ray_cluster, tmp_path):
     """--series, --spacing and --save-probabilities travel to Ray workers with the limits (options.RunOptions)."""
     src, study = small_study
