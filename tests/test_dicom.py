@@ -528,6 +528,17 @@ def test_ray_workers_get_the_series_choice_and_write_the_seg_and_probabilities(s
     assert (out / "study" / "study_seg.dcm").is_file() and (out / "study" / "study_prob.nii.gz").is_file()
 
 
+def test_distance_unit_from_a_report_is_escaped_in_the_review_pages(tmp_path):
+    """Pages are re-rendered from report.json, which may have been edited by hand: the HD95 unit is text, not HTML."""
+    from segengine.engine.review_page import index_html, patient_html
+
+    report = {"slices": 3, "metrics": {"dsc": 0.5, "hd95": 2.0}, "distance_unit": "<script>alert(1)</script>"}
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "report.json").write_text(json.dumps(report))
+    for page in (index_html(tmp_path, refresh_patients=False)[0], patient_html("p", report)):
+        assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)" in page
+
+
 # ------------------------------------------------------------------ nnU-Net naming refused with one line
 def _nnunet_folder(tmp_path, names, dataset=None):
     case = tmp_path / "case"
