@@ -22,12 +22,17 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, BinaryIO, ClassVar, Iterator
 
 import numpy as np
 
 from segengine.engine.io import DEFAULT_LIMITS, SLICE_NAME, DataError, PatientVolume, SliceLimitError, SliceLimits
 from segengine.engine.nifti_io import MAX_VOXELS, SEQUENCES, NiftiGrid, check_limits, to_uint8
+
+if TYPE_CHECKING:  # heavy imports stay inside the functions that need them
+    import highdicom as hd
+    import nibabel as nib
+    from pydicom import Dataset
 
 DICM_OFFSET = 128
 MAX_DEPTH = 4  # study/series/... folders below the given one that are searched for files
@@ -46,7 +51,7 @@ class DicomError(DataError):
 
 
 # ---------------------------------------------------------------- finding the files
-def _open_regular(path: Path):
+def _open_regular(path: Path) -> BinaryIO | None:
     """An open binary file if ``path`` is a regular file (symlinks followed), else None.
 
     Opened non-blocking and checked on the descriptor, so a FIFO or device is never read.
@@ -74,7 +79,7 @@ def _is_dicom_file(path: Path) -> bool:
     return head[DICM_OFFSET:] == b"DICM"
 
 
-def _walk(folder: Path):
+def _walk(folder: Path) -> Iterator[Path]:
     """Every file path under ``folder`` up to MAX_DEPTH, sorted, hidden entries skipped, links to folders not followed."""
     base = len(folder.parts)
     for root, dirs, files in os.walk(folder):
@@ -127,7 +132,7 @@ NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit / explicit 
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 
 
-def _read_header(path: Path):
+def _read_header(path: Path) -> tuple[Dataset, int | None] | None:
     """(dataset without pixels, file offset of its PixelData element or None), or None for a
     file that is not a regular DICOM Part-10 file (one open per file).
 
@@ -455,7 +460,7 @@ def check_series(s: Series, limits: SliceLimits) -> SeriesGrid:
 class _Header:
     """What nifti_io.check_limits reads: a shape and an affine."""
 
-    def __init__(self, shape, affine):
+    def __init__(self, shape: tuple[int, int, int], affine: np.ndarray) -> None:
         self.shape, self.affine = shape, affine
 
 
@@ -654,7 +659,7 @@ class DicomGrid(NiftiGrid):
         return np.ascontiguousarray(self.from_kaggle(np.asarray(mask, dtype=np.uint8)).transpose(2, 1, 0))
 
 
-def _nifti_header(affine: np.ndarray):
+def _nifti_header(affine: np.ndarray) -> nib.Nifti1Header:
     import nibabel as nib
 
     header = nib.Nifti1Header()
@@ -691,7 +696,10 @@ def read_dicom_study(folder: str | Path, with_mask: bool = True, limits: SliceLi
 
 
 # ---------------------------------------------------------------- DICOM SEG
-def segment_description(model_name: str, version: str):
+def segment_description(model_name: str, version: str) -> hd.seg.SegmentDescription:
+    """The SEG's one segment, coded (SCT Neoplasm, a morphologically abnormal structure of the
+    brain) rather than only labelled, so viewers and PACS can tell what it is without our text;
+    the algorithm identification names the model that produced it."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
