@@ -347,6 +347,8 @@ def _check_transfer_syntax(ds, path: Path) -> None:
     from pydicom.uid import UID
 
     uid = UID(str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "1.2.840.10008.1.2"))
+    if not uid.is_transfer_syntax:  # is_compressed would raise ValueError on it
+        raise DicomError(f"{path}: unknown transfer syntax {_shown(uid)}; export the study with a standard one")
     if not uid.is_compressed:
         return
     try:

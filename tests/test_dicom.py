@@ -265,6 +265,13 @@ def _compressed_without_decoder(study, f):
     ds.save_as(path, enforce_file_format=True)
 
 
+def _unknown_transfer_syntax(study, f):  # a private or mistyped syntax: not one pydicom knows
+    path = _mine(study, f)["flair"][2]
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4"
+    ds.save_as(path, enforce_file_format=True)
+
+
 def _multi_frame(study, f):
     _edit(_mine(study, f)["flair"][:1], NumberOfFrames=2)
 
@@ -364,6 +371,7 @@ BAD_STUDIES = [
     (_gap, [], "is missing slices: a gap of 6.60 mm"),
     (_two_at_one_position, [], "two images at one position"),
     (_compressed_without_decoder, [], "compressed as JPEG Lossless"),
+    (_unknown_transfer_syntax, [], "unknown transfer syntax 1.2.3.4"),
     (_multi_frame, [], "multi-frame image (2 frames) is not supported"),
     (_huge_header, [], "4000x4000 pixels a slice, larger than the limit of 1024"),
     (_ct, [], "no MR series (modality CT)"),
