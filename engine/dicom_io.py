@@ -190,7 +190,12 @@ def _header_number(ds, key: str, path: Path, default: float, kind: type = int) -
     pydicom keeps a malformed IS/DS value ("xx") as text and only warns, so the conversion
     here is where a broken exporter's header is refused with one line instead of a traceback.
     """
-    value = ds.get(key)
+    from pydicom.errors import BytesLengthException
+
+    try:
+        value = ds.get(key)  # converted here: a US of odd length or an IS of 1e999 raises
+    except (ValueError, OverflowError, BytesLengthException) as exc:
+        raise DicomError(f"{path}: {key} is unreadable ({_shown(_first_line(exc))[:100]})") from None
     if value is None or value == "":
         return default
     try:

@@ -345,6 +345,14 @@ def _frames_not_a_number(study, f):
     _raw(_mine(study, f)["flair"][3:4], 0x00280008, "IS", b"xx")
 
 
+def _rows_of_three_bytes(study, f):  # a US value of odd length: pydicom raises when it is read
+    _raw(_mine(study, f)["flair"][3:4], 0x00280010, "US", b"1\\2")
+
+
+def _frames_overflowing(study, f):  # IS that parses to infinity
+    _raw(_mine(study, f)["flair"][3:4], 0x00280008, "IS", b"1e999 ")
+
+
 def _bits_stored_above_bits_allocated(study, f):  # an inconsistent header: which bits are the value?
     _edit(_mine(study, f)["flair"][3:4], BitsStored=20, HighBit=19)
 
@@ -388,6 +396,8 @@ BAD_STUDIES = [
     (_rescale_slope_zero, [], "RescaleSlope 0"),
     (_rescale_slope_nan, [], "RescaleSlope nan"),
     (_frames_not_a_number, [], "NumberOfFrames 'xx' is not a number"),
+    (_rows_of_three_bytes, [], "Rows is unreadable"),
+    (_frames_overflowing, [], "NumberOfFrames is unreadable"),
     (_bits_stored_above_bits_allocated, [], "BitsStored 20 of BitsAllocated 16"),
     (_post_in_another_frame_of_reference, [], "does not share the FLAIR series' grid (another frame of reference"),
     (_flair_mixes_frames_of_reference, [], "mixes frames of reference"),
