@@ -585,6 +585,20 @@ def test_bad_nnunet_case_is_one_line_and_exit_2(tmp_path, names, dataset, words)
     assert res.exit_code == 2 and res.output.count("\n") == 1 and words in res.output, res.output
 
 
+ROLE_NAMES = [("FLAIR", "flair"), ("T2-FLAIR", "flair"), ("t2f", "flair"), ("T2", None), ("T1", "pre"), ("t1n", "pre"),
+              ("T1 pre-contrast", "pre"), ("T1_precontrast", "pre"), ("T1 non-contrast", "pre"), ("T1 native", "pre"),
+              ("T1_SPACE", "pre"), ("MPRAGE", "pre"), ("T1 FLAIR", "pre"), ("T1Gd", "post"), ("T1ce", "post"),
+              ("T1_ce", "post"), ("T1w_ce", "post"), ("t1c", "post"), ("T1+C", "post"), ("T1 post-contrast", "post"), ("T1 contrast", "post")]
+
+
+@pytest.mark.parametrize("name, role", ROLE_NAMES, ids=[n for n, _ in ROLE_NAMES])
+def test_dataset_json_channel_names_map_to_roles(name, role):
+    """A pre-contrast T1 named "pre-contrast" must not become the post-contrast channel (the word "contrast")."""
+    from segengine.engine.nnunet_io import role_of
+
+    assert role_of(name) == role
+
+
 def test_flat_nnunet_folder_lists_one_patient_per_case_and_a_lone_channel_name_stays_a_4d_case(tmp_path):
     from segengine.engine.io import list_patients
     from segengine.engine.patient_job import patient_id_of
