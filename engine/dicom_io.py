@@ -230,6 +230,9 @@ def scan_study(folder: Path) -> list[Series]:
 # ---------------------------------------------------------------- which series is which
 FLAIR_WORDS = re.compile(r"flair|dark[\s_-]*fluid|tirm", re.IGNORECASE)
 T1_WORDS = re.compile(r"t1|mprage|spgr|bravo|tfe", re.IGNORECASE)
+# checked before POST_WORDS: "PRE CONTRAST", "W/O GAD" name the contrast they were taken without
+PRE_WORDS = re.compile(r"\bpre\b|pre[\s_-]*contrast|\bnon[\s_-]*contrast|w/o|without|\bnative\b|\bnon[\s_-]*gd\b",
+                       re.IGNORECASE)
 POST_WORDS = re.compile(r"post|gad|\bgd\b|contrast|\+\s*c\b|\bc\s*\+|\bce\b|t1c|\+gd", re.IGNORECASE)
 LOCALIZER_WORDS = re.compile(r"locali[sz]er|scout|survey|3[\s-]*plane|\bloc\b", re.IGNORECASE)
 
@@ -257,6 +260,8 @@ def classify(s: Series) -> str | None:
     if not t1 and (FLAIR_WORDS.search(text) or long_ir):
         return "flair"
     if t1:
+        if PRE_WORDS.search(text):
+            return "pre"
         contrast = bool(POST_WORDS.search(text)) or bool(str(ds.get("ContrastBolusAgent", "") or "").strip())
         return "post" if contrast else "pre"
     return None

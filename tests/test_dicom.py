@@ -87,6 +87,25 @@ def test_encodings_read_back_the_same_slices(small_study, tmp_path, encode):
     np.testing.assert_array_equal(read_patient(folder).image, expected)
 
 
+SERIES_NAMES = [("AX FLAIR", "flair"), ("AX T2 FLAIR", "flair"), ("SAG T1 FLAIR", "pre"), ("AX T1 SE", "pre"),
+                ("AX T1 PRE CONTRAST", "pre"), ("AX T1 PRE-CONTRAST", "pre"), ("AX T1 NON-CONTRAST", "pre"),
+                ("AX T1 W/O CONTRAST", "pre"), ("AX T1 W/O GAD", "pre"), ("T1 SE WITHOUT GD", "pre"), ("T1 PRE GD", "pre"),
+                ("AX T1 POST", "post"), ("AX T1+C", "post"), ("AX T1 POST CONTRAST", "post"), ("T1 MPRAGE GAD", "post"),
+                ("AX T1 W/ CONTRAST", "post"), ("3-PLANE LOC", None), ("AX T2", None)]
+
+
+@pytest.mark.parametrize("description, role", SERIES_NAMES, ids=[d for d, _ in SERIES_NAMES])
+def test_series_descriptions_map_to_roles(description, role):
+    """A pre-contrast T1 described as "PRE CONTRAST" or "W/O GAD" must not be taken for the post-contrast series."""
+    from pydicom.dataset import Dataset
+
+    from segengine.engine.dicom_io import Series, classify
+
+    ds = Dataset()
+    ds.SeriesDescription = description
+    assert classify(Series("1.2.3", description, "MR", headers=[ds])) == role
+
+
 def test_flair_only_study_fills_pre_and_post_with_flair(kaggle_root, tmp_path):
     kaggle = read_patient(kaggle_root / TRAIN_PATIENT)
     make_study(kaggle_root / TRAIN_PATIENT, tmp_path / "study", sequences=("flair",))
