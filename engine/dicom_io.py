@@ -14,6 +14,7 @@ instances, frame by frame, so viewers overlay it on the images it was computed f
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import re
@@ -132,6 +133,16 @@ NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit / explicit 
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 
 
+@functools.cache
+def _quiet_pydicom() -> None:
+    """Silence pydicom's UserWarnings (two stderr lines each, about header values it cannot
+    validate or decode) for this process: the values segengine uses are checked here and
+    refused with one line, and the warnings would stand between the user and that line."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+
+
 def _read_header(path: Path) -> tuple[Dataset, int | None] | None:
     """(dataset without pixels, file offset of its PixelData element or None), or None for a
     file that is not a regular DICOM Part-10 file (one open per file).
@@ -141,6 +152,7 @@ def _read_header(path: Path) -> tuple[Dataset, int | None] | None:
     """
     import pydicom
 
+    _quiet_pydicom()
     fh = _open_regular(path)
     if fh is None:
         return None

@@ -442,6 +442,21 @@ def test_bad_study_is_one_line_and_exit_2(small_study, tmp_path, make, flags, wo
     assert tree_hashes(folder) == before
 
 
+def test_refusal_of_a_malformed_header_is_one_line_on_a_real_stderr(small_study, tmp_path):
+    """pydicom warns (to stderr, two lines) about a value it cannot validate; the user sees only our line.
+    A subprocess, because pytest captures warnings that CliRunner would otherwise show."""
+    src, study = small_study
+    folder = tmp_path / "study"
+    shutil.copytree(src, folder)
+    _frames_not_a_number(study, folder)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    res = subprocess.run([sys.executable, "-m", "segengine.engine.cli", "run", "--patient", str(folder), "--out",
+                          str(tmp_path / "out"), "--model", str(MODEL), "--threads", "1"],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 2 and res.stdout == "", res
+    assert res.stderr.count("\n") == 1 and "NumberOfFrames 'xx' is not a number" in res.stderr, res.stderr
+
+
 def test_of_several_post_series_the_one_on_the_flair_grid_is_taken(small_study, tmp_path):
     src, study = small_study
     folder = tmp_path / "study"
