@@ -20,24 +20,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def seg_on_kaggle_slices(seg_path: Path, study, shape) -> "np.ndarray":
-    import highdicom as hd
-    import numpy as np
-
-    seg = hd.seg.segread(seg_path)
-    vol = np.zeros(shape, bool)
-    refs = [f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-            for f in seg.PerFrameFunctionalGroupsSequence]
-    if refs:
-        frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=refs, segment_numbers=[1])[..., 0]
-        for uid, frame in zip(refs, frames):
-            seq, number = study.sop_to_slice[uid]
-            if seq != "flair":
-                raise AssertionError(f"SEG frame references a {seq} image")
-            vol[study.slice_numbers.index(number)] = study.frame_to_kaggle(frame) > 0
-    return vol
-
-
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO / "tests"))
     from dicom_study import make_study
@@ -66,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             vol = read_patient(study.folder)
             seg_path = Path(tmp) / f"{folder.name}_seg.dcm"
             write_seg(seg_path, vol.source_grid, segment(vol, backend).mask)
-            got = seg_on_kaggle_slices(seg_path, study, ref.shape)
+            got = study.seg_on_kaggle_slices(seg_path, ref.shape)
             rows.append({"patient": folder.name, "dice": float(dsc(got, ref)), "tif_voxels": int(ref.sum()),
                          "seg_voxels": int(got.sum())})
             print(f"{folder.name}: Dice(SEG, tif) {rows[-1]['dice']:.4f} ({rows[-1]['seg_voxels']} vs "

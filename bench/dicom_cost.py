@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO / "tests"))
     from dicom_study import make_study
 
+    from segengine.bench.machine import describe_cpu, machine_info
     from segengine.engine import dicom_io
     from segengine.engine.evaluate import select_patients
     from segengine.engine.io import read_patient
@@ -71,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     result = {"patients": rows, "median_extra_s": statistics.median(r["extra_s"] for r in rows),
               "max_extra_s": max(r["extra_s"] for r in rows), "import_pydicom_highdicom_s": _import_s(),
-              "repeats": args.repeats}
+              "repeats": args.repeats, "cpu": describe_cpu(machine_info())}  # every speed figure names its CPU
     print(f"{len(rows)} patients: extra per patient median {result['median_extra_s']:.3f} s, max "
           f"{result['max_extra_s']:.3f} s; import of pydicom+highdicom {result['import_pydicom_highdicom_s']:.2f} s "
-          "once per process")
+          f"once per process; {result['cpu']}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

@@ -14,6 +14,7 @@ instances, frame by frame, so viewers overlay it on the images it was computed f
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import re
@@ -22,12 +23,17 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, BinaryIO, ClassVar, Iterator
 
 import numpy as np
 
 from segengine.engine.io import DEFAULT_LIMITS, SLICE_NAME, DataError, PatientVolume, SliceLimitError, SliceLimits
 from segengine.engine.nifti_io import MAX_VOXELS, SEQUENCES, NiftiGrid, check_limits, to_uint8
+
+if TYPE_CHECKING:  # heavy imports stay inside the functions that need them
+    import highdicom as hd
+    import nibabel as nib
+    from pydicom import Dataset
 
 DICM_OFFSET = 128
 MAX_DEPTH = 4  # study/series/... folders below the given one that are searched for files
@@ -46,7 +52,7 @@ class DicomError(DataError):
 
 
 # ---------------------------------------------------------------- finding the files
-def _open_regular(path: Path):
+def _open_regular(path: Path) -> BinaryIO | None:
     """An open binary file if ``path`` is a regular file (symlinks followed), else None.
 
     Opened non-blocking and checked on the descriptor, so a FIFO or device is never read.
@@ -74,7 +80,7 @@ def _is_dicom_file(path: Path) -> bool:
     return head[DICM_OFFSET:] == b"DICM"
 
 
-def _walk(folder: Path):
+def _walk(folder: Path) -> Iterator[Path]:
     """Every file path under ``folder`` up to MAX_DEPTH, sorted, hidden entries skipped, links to folders not followed."""
     base = len(folder.parts)
     for root, dirs, files in os.walk(folder):
@@ -99,7 +105,9 @@ def is_dicom_study(path: Path) -> bool:
 
 
 def study_id(path: Path) -> str:
-    return Path(path).name
+    """The study folder's name, taken from the absolute path: ``--patient .`` inside a study has
+    no name of its own ("" would make OUT/<id> OUT itself)."""
+    return Path(os.path.abspath(path)).name
 
 
 # ---------------------------------------------------------------- headers
@@ -114,14 +122,28 @@ class Series:
 
     @property
     def label(self) -> str:
-        return f"series {self.description or '(no description)'!r} ({self.uid})"
+        return f"series {self.description or '(no description)'!r} ({_shown(self.uid)})"
 
 
+# header values longer than this are skipped while reading (pydicom's defer_size) and dropped:
+# segengine reads only short ones (UIDs, descriptions, positions), and the plan keeps every
+# image's header, so a vendor's private blob (or a crafted 2 GiB one) must not be held in memory
+DEFER_BYTES = 4096
 NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit / explicit VR little endian, uncompressed
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 
 
-def _read_header(path: Path):
+@functools.cache
+def _quiet_pydicom() -> None:
+    """Silence pydicom's UserWarnings (two stderr lines each, about header values it cannot
+    validate or decode) for this process: the values segengine uses are checked here and
+    refused with one line, and the warnings would stand between the user and that line."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+
+
+def _read_header(path: Path) -> tuple[Dataset, int | None] | None:
     """(dataset without pixels, file offset of its PixelData element or None), or None for a
     file that is not a regular DICOM Part-10 file (one open per file).
 
@@ -130,6 +152,7 @@ def _read_header(path: Path):
     """
     import pydicom
 
+    _quiet_pydicom()
     fh = _open_regular(path)
     if fh is None:
         return None
@@ -138,17 +161,59 @@ def _read_header(path: Path):
             if fh.read(DICM_OFFSET + 4)[DICM_OFFSET:] != b"DICM":
                 return None
             fh.seek(0)
-            ds = pydicom.dcmread(fh, stop_before_pixels=True)
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=DEFER_BYTES)
             offset = fh.tell()
+            _drop_deferred(ds)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
         raise DicomError(f"{path}: not a readable DICOM file ({_first_line(exc)})") from None
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
     return ds, (offset if syntax in NATIVE_LE else None)
 
 
+def _drop_deferred(ds) -> None:
+    """Remove the values pydicom skipped (defer_size): they would be re-read through the closed
+    descriptor this file was parsed from, and none of them is one segengine or the SEG needs."""
+    from pydicom.dataelem import RawDataElement
+
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag, keep_deferred=True)
+        if isinstance(elem, RawDataElement) and elem.value is None and elem.length:
+            del ds[tag]
+        elif elem.VR in ("SQ", None) and ds[tag].VR == "SQ":  # None: implicit VR, known once converted
+            for item in ds[tag].value:
+                _drop_deferred(item)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _shown(value: object) -> str:
+    """Header text as it may appear in a one-line error: escape sequences and other control
+    characters written out (``\\x1b``), so a crafted header cannot drive the user's terminal."""
+    text = str(value)[:120]
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def _header_number(ds, key: str, path: Path, default: float, kind: type = int) -> float:
+    """A numeric header value (``default`` when absent or empty).
+
+    pydicom keeps a malformed IS/DS value ("xx") as text and only warns, so the conversion
+    here is where a broken exporter's header is refused with one line instead of a traceback.
+    """
+    from pydicom.errors import BytesLengthException
+
+    try:
+        value = ds.get(key)  # converted here: a US of odd length or an IS of 1e999 raises
+    except (ValueError, OverflowError, BytesLengthException) as exc:
+        raise DicomError(f"{path}: {key} is unreadable ({_shown(_first_line(exc))[:100]})") from None
+    if value is None or value == "":
+        return default
+    try:
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise DicomError(f"{path}: {key} {_shown(value)!r} is not a number") from None
 
 
 def scan_study(folder: Path) -> list[Series]:
@@ -177,6 +242,9 @@ def scan_study(folder: Path) -> list[Series]:
 # ---------------------------------------------------------------- which series is which
 FLAIR_WORDS = re.compile(r"flair|dark[\s_-]*fluid|tirm", re.IGNORECASE)
 T1_WORDS = re.compile(r"t1|mprage|spgr|bravo|tfe", re.IGNORECASE)
+# checked before POST_WORDS: "PRE CONTRAST", "W/O GAD" name the contrast they were taken without
+PRE_WORDS = re.compile(r"\bpre\b|pre[\s_-]*contrast|\bnon[\s_-]*contrast|w/o|without|\bnative\b|\bnon[\s_-]*gd\b",
+                       re.IGNORECASE)
 POST_WORDS = re.compile(r"post|gad|\bgd\b|contrast|\+\s*c\b|\bc\s*\+|\bce\b|t1c|\+gd", re.IGNORECASE)
 LOCALIZER_WORDS = re.compile(r"locali[sz]er|scout|survey|3[\s-]*plane|\bloc\b", re.IGNORECASE)
 
@@ -204,6 +272,8 @@ def classify(s: Series) -> str | None:
     if not t1 and (FLAIR_WORDS.search(text) or long_ir):
         return "flair"
     if t1:
+        if PRE_WORDS.search(text):
+            return "pre"
         contrast = bool(POST_WORDS.search(text)) or bool(str(ds.get("ContrastBolusAgent", "") or "").strip())
         return "post" if contrast else "pre"
     return None
@@ -218,7 +288,7 @@ def _number(ds, key: str) -> float:
 
 
 def _describe(series: list[Series]) -> str:
-    return ", ".join(f"{s.description or '(no description)'!r} ({s.uid})" for s in series)
+    return ", ".join(f"{s.description or '(no description)'!r} ({_shown(s.uid)})" for s in series)
 
 
 def choose_series(folder: Path, series: list[Series], overrides: dict[str, str] | None = None) -> dict[str, list[Series]]:
@@ -253,13 +323,13 @@ def choose_series(folder: Path, series: list[Series], overrides: dict[str, str] 
             chosen[role] = hits
     if "flair" not in chosen:
         if not any(s.modality == "MR" for s in series):
-            kinds = ", ".join(sorted({s.modality or "none" for s in series}))
+            kinds = ", ".join(sorted({_shown(s.modality) or "none" for s in series}))
             raise DicomError(f"{folder}: no MR series (modality {kinds}); segengine segments brain MR only")
         raise DicomError(f"{folder}: no FLAIR series found among {_describe(series)}; name it with "
                          "--series flair=<uid or description>")
     for role, (s, *_) in chosen.items():
         if s.modality != "MR":
-            raise DicomError(f"{folder}: {s.label} chosen as {role} has modality {s.modality or 'none'}, expected MR")
+            raise DicomError(f"{folder}: {s.label} chosen as {role} has modality {_shown(s.modality) or 'none'}, expected MR")
     return chosen
 
 
@@ -276,6 +346,7 @@ class SeriesGrid:
     spacing: np.ndarray  # (2,) PixelSpacing: between rows, between columns
     positions: np.ndarray  # (n, 3) ImagePositionPatient in order
     affine: np.ndarray  # (4, 4) RAS
+    frame_of_reference: str = ""  # FrameOfReferenceUID: positions of two series compare only within one
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -298,6 +369,8 @@ def _check_transfer_syntax(ds, path: Path) -> None:
     from pydicom.uid import UID
 
     uid = UID(str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "1.2.840.10008.1.2"))
+    if not uid.is_transfer_syntax:  # is_compressed would raise ValueError on it
+        raise DicomError(f"{path}: unknown transfer syntax {_shown(uid)}; export the study with a standard one")
     if not uid.is_compressed:
         return
     try:
@@ -309,23 +382,52 @@ def _check_transfer_syntax(ds, path: Path) -> None:
                          "(install pylibjpeg with its plugins, or export the study uncompressed)")
 
 
+def _check_pixel_encoding(ds, path: Path) -> None:
+    """Bits and rescale that decode to one meaningful value per pixel, checked before any pixel is read.
+
+    A slope of 0 or NaN would turn the image into a constant (a black FLAIR, segmented
+    without complaint); BitsStored above BitsAllocated leaves which bits hold the value open.
+    """
+    bits = _header_number(ds, "BitsAllocated", path, 16)
+    if bits not in (8, 16, 32):
+        raise DicomError(f"{path}: {bits}-bit pixels are not supported")
+    stored = _header_number(ds, "BitsStored", path, bits)
+    if not 1 <= stored <= bits:
+        raise DicomError(f"{path}: BitsStored {stored} of BitsAllocated {bits}: an inconsistent header")
+    if _header_number(ds, "PixelRepresentation", path, 0) not in (0, 1):
+        raise DicomError(f"{path}: PixelRepresentation {_shown(ds.get('PixelRepresentation'))} is neither 0 "
+                         "(unsigned) nor 1 (signed)")
+    slope, intercept = _rescale(ds, path)
+    if slope == 0 or not np.isfinite(slope) or not np.isfinite(intercept):
+        raise DicomError(f"{path}: RescaleSlope {slope:g} / RescaleIntercept {intercept:g} give no usable image")
+
+
+def _rescale(ds, path: Path) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept), (1, 0) when absent (an absent slope is 1, a slope of 0 is not)."""
+    return (_header_number(ds, "RescaleSlope", path, 1.0, float),
+            _header_number(ds, "RescaleIntercept", path, 0.0, float))
+
+
 def check_series(s: Series, limits: SliceLimits) -> SeriesGrid:
     """Headers of one series: single-frame monochrome MR of one orientation, size and spacing,
     positions on one line without gaps; the limits checked on the display axes. No pixels."""
     n = len(s.files)
     first = s.files[0]
     for path, ds in zip(s.files, s.headers):
-        frames = int(ds.get("NumberOfFrames") or 1)
+        frames = _header_number(ds, "NumberOfFrames", path, 1)
         if frames > 1:
             raise DicomError(f"{path}: multi-frame image ({frames} frames) is not supported; export the series "
                              "as single-frame (classic) MR images")
-        if int(ds.get("SamplesPerPixel") or 1) != 1 or str(ds.get("PhotometricInterpretation", "MONOCHROME2")) \
-                not in ("MONOCHROME1", "MONOCHROME2"):
-            raise DicomError(f"{path}: color image ({ds.get('PhotometricInterpretation')}); expected grayscale MR")
-        if int(ds.get("BitsAllocated") or 16) not in (8, 16, 32):
-            raise DicomError(f"{path}: {ds.get('BitsAllocated')}-bit pixels are not supported")
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+        if _header_number(ds, "SamplesPerPixel", path, 1) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            raise DicomError(f"{path}: color image ({_shown(photometric)}); expected grayscale MR")
+        _check_pixel_encoding(ds, path)
         _check_transfer_syntax(ds, path)
-    rows = {(int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)) for ds in s.headers}
+    frames_of_reference = {str(ds.get("FrameOfReferenceUID", "") or "") for ds in s.headers}
+    if len(frames_of_reference) > 1:
+        raise DicomError(f"{first.parent}: {s.label} mixes frames of reference (images from several sessions or "
+                         "registrations): their positions cannot be compared")
+    rows = {(_header_number(ds, "Rows", p, 0), _header_number(ds, "Columns", p, 0)) for p, ds in zip(s.files, s.headers)}
     if len(rows) > 1:
         raise DicomError(f"{first.parent}: {s.label} mixes image sizes {sorted(rows)}")
     (r, c), = rows
@@ -338,7 +440,7 @@ def check_series(s: Series, limits: SliceLimits) -> SeriesGrid:
         raise DicomError(f"{first.parent}: {s.label} mixes or lacks pixel spacings")
     x, y = iops[0][:3], iops[0][3:]
     if abs(np.linalg.norm(x) - 1) > 1e-3 or abs(np.linalg.norm(y) - 1) > 1e-3 or abs(x @ y) > 1e-3:
-        raise DicomError(f"{first}: ImageOrientationPatient {list(iops[0])} is not two orthogonal unit vectors")
+        raise DicomError(f"{first}: ImageOrientationPatient {iops[0].tolist()} is not two orthogonal unit vectors")
     normal = np.cross(x, y)
     along = ipps @ normal
     order = [int(i) for i in np.argsort(along, kind="stable")]
@@ -364,13 +466,17 @@ def check_series(s: Series, limits: SliceLimits) -> SeriesGrid:
             raise DicomError(f"{first.parent}: {s.label}: image positions do not lie on one line (an inconsistent "
                              "oblique or several stacks)")
     else:
-        thickness = float(s.headers[0].get("SpacingBetweenSlices") or s.headers[0].get("SliceThickness") or 1.0)
+        ds = s.headers[0]  # one image: no second position, so the header's spacing is the slice step
+        thickness = abs(_header_number(ds, "SpacingBetweenSlices", first, 0.0, float)) or \
+            abs(_header_number(ds, "SliceThickness", first, 1.0, float))
+        if not 0 < thickness < np.inf:
+            raise DicomError(f"{first}: no valid SpacingBetweenSlices or SliceThickness for a one-image series")
         step_vec = normal * thickness
     dr, dc = spacings[0]
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = x * dc, y * dr, step_vec, ipps_sorted[0]
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS, the NIfTI convention
-    grid = SeriesGrid(s, order, r, c, iops[0], spacings[0], ipps_sorted, affine)
+    grid = SeriesGrid(s, order, r, c, iops[0], spacings[0], ipps_sorted, affine, frames_of_reference.pop())
     _check_size(grid, limits)
     return grid
 
@@ -378,7 +484,7 @@ def check_series(s: Series, limits: SliceLimits) -> SeriesGrid:
 class _Header:
     """What nifti_io.check_limits reads: a shape and an affine."""
 
-    def __init__(self, shape, affine):
+    def __init__(self, shape: tuple[int, int, int], affine: np.ndarray) -> None:
         self.shape, self.affine = shape, affine
 
 
@@ -401,6 +507,8 @@ def _check_size(grid: SeriesGrid, limits: SliceLimits) -> None:
 
 def _same_grid(a: SeriesGrid, b: SeriesGrid) -> str | None:
     """What differs between two series' grids, or None."""
+    if a.frame_of_reference and b.frame_of_reference and a.frame_of_reference != b.frame_of_reference:
+        return "another frame of reference: equal positions need not be the same place"
     if (a.rows, a.columns) != (b.rows, b.columns):
         return f"{b.columns}x{b.rows} images against {a.columns}x{a.rows}"
     if len(a.order) != len(b.order):
@@ -408,7 +516,7 @@ def _same_grid(a: SeriesGrid, b: SeriesGrid) -> str | None:
     if not np.allclose(a.orientation, b.orientation, atol=ORIENTATION_ATOL):
         return "another orientation"
     if not np.allclose(a.spacing, b.spacing, atol=1e-4):
-        return f"pixel spacing {list(b.spacing)} against {list(a.spacing)}"
+        return f"pixel spacing {b.spacing.tolist()} against {a.spacing.tolist()}"
     if not np.allclose(a.positions, b.positions, atol=POSITION_ATOL_MM):
         return "other slice positions"
     return None
@@ -500,8 +608,9 @@ def check_dicom_study(folder: str | Path, limits: SliceLimits = DEFAULT_LIMITS) 
 # ---------------------------------------------------------------- pixels
 def _native_frame(path: Path, ds, offset: int | None, rows: int, columns: int) -> np.ndarray | None:
     """An uncompressed little-endian frame read at its PixelData offset, or None to let pydicom decode it."""
-    bits, stored = int(ds.get("BitsAllocated") or 16), int(ds.get("BitsStored") or 0)
-    signed = int(ds.get("PixelRepresentation") or 0) == 1
+    bits = _header_number(ds, "BitsAllocated", path, 16)  # checked by _check_pixel_encoding
+    stored = _header_number(ds, "BitsStored", path, bits)
+    signed = _header_number(ds, "PixelRepresentation", path, 0) == 1
     if offset is None or (signed and stored and stored < bits):
         return None
     explicit = str(ds.file_meta.TransferSyntaxUID) == NATIVE_LE[1]
@@ -551,7 +660,7 @@ def _read_series(grid: SeriesGrid) -> np.ndarray:
             frame, ds = _decoded_frame(path)
         if frame.shape != (grid.rows, grid.columns):
             raise DicomError(f"{path}: pixel data of shape {frame.shape}, header says {grid.rows}x{grid.columns}")
-        slope, intercept = float(ds.get("RescaleSlope") or 1.0), float(ds.get("RescaleIntercept") or 0.0)
+        slope, intercept = _rescale(ds, path)
         sign = -1.0 if str(ds.get("PhotometricInterpretation")) == "MONOCHROME1" else 1.0  # bright = low values
         np.multiply(frame, np.float32(slope * sign), out=out[k], casting="unsafe")
         out[k] += np.float32(intercept * sign)
@@ -580,7 +689,7 @@ class DicomGrid(NiftiGrid):
         return np.ascontiguousarray(self.from_kaggle(np.asarray(mask, dtype=np.uint8)).transpose(2, 1, 0))
 
 
-def _nifti_header(affine: np.ndarray):
+def _nifti_header(affine: np.ndarray) -> nib.Nifti1Header:
     import nibabel as nib
 
     header = nib.Nifti1Header()
@@ -617,7 +726,10 @@ def read_dicom_study(folder: str | Path, with_mask: bool = True, limits: SliceLi
 
 
 # ---------------------------------------------------------------- DICOM SEG
-def segment_description(model_name: str, version: str):
+def segment_description(model_name: str, version: str) -> hd.seg.SegmentDescription:
+    """The SEG's one segment, coded (SCT Neoplasm, a morphologically abnormal structure of the
+    brain) rather than only labelled, so viewers and PACS can tell what it is without our text;
+    the algorithm identification names the model that produced it."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 

@@ -25,6 +25,8 @@ def write_extra_outputs(folder: Path, volume: PatientVolume, seg: Segmentation, 
         path = folder / SEG_NAME.format(patient=volume.patient_id)
         try:
             info = write_seg(path, grid, seg.mask, report.get("model", "segengine"), report.get("model_sha256", ""))
+        except (OSError, MemoryError):
+            raise  # a full disk or memory fails the patient (nothing kept), as for every other output
         except Exception as exc:  # noqa: BLE001 - highdicom refuses source headers it finds incomplete
             # the masks, NIfTI and report are still right: keep them, say why there is no SEG
             path.unlink(missing_ok=True)

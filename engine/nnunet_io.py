@@ -26,13 +26,21 @@ class NnunetError(DataError):
     """An nnU-Net-named case that cannot be used; one line naming the file."""
 
 
+# after spaces, '-' and '_' are removed: "T1 pre-contrast" -> "t1precontrast"
+PRE_CONTRAST = re.compile(r"pre|native|noncontrast|non|without|^t1n")  # checked first: they contain "contrast"
+POST_CONTRAST = re.compile(r"gd|gad|(?<![a-z])ce|t1c|post|contrast|\+c")  # "ce" not inside a word ("T1_SPACE")
+
+
 def role_of(name: str) -> str | None:
     """A channel name of dataset.json as "flair", "pre", "post", or None (T2, DWI, ...)."""
     n = name.strip().lower().replace(" ", "").replace("-", "").replace("_", "")
     if "flair" in n and not n.startswith("t1") or n == "t2f":
         return "flair"
     if n.startswith("t1") or "mprage" in n:
-        return "post" if re.search(r"gd|gad|ce|t1c|post|contrast|\+c", n) else "pre"
+        if PRE_CONTRAST.search(n):
+            return "pre"
+        words = re.split(r"[\s_-]+", name.strip().lower())
+        return "post" if POST_CONTRAST.search(n) or "ce" in words else "pre"  # "T1w_ce"
     return None
 
 

@@ -152,7 +152,7 @@ def patient_html(patient_id: str, report: dict) -> str:
     metrics = report.get("metrics") or {}
     facts = [("slices", _fmt(report.get("slices"))), ("tumor volume px", _fmt(report.get("tumor_volume_px"))),
              ("tumor volume mm³", _fmt(report.get("tumor_volume_mm3"), 1)), ("DSC", _fmt(metrics.get("dsc"))),
-             (f"HD95 {report.get('distance_unit', 'px')}", _fmt(metrics.get("hd95"), 2)),
+             (f"HD95 {html.escape(str(report.get('distance_unit', 'px')))}", _fmt(metrics.get("hd95"), 2)),
              ("backend", _fmt(report.get("backend")))]
     fact_html = "".join(f"<div><b>{k}</b> {v}</div>" for k, v in facts)
     review = _review_cell(report)
@@ -313,7 +313,8 @@ def index_html(out: Path, refresh_patients: bool = True) -> tuple[str, int, int]
             (_fmt(rep.get("tumor_volume_mm3"), 1), _num(rep.get("tumor_volume_mm3"))),
             (_review_cell(rep), {None: "", True: "1", False: "0"}[flag]),
             (_fmt(metrics.get("dsc")), _num(metrics.get("dsc"))),
-            (_fmt(metrics.get("hd95"), 2) + (f" {rep.get('distance_unit', 'px')}" if metrics.get("hd95") is not None
+            (_fmt(metrics.get("hd95"), 2) + (f" {html.escape(str(rep.get('distance_unit', 'px')))}"
+                                             if metrics.get("hd95") is not None
                                              else ""), _num(metrics.get("hd95"))),
             (_fmt(rep.get("backend")), html.escape(str(rep.get("backend", "")))),
         ]

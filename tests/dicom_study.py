@@ -62,6 +62,25 @@ class Study:
         """A stored frame (rows, columns) as the Kaggle slice it shows."""
         return {"identity": frame, "flip": frame[::-1, ::-1], "transpose": frame.T}[self.in_plane]
 
+    def seg_on_kaggle_slices(self, seg_path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+        """A DICOM SEG of this study as (D, H, W) Kaggle-layout slices, each frame placed through the
+        FLAIR instance it references and this study's own map (not segengine's reader: that is what
+        the SEG is checked against). A frame referencing anything but a FLAIR image is an error."""
+        import highdicom as hd
+
+        seg = hd.seg.segread(seg_path)
+        vol = np.zeros(shape, bool)
+        refs = [f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+                for f in seg.PerFrameFunctionalGroupsSequence]
+        if refs:
+            frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=refs, segment_numbers=[1])[..., 0]
+            for uid, frame in zip(refs, frames):
+                seq, number = self.sop_to_slice[uid]
+                if seq != "flair":
+                    raise AssertionError(f"SEG frame references a {seq} image ({uid})")
+                vol[self.slice_numbers.index(number)] = self.frame_to_kaggle(frame) > 0
+        return vol
+
 
 def _uid(*parts) -> str:
     from pydicom.uid import generate_uid

@@ -87,6 +87,25 @@ def test_encodings_read_back_the_same_slices(small_study, tmp_path, encode):
     np.testing.assert_array_equal(read_patient(folder).image, expected)
 
 
+SERIES_NAMES = [("AX FLAIR", "flair"), ("AX T2 FLAIR", "flair"), ("SAG T1 FLAIR", "pre"), ("AX T1 SE", "pre"),
+                ("AX T1 PRE CONTRAST", "pre"), ("AX T1 PRE-CONTRAST", "pre"), ("AX T1 NON-CONTRAST", "pre"),
+                ("AX T1 W/O CONTRAST", "pre"), ("AX T1 W/O GAD", "pre"), ("T1 SE WITHOUT GD", "pre"), ("T1 PRE GD", "pre"),
+                ("AX T1 POST", "post"), ("AX T1+C", "post"), ("AX T1 POST CONTRAST", "post"), ("T1 MPRAGE GAD", "post"),
+                ("AX T1 W/ CONTRAST", "post"), ("3-PLANE LOC", None), ("AX T2", None)]
+
+
+@pytest.mark.parametrize("description, role", SERIES_NAMES, ids=[d for d, _ in SERIES_NAMES])
+def test_series_descriptions_map_to_roles(description, role):
+    """A pre-contrast T1 described as "PRE CONTRAST" or "W/O GAD" must not be taken for the post-contrast series."""
+    from pydicom.dataset import Dataset
+
+    from segengine.engine.dicom_io import Series, classify
+
+    ds = Dataset()
+    ds.SeriesDescription = description
+    assert classify(Series("1.2.3", description, "MR", headers=[ds])) == role
+
+
 def test_flair_only_study_fills_pre_and_post_with_flair(kaggle_root, tmp_path):
     kaggle = read_patient(kaggle_root / TRAIN_PATIENT)
     make_study(kaggle_root / TRAIN_PATIENT, tmp_path / "study", sequences=("flair",))
@@ -136,23 +155,11 @@ def mixed(kaggle_root, tmp_path_factory):
     return root, out, studies
 
 
-def _seg_volume(seg_path: Path, study) -> tuple[np.ndarray, object]:
+def _seg_volume(seg_path: Path, study, shape: tuple[int, int, int]) -> tuple[np.ndarray, object]:
     """The SEG as Kaggle-layout slices, placed through each frame's referenced FLAIR instance (the study's own map)."""
     import highdicom as hd
 
-    seg = hd.seg.segread(seg_path)
-    n = len(study.slice_numbers)
-    first = pydicom.dcmread(study.files["flair"][0], stop_before_pixels=True)
-    h, w = (first.Columns, first.Rows) if study.in_plane == "transpose" else (first.Rows, first.Columns)
-    vol = np.zeros((n, h, w), bool)
-    refs = [f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-            for f in seg.PerFrameFunctionalGroupsSequence]
-    frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=refs, segment_numbers=[1])[..., 0]
-    for uid, frame in zip(refs, frames):
-        seq, number = study.sop_to_slice[uid]
-        assert seq == "flair"
-        vol[study.slice_numbers.index(number)] = study.frame_to_kaggle(frame) > 0
-    return vol, seg
+    return study.seg_on_kaggle_slices(seg_path, shape), hd.seg.segread(seg_path)
 
 
 @pytest.mark.parametrize("case", ["dcm_flat", "dcm_oblique"])
@@ -161,7 +168,7 @@ def test_dicom_study_segments_like_its_tif_folder_through_the_seg(mixed, case):
     study, patient = studies[case], VAL_PATIENTS[0]
     tif = _stack_masks(out / patient, patient)
     assert tif.sum() > 1000  # a real tumor, not two empty masks
-    seg_vol, seg = _seg_volume(out / case / f"{case}_seg.dcm", study)
+    seg_vol, seg = _seg_volume(out / case / f"{case}_seg.dcm", study, tif.shape)
     assert _dice(seg_vol, tif) >= 0.99
     # the SEG: binary, one coded segment, the study's frame of reference, only FLAIR instances referenced
     flair = [pydicom.dcmread(f, stop_before_pixels=True) for f in study.files["flair"]]
@@ -179,7 +186,8 @@ def test_dicom_study_segments_like_its_tif_folder_through_the_seg(mixed, case):
     assert report["dicom"]["series"]["flair"]["uid"] == study.series_uid["flair"]
     assert report["dicom"]["filled_with_flair"] == [] and report["dicom"]["seg"]["file"] == f"{case}_seg.dcm"
     assert report["spacing_mm"] == pytest.approx(SPACING)
-    assert report["tumor_volume_mm3"] == pytest.approx(seg_vol.sum() * np.prod(SPACING), rel=0.02)
+    # the SEG is this run's mask: the same voxels, on the spacing the study was written with
+    assert report["tumor_volume_mm3"] == pytest.approx(seg_vol.sum() * np.prod(SPACING), rel=1e-5)
     page = (out / case / "review.html").read_text()
     assert f'href="{case}_seg.dcm">DICOM SEG' in page and f'href="{case}_prob.nii.gz">probability map' in page
 
@@ -276,6 +284,13 @@ def _compressed_without_decoder(study, f):
     ds.save_as(path, enforce_file_format=True)
 
 
+def _unknown_transfer_syntax(study, f):  # a private or mistyped syntax: not one pydicom knows
+    path = _mine(study, f)["flair"][2]
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4"
+    ds.save_as(path, enforce_file_format=True)
+
+
 def _multi_frame(study, f):
     _edit(_mine(study, f)["flair"][:1], NumberOfFrames=2)
 
@@ -327,6 +342,52 @@ def _truncated_pixels(study, f):
     path.write_bytes(path.read_bytes()[:-5000])
 
 
+def _raw(paths, tag: int, vr: str, text: bytes):
+    """Write a header value as raw bytes, as a broken exporter would (pydicom validates what it is given)."""
+    from pydicom.dataelem import RawDataElement
+
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds[tag] = RawDataElement(pydicom.tag.Tag(tag), vr, len(text), text, 0, False, True)
+        ds.save_as(p, enforce_file_format=True)
+
+
+def _rescale_slope_zero(study, f):  # every stored value would map to the intercept: no image at all
+    _edit(_mine(study, f)["flair"][3:4], RescaleSlope=0, RescaleIntercept=0)
+
+
+def _rescale_slope_nan(study, f):  # would turn the whole series into NaN, then into a black volume
+    _raw(_mine(study, f)["flair"][3:4], 0x00281053, "DS", b"NaN ")
+
+
+def _frames_not_a_number(study, f):
+    _raw(_mine(study, f)["flair"][3:4], 0x00280008, "IS", b"xx")
+
+
+def _rows_of_three_bytes(study, f):  # a US value of odd length: pydicom raises when it is read
+    _raw(_mine(study, f)["flair"][3:4], 0x00280010, "US", b"1\\2")
+
+
+def _frames_overflowing(study, f):  # IS that parses to infinity
+    _raw(_mine(study, f)["flair"][3:4], 0x00280008, "IS", b"1e999 ")
+
+
+def _bits_stored_above_bits_allocated(study, f):  # an inconsistent header: which bits are the value?
+    _edit(_mine(study, f)["flair"][3:4], BitsStored=20, HighBit=19)
+
+
+def _post_in_another_frame_of_reference(study, f):  # same numbers, another patient coordinate system
+    _edit(_mine(study, f)["post"], FrameOfReferenceUID=pydicom.uid.generate_uid())
+
+
+def _flair_mixes_frames_of_reference(study, f):
+    _edit(_mine(study, f)["flair"][:5], FrameOfReferenceUID=pydicom.uid.generate_uid())
+
+
+def _escape_sequence_in_modality(study, f):  # a crafted header must not drive the user's terminal
+    _edit([p for ps in _mine(study, f).values() for p in ps] + sorted((f / "001").iterdir()), Modality="\x1b[2J")
+
+
 def _only_a_readme(study, f):
     shutil.rmtree(f)
     f.mkdir()
@@ -337,6 +398,7 @@ BAD_STUDIES = [
     (_gap, [], "is missing slices: a gap of 6.60 mm"),
     (_two_at_one_position, [], "two images at one position"),
     (_compressed_without_decoder, [], "compressed as JPEG Lossless"),
+    (_unknown_transfer_syntax, [], "unknown transfer syntax 1.2.3.4"),
     (_multi_frame, [], "multi-frame image (2 frames) is not supported"),
     (_huge_header, [], "4000x4000 pixels a slice, larger than the limit of 1024"),
     (_ct, [], "no MR series (modality CT)"),
@@ -350,6 +412,15 @@ BAD_STUDIES = [
     (lambda s, f: None, ["--series", "flair=none"], "FLAIR is required"),
     (lambda s, f: None, ["--max-slices", "10"], "axial slices, more than the limit of 10"),
     (_only_a_readme, [], "accepted: Kaggle slices"),
+    (_rescale_slope_zero, [], "RescaleSlope 0"),
+    (_rescale_slope_nan, [], "RescaleSlope nan"),
+    (_frames_not_a_number, [], "NumberOfFrames 'xx' is not a number"),
+    (_rows_of_three_bytes, [], "Rows is unreadable"),
+    (_frames_overflowing, [], "NumberOfFrames is unreadable"),
+    (_bits_stored_above_bits_allocated, [], "BitsStored 20 of BitsAllocated 16"),
+    (_post_in_another_frame_of_reference, [], "does not share the FLAIR series' grid (another frame of reference"),
+    (_flair_mixes_frames_of_reference, [], "mixes frames of reference"),
+    (_escape_sequence_in_modality, [], "no MR series (modality \\x1b[2J)"),
 ]
 
 
@@ -366,8 +437,24 @@ def test_bad_study_is_one_line_and_exit_2(small_study, tmp_path, make, flags, wo
     res = _run(["--patient", str(folder), "--out", str(out), *flags])
     assert res.exit_code == 2, res.output
     assert res.output.count("\n") == 1 and res.output.startswith("segengine: error: ") and words in res.output, res.output
+    assert res.output.isascii() and "\x1b" not in res.output  # header text is escaped, never sent to the terminal raw
     assert not out.exists() or [p.name for p in out.iterdir()] in ([], ["index.html"])  # nothing partial
     assert tree_hashes(folder) == before
+
+
+def test_refusal_of_a_malformed_header_is_one_line_on_a_real_stderr(small_study, tmp_path):
+    """pydicom warns (to stderr, two lines) about a value it cannot validate; the user sees only our line.
+    A subprocess, because pytest captures warnings that CliRunner would otherwise show."""
+    src, study = small_study
+    folder = tmp_path / "study"
+    shutil.copytree(src, folder)
+    _frames_not_a_number(study, folder)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    res = subprocess.run([sys.executable, "-m", "segengine.engine.cli", "run", "--patient", str(folder), "--out",
+                          str(tmp_path / "out"), "--model", str(MODEL), "--threads", "1"],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 2 and res.stdout == "", res
+    assert res.stderr.count("\n") == 1 and "NumberOfFrames 'xx' is not a number" in res.stderr, res.stderr
 
 
 def test_of_several_post_series_the_one_on_the_flair_grid_is_taken(small_study, tmp_path):
@@ -378,6 +465,40 @@ def test_of_several_post_series_the_one_on_the_flair_grid_is_taken(small_study, 
     plan = plan_study(folder)
     assert plan.grids["post"].series.uid == study.series_uid["post"]
     assert "T1 POST GD 2" in {s.description for s in plan.ignored}
+
+
+def test_large_private_values_are_not_kept_with_the_headers(small_study, tmp_path):
+    """The plan keeps every image's header (up to 20000 files): a 32 MiB private value in one of them
+    must be skipped on reading, not held in memory; the study still reads the same."""
+    import tracemalloc
+
+    src, study = small_study
+    folder = tmp_path / "study"
+    shutil.copytree(src, folder)
+    path = _mine(study, folder)["flair"][4]
+    ds = pydicom.dcmread(path)
+    ds.add_new(0x00291010, "OB", bytes(32 * 2**20))  # e.g. a vendor's private blob before the pixels
+    ds.save_as(path, enforce_file_format=True)
+    del ds
+    tracemalloc.start()
+    try:
+        plan_study(folder)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB held while planning"
+    np.testing.assert_array_equal(read_patient(folder).image, read_patient(src).image)
+
+
+@pytest.mark.parametrize("given", [".", "./", "../study/."])
+def test_study_given_as_dot_is_named_after_its_folder(small_study, monkeypatch, given):
+    """`--patient .` inside a study: the id is the folder's name, never "" (OUT/"" is OUT itself)."""
+    from segengine.engine.patient_job import patient_id_of
+
+    src, _ = small_study
+    monkeypatch.chdir(src)
+    assert patient_id_of(Path(given)) == "study"
+    assert read_patient(Path(given)).patient_id == "study"
 
 
 def test_empty_mask_gives_a_valid_seg_of_empty_frames(small_study, tmp_path, capfd):
@@ -427,6 +548,22 @@ def test_study_without_frame_of_reference_keeps_its_results_and_says_why_there_i
     assert not (result / "study_seg.dcm").exists() and (result / "study_mask.nii.gz").exists()
 
 
+def test_disk_full_while_writing_the_seg_fails_the_patient_not_only_its_seg(small_study, tmp_path, monkeypatch):
+    """A SEG that highdicom refuses is a warning; a full disk is not: nothing of the patient is kept."""
+    import errno
+
+    import highdicom as hd
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hd.seg.Segmentation, "save_as", full)
+    src, _ = small_study
+    res = _run(["--patient", str(src), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 1 and "no space left on device" in res.output and "warning" not in res.output, res.output
+    assert not (tmp_path / "out" / "study").exists()
+
+
 def test_ray_workers_get_the_series_choice_and_write_the_seg_and_probabilities(small_study, ray_cluster, tmp_path):
     """--series, --spacing and --save-probabilities travel to Ray workers with the limits (options.RunOptions)."""
     src, study = small_study
@@ -441,6 +578,17 @@ def test_ray_workers_get_the_series_choice_and_write_the_seg_and_probabilities(s
     report = json.loads((out / "study" / "report.json").read_text())
     assert report["dicom"]["series"]["flair"]["description"] == "AX FLAIR 2"
     assert (out / "study" / "study_seg.dcm").is_file() and (out / "study" / "study_prob.nii.gz").is_file()
+
+
+def test_distance_unit_from_a_report_is_escaped_in_the_review_pages(tmp_path):
+    """Pages are re-rendered from report.json, which may have been edited by hand: the HD95 unit is text, not HTML."""
+    from segengine.engine.review_page import index_html, patient_html
+
+    report = {"slices": 3, "metrics": {"dsc": 0.5, "hd95": 2.0}, "distance_unit": "<script>alert(1)</script>"}
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "report.json").write_text(json.dumps(report))
+    for page in (index_html(tmp_path, refresh_patients=False)[0], patient_html("p", report)):
+        assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)" in page
 
 
 # ------------------------------------------------------------------ nnU-Net naming refused with one line
@@ -469,6 +617,20 @@ def test_bad_nnunet_case_is_one_line_and_exit_2(tmp_path, names, dataset, words)
     case = _nnunet_folder(tmp_path, names, dataset)
     res = _run(["--patient", str(case), "--out", str(tmp_path / "out")])
     assert res.exit_code == 2 and res.output.count("\n") == 1 and words in res.output, res.output
+
+
+ROLE_NAMES = [("FLAIR", "flair"), ("T2-FLAIR", "flair"), ("t2f", "flair"), ("T2", None), ("T1", "pre"), ("t1n", "pre"),
+              ("T1 pre-contrast", "pre"), ("T1_precontrast", "pre"), ("T1 non-contrast", "pre"), ("T1 native", "pre"),
+              ("T1_SPACE", "pre"), ("MPRAGE", "pre"), ("T1 FLAIR", "pre"), ("T1Gd", "post"), ("T1ce", "post"),
+              ("T1_ce", "post"), ("T1w_ce", "post"), ("t1c", "post"), ("T1+C", "post"), ("T1 post-contrast", "post"), ("T1 contrast", "post")]
+
+
+@pytest.mark.parametrize("name, role", ROLE_NAMES, ids=[n for n, _ in ROLE_NAMES])
+def test_dataset_json_channel_names_map_to_roles(name, role):
+    """A pre-contrast T1 named "pre-contrast" must not become the post-contrast channel (the word "contrast")."""
+    from segengine.engine.nnunet_io import role_of
+
+    assert role_of(name) == role
 
 
 def test_flat_nnunet_folder_lists_one_patient_per_case_and_a_lone_channel_name_stays_a_4d_case(tmp_path):
