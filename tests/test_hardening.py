@@ -627,3 +627,27 @@ def test_max_memory_default_is_the_limits_default(command):
 
     option = next(o for o in main.commands[command].params if o.name == "max_memory")
     assert option.default == DEFAULT_MAX_MEMORY_GB and DEFAULT_LIMITS.max_memory == int(DEFAULT_MAX_MEMORY_GB * 1e9)
+
+
+# The quality estimate (issue 23) added review fields the pages format as numbers and read as a
+# dict; the schema check (issue 20) must hold them too, or one planted report crashes the index.
+@pytest.mark.parametrize("review", [{"expected_dsc": "high", "interval": [0.7, 0.9], "flag": False},
+                                    {"expected_dsc": 0.85, "interval": ["a", "b"], "flag": False},
+                                    {"expected_dsc": 0.85, "interval": [0.7], "flag": False},
+                                    {"expected_dsc": 0.85, "interval": 0.7, "flag": False},
+                                    {"expected_dsc": None, "features": [1, 2], "flag": None},
+                                    {"expected_dsc": True, "flag": False},
+                                    {"expected_dsc": 0.85, "interval": [0.7, 0.9], "flag": "no"}],
+                         ids=["dsc-str", "interval-strs", "interval-short", "interval-number", "features-list",
+                              "dsc-bool", "flag-str"])
+def test_a_bad_quality_estimate_in_a_report_is_unreadable_not_a_crash(tmp_path, review):
+    out = tmp_path / "out"
+    good = {"expected_dsc": 0.912, "interval": [0.85, 0.97], "flag": False, "reasons": [],
+            "calibration": "out-of-fold", "features": {"copied_channels": []}}
+    for name, rep in [("A", _report("A", review=good)), ("B", _report("B", review=review))]:
+        (out / name).mkdir(parents=True)
+        (out / name / "report.json").write_text(json.dumps(rep))
+    res = _cli("report", str(out))
+    assert res.exit_code == 0 and "(1 patients" in res.output and "Traceback" not in res.output, res.output
+    page = (out / INDEX).read_text()
+    assert "1 unreadable report(s): B: review" in page and "expected DSC 0.912" in page
