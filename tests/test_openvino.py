@@ -241,6 +241,44 @@ def test_an_unreadable_or_foreign_cache_is_measured_again(monkeypatch, tmp_path,
     assert json.loads(speed.cache_path().read_text())["schema"] == speed.SCHEMA
 
 
+def _fifo_cache(path):
+    import os
+
+    os.mkfifo(path)
+
+
+def _entry_of_wrong_types(path):
+    key = speed.entry_key(speed.cpu_key(), load_model_spec().sha256, 1)
+    path.write_text(json.dumps({"schema": speed.SCHEMA, "entries": {key: {"ms_per_slice": [1, 2], "how": "probe"}},
+                                "facts": {"x": 5}}))
+
+
+def _figures_of_wrong_types(path):
+    key = speed.entry_key(speed.cpu_key(), load_model_spec().sha256, 1)
+    path.write_text(json.dumps({"schema": speed.SCHEMA, "entries": {key: {"ms_per_slice": {"onnxruntime": "fast",
+                                                                                          "openvino": -1}}}}))
+
+
+@pytest.mark.parametrize("plant", [_fifo_cache, _entry_of_wrong_types, _figures_of_wrong_types],
+                         ids=["fifo", "entry-wrong-types", "figures-wrong-types"])
+def test_a_planted_cache_is_measured_again_never_a_hang_or_a_crash(monkeypatch, tmp_path, plant):
+    """auto's cache lives outside the repository (a shared HOME, $SEGENGINE_CACHE_DIR): a FIFO there
+    must not block the run, and an entry of the right schema but wrong types must not crash it."""
+    import threading
+
+    spec = load_model_spec()
+    monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path))
+    plant(speed.cache_path())
+    got = []
+    worker = threading.Thread(target=lambda: got.append(speed.fastest(
+        spec, ["onnxruntime", "onnxruntime-int8"], 1, measure=lambda m, n, t: {"onnxruntime": 2.0, "onnxruntime-int8": 1.0})),
+        daemon=True)
+    worker.start()
+    worker.join(60)
+    assert got == ["onnxruntime-int8"]
+    assert speed.recorded_ms(speed.cpu_key(), spec.sha256, 1) == {"onnxruntime": 2.0, "onnxruntime-int8": 1.0}
+
+
 def test_a_cpu_fact_is_learned_once_per_cpu_and_version(monkeypatch, tmp_path):
     """OpenVINO's default precision is asked of OpenVINO once (importing it costs ~1 s), then read
     back; another library version, or another CPU, asks again; ms/slice entries survive beside it."""
