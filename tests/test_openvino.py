@@ -420,3 +420,64 @@ def test_running_openvino_starts_no_telemetry(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.split("\n")
     assert lines[0] == "none 1" and lines[1] == "ovc ok"
+
+
+# --------------------------------------------------------------------------- the compiled-model cache
+def _cache_folder_links_elsewhere(root, elsewhere):
+    (root / "openvino").symlink_to(elsewhere, target_is_directory=True)
+
+
+def _cache_folder_writable_by_others(root, elsewhere):
+    (root / "openvino").mkdir()
+    (root / "openvino").chmod(0o777)
+
+
+def _cache_root_writable_by_others(root, elsewhere):
+    root.chmod(0o777)  # anyone could swap the openvino folder (no sticky bit)
+
+
+@needs_openvino
+@pytest.mark.parametrize("plant", [_cache_folder_links_elsewhere, _cache_folder_writable_by_others,
+                                   _cache_root_writable_by_others],
+                         ids=["link", "folder-others-write", "root-others-write"])
+def test_compiled_models_are_cached_only_in_a_folder_only_this_user_can_write(monkeypatch, tmp_path, plant):
+    """OpenVINO imports whatever blob sits under the name it expects, without the SHA-256 check
+    the ONNX file passes: a cache folder others can write (or a link to one) would let them swap
+    the network a patient runs through. Such a folder is not used (compiled every time, same result)."""
+    from segengine.engine.backends.openvino_backend import OpenVinoInt8Backend, compiled_cache_dir
+
+    root, elsewhere = tmp_path / "cache", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.setenv(speed.CACHE_ENV, str(root))
+    assert compiled_cache_dir() == root / "openvino" and (root / "openvino").stat().st_mode & 0o022 == 0
+    (root / "openvino").rmdir()
+    plant(root, elsewhere)
+    try:
+        assert compiled_cache_dir() is None
+        runner = OpenVinoInt8Backend(load_model_spec(), threads=1).load()
+        runner.close()
+        assert list(elsewhere.iterdir()) == []
+    finally:
+        root.chmod(0o755)
+
+
+@needs_openvino
+def test_a_half_written_compiled_blob_is_compiled_again_with_the_same_result(monkeypatch, tmp_path):
+    """Two runs may share the cache: OpenVINO writes a blob in place, so one run can meet another's
+    half-written blob. OpenVINO must then compile again (not fail, not run half a network)."""
+    import numpy as np
+
+    from segengine.engine.backends.openvino_backend import OpenVinoInt8Backend
+
+    monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path))
+    spec = load_model_spec()
+    x = np.random.default_rng(0).standard_normal((2, *spec.input_shape), dtype=np.float32)
+    with OpenVinoInt8Backend(spec, threads=1) as runner:
+        want = runner.load().infer(x)
+    blobs = list((tmp_path / "openvino").glob("*.blob"))
+    assert blobs
+    for blob in blobs:
+        blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
+    with OpenVinoInt8Backend(spec, threads=1) as runner:
+        assert np.array_equal(runner.load().infer(x), want)

@@ -78,13 +78,26 @@ def compiled_cache_dir() -> Path | None:
     repository): a later load imports the blob instead of compiling (0.46 -> 0.08 s for the fp32
     graph, 1.3 -> 0.35 s for the INT8 one, measured here). OpenVINO keys each blob by the model
     file's content, the device and the compile settings, and the file itself is checked against its
-    sidecar before (check_export). None when the folder cannot be made: compiled every time then."""
+    sidecar before (check_export). None when the folder cannot be made: compiled every time then.
+
+    OpenVINO imports whatever blob sits under the name it expects, past the SHA-256 check the ONNX
+    file passed: so the folder is used only if no one else can put a blob there (a real folder, not
+    a link, of this user, not writable by others, in a parent others cannot swap it in: fsguard's
+    rule for OUT). A shared or planted cache folder means compiling every time, same result."""
+    import stat
+
     from segengine.engine.speed import cache_path
 
     folder = cache_path().parent / "openvino"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        st, parent = os.lstat(folder), os.stat(folder.parent)
     except OSError:
+        return None
+    others_write = stat.S_IWGRP | stat.S_IWOTH
+    if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & others_write
+            or (parent.st_mode & others_write and not parent.st_mode & stat.S_ISVTX)):
         return None
     return folder if os.access(folder, os.W_OK) else None
 
