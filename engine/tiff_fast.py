@@ -22,7 +22,8 @@ import numpy as np
 # only if it cannot change the pixels (see _PIXEL_TAGS)
 _FIELDS = {256: "width", 257: "height", 258: "bits", 259: "compression", 262: "photometric", 266: "fill_order",
            273: "strip_offsets", 274: "orientation", 277: "samples", 278: "rows_per_strip", 279: "strip_counts",
-           284: "planar", 317: "predictor", 322: "tile_width", 338: "extra_samples", 339: "sample_format"}
+           284: "planar", 317: "predictor", 322: "tile_width", 338: "extra_samples", 339: "sample_format",
+           32997: "depth"}  # ImageDepth: one IFD holding several planes (tifffile's shape is 4-D)
 _TYPES = {1: ("B", 1), 3: ("H", 2), 4: ("I", 4), 16: ("Q", 8)}  # BYTE, SHORT, LONG, LONG8
 _HEAD = 4096  # the header and first IFD of a Kaggle slice lie in its first 200 bytes
 
@@ -79,7 +80,7 @@ def _plain(fields: dict) -> tuple[int, int, int] | None:
             or "strip_counts" not in fields or "tile_width" in fields or "extra_samples" in fields):
         return None
     if (one("compression", 1)[0] != 1 or one("fill_order", 1)[0] != 1 or one("orientation", 1)[0] != 1
-            or one("predictor", 1)[0] != 1 or one("planar", 1)[0] != 1):
+            or one("predictor", 1)[0] != 1 or one("planar", 1)[0] != 1 or one("depth", 1)[0] != 1):
         return None
     if not ((samples == 3 and photometric == 2) or (samples == 1 and photometric == 1)):
         return None
