@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -432,14 +433,22 @@ def _cache_folder_writable_by_others(root, elsewhere):
     (root / "openvino").chmod(0o777)
 
 
+def _cache_root_of_another_user(root, elsewhere):
+    import os
+
+    os.chown(root, 12345, -1)  # its owner could rename the openvino folder and put another in its place
+
+
 def _cache_root_writable_by_others(root, elsewhere):
     root.chmod(0o777)  # anyone could swap the openvino folder (no sticky bit)
 
 
 @needs_openvino
 @pytest.mark.parametrize("plant", [_cache_folder_links_elsewhere, _cache_folder_writable_by_others,
-                                   _cache_root_writable_by_others],
-                         ids=["link", "folder-others-write", "root-others-write"])
+                                   _cache_root_writable_by_others,
+                                   pytest.param(_cache_root_of_another_user, marks=pytest.mark.skipif(
+                                       os.geteuid() != 0, reason="giving a folder to another user needs root"))],
+                         ids=["link", "folder-others-write", "root-others-write", "root-of-another-user"])
 def test_compiled_models_are_cached_only_in_a_folder_only_this_user_can_write(monkeypatch, tmp_path, plant):
     """OpenVINO imports whatever blob sits under the name it expects, without the SHA-256 check
     the ONNX file passes: a cache folder others can write (or a link to one) would let them swap
@@ -460,6 +469,7 @@ def test_compiled_models_are_cached_only_in_a_folder_only_this_user_can_write(mo
         assert list(elsewhere.iterdir()) == []
     finally:
         root.chmod(0o755)
+        os.chown(root, os.geteuid(), -1)
 
 
 @needs_openvino

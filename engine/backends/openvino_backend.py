@@ -82,8 +82,9 @@ def compiled_cache_dir() -> Path | None:
 
     OpenVINO imports whatever blob sits under the name it expects, past the SHA-256 check the ONNX
     file passed: so the folder is used only if no one else can put a blob there (a real folder, not
-    a link, of this user, not writable by others, in a parent others cannot swap it in: fsguard's
-    rule for OUT). A shared or planted cache folder means compiling every time, same result."""
+    a link, of this user, not writable by others, in a parent of this user or root that others
+    cannot swap it in: fsguard's rule for OUT). A shared or planted cache folder means compiling
+    every time, same result."""
     import stat
 
     from segengine.engine.speed import cache_path
@@ -97,6 +98,7 @@ def compiled_cache_dir() -> Path | None:
         return None
     others_write = stat.S_IWGRP | stat.S_IWOTH
     if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & others_write
+            or parent.st_uid not in (os.geteuid(), 0)
             or (parent.st_mode & others_write and not parent.st_mode & stat.S_ISVTX)):
         return None
     return folder if os.access(folder, os.W_OK) else None
