@@ -126,15 +126,17 @@ def record_ms(cpu: str, model_sha256: str, threads: int | None, ms: dict[str, fl
     return _write_file(path, data)
 
 
-def cpu_fact(name: str, version: str, learn: Callable[[], str], path: Path | None = None) -> str:
+def cpu_fact(name: str, version: str, learn: Callable[[], str], path: Path | None = None,
+             allowed: Iterable[str] | None = None) -> str:
     """A fact about this CPU that is slow to learn, learned once per CPU and library ``version`` and
     then read from the cache: OpenVINO's default inference precision needs OpenVINO imported (~1 s
-    at every `run --backend auto` otherwise, even when ONNX Runtime is the one picked)."""
+    at every `run --backend auto` otherwise, even when ONNX Runtime is the one picked). A cached
+    value outside ``allowed`` (an edited or planted file) is learned again."""
     path = path or cache_path()
     key = f"{cpu_key()} | {name} | {version}"
     data = _read_file(path)
     value = data["facts"].get(key)
-    if not isinstance(value, str):
+    if not isinstance(value, str) or (allowed is not None and value not in allowed):
         value = learn()
         data["facts"][key] = value
         _write_file(path, data)

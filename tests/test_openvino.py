@@ -300,6 +300,22 @@ def test_a_cpu_fact_is_learned_once_per_cpu_and_version(monkeypatch, tmp_path):
 
 
 @needs_openvino
+@pytest.mark.parametrize("planted", ["f64", "bf16\n; extra", ""])
+def test_a_planted_precision_fact_is_asked_of_openvino_again(monkeypatch, tmp_path, planted):
+    """The precision read back from the cache is pinned at compile time and decides which verdicts
+    hold: a value OpenVINO's CPU plugin does not have is learned again, not trusted."""
+    from importlib.metadata import version
+
+    from segengine.engine.backends import openvino_backend
+
+    monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path))
+    here = openvino_backend.inference_precision()
+    key = f"{speed.cpu_key()} | openvino default INFERENCE_PRECISION_HINT | {version('openvino')}"
+    speed._write_file(speed.cache_path(), {"entries": {}, "facts": {key: planted}})
+    assert openvino_backend.inference_precision() == here and here in openvino_backend.PRECISIONS
+
+
+@needs_openvino
 def test_a_real_probe_returns_a_trusted_available_backend(monkeypatch, tmp_path):
     from segengine.engine.verdict import why_untrusted
 

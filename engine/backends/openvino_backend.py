@@ -27,6 +27,7 @@ from segengine.engine.backends.base import Backend, BackendUnavailable
 from segengine.engine.model import ModelError, check_export
 
 VERDICT_KEY = "validation_openvino"
+PRECISIONS = ("f32", "bf16", "f16")  # the INFERENCE_PRECISION_HINT values of OpenVINO's CPU plugin
 
 
 def _openvino():
@@ -70,7 +71,8 @@ def inference_precision() -> str:
     from segengine.engine.speed import cpu_fact
 
     return cpu_fact("openvino default INFERENCE_PRECISION_HINT", version("openvino"),
-                    lambda: _core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name())
+                    lambda: _core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name(),
+                    allowed=PRECISIONS)
 
 
 def compiled_cache_dir() -> Path | None:
