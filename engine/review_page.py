@@ -256,6 +256,14 @@ def check_report(rep) -> str | None:
         return why
     if not isinstance((rep.get("nifti") or {}).get("filled_with_flair") or [], list):
         return "nifti.filled_with_flair is not a list"
+    for where in (("probabilities",), ("dicom",), ("dicom", "seg")):  # the files patient_html links
+        node = rep
+        for key in where:
+            node = node.get(key) or {}
+            if not isinstance(node, dict):
+                return f"{'.'.join(where)} is {type(node).__name__}"
+        if not isinstance(node.get("file") or "", str):
+            return f"{'.'.join(where)}.file is {type(node['file']).__name__}"
     if len(rep.get("input") or "") > 4096:
         return "input path longer than 4096 characters"
     return None

@@ -693,3 +693,22 @@ def test_a_slice_file_larger_than_any_slice_is_refused_before_its_header_is_pars
     assert parsed == []
     shutil.copy(kaggle_root / SMALL / bomb.name, bomb)
     assert io.check_slice_size(bomb, io.DEFAULT_LIMITS) == (256, 256, 3) and parsed == [bomb]
+
+
+@pytest.mark.parametrize("extra", [{"probabilities": "probs.nii.gz"}, {"probabilities": {"file": 5}},
+                                   {"dicom": [1, 2]}, {"dicom": {"seg": "seg.dcm"}}, {"dicom": {"seg": {"file": ["a"]}}}],
+                         ids=["probabilities-str", "probabilities-file-int", "dicom-list", "dicom-seg-str",
+                              "dicom-seg-file-list"])
+def test_a_bad_link_field_in_a_report_is_unreadable_not_a_crash(tmp_path, extra):
+    """The patient page links the DICOM SEG and the probability map named in report.json; a
+    planted report naming them with other types must not crash the re-rendering of the pages."""
+    from segengine.engine.review_page import REVIEW_DIR, VIEWER_DATA
+
+    out = tmp_path / "out"
+    for name, rep in [("A", _report("A")), ("B", _report("B", **extra))]:
+        (out / name / REVIEW_DIR).mkdir(parents=True)
+        (out / name / REVIEW_DIR / VIEWER_DATA).write_text("{}")  # B has a page: it is re-rendered from its report
+        (out / name / "report.json").write_text(json.dumps(rep))
+    res = _cli("report", str(out))
+    assert res.exit_code == 0 and "(1 patients" in res.output and "Traceback" not in res.output, res.output
+    assert "1 unreadable report(s): B: " in (out / INDEX).read_text()
