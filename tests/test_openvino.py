@@ -450,13 +450,11 @@ def _cache_folder_writable_by_others(root, elsewhere):
 
 
 def _cache_root_of_another_user(root, elsewhere):
-    import os
-
     os.chown(root, 12345, -1)  # its owner could rename the openvino folder and put another in its place
 
 
 def _cache_root_writable_by_others(root, elsewhere):
-    root.chmod(0o777)  # anyone could swap the openvino folder (no sticky bit)
+    root.chmod(0o777)  # anyone could swap the openvino folder between the check and the compile (no sticky bit)
 
 
 @needs_openvino
@@ -507,3 +505,15 @@ def test_a_half_written_compiled_blob_is_compiled_again_with_the_same_result(mon
         blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
     with OpenVinoInt8Backend(spec, threads=1) as runner:
         assert np.array_equal(runner.load().infer(x), want)
+
+
+@needs_openvino
+def test_a_cache_root_writable_by_the_users_group_keeps_the_compiled_cache(monkeypatch, tmp_path):
+    """Under umask 002 (a user-private group) the cache root is group-writable: still the user's."""
+    from segengine.engine.backends.openvino_backend import compiled_cache_dir
+
+    root = tmp_path / "cache"
+    root.mkdir()
+    root.chmod(0o775)
+    monkeypatch.setenv(speed.CACHE_ENV, str(root))
+    assert compiled_cache_dir() == root / "openvino"

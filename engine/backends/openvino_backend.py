@@ -98,10 +98,11 @@ def compiled_cache_dir() -> Path | None:
         st, parent = os.lstat(folder), os.stat(folder.parent)
     except OSError:
         return None
-    others_write = stat.S_IWGRP | stat.S_IWOTH
-    if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & others_write
+    # (a parent writable by the user's group is fine, as under umask 002: a folder swapped in by
+    # someone else is theirs, and refused by the owner check at the next run)
+    if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
             or parent.st_uid not in (os.geteuid(), 0)
-            or (parent.st_mode & others_write and not parent.st_mode & stat.S_ISVTX)):
+            or (parent.st_mode & stat.S_IWOTH and not parent.st_mode & stat.S_ISVTX)):
         return None
     return folder if os.access(folder, os.W_OK) else None
 
