@@ -84,7 +84,7 @@ def _plain(fields: dict) -> tuple[int, int, int] | None:
         return None
     if not ((samples == 3 and photometric == 2) or (samples == 1 and photometric == 1)):
         return None
-    if set(one("bits", 8)) != {8} or set(one("sample_format", 1)) != {1}:
+    if set(one("bits", 1)) != {8} or set(one("sample_format", 1)) != {1}:  # absent BitsPerSample: 1 bit
         return None
     return fields["height"][0], fields["width"][0], samples
 
@@ -114,22 +114,20 @@ def read_tiff(path: Path) -> np.ndarray | None:
             return None
         h, w, s = shape
         offsets, counts = fields["strip_offsets"], fields["strip_counts"]
-        need = h * w * s
-        if len(offsets) != len(counts) or sum(counts) < need or any(o + c > size for o, c in zip(offsets, counts)):
-            return None  # short or truncated strips: tifffile's error, not ours
-        out = np.empty(need, dtype=np.uint8)
+        rows = min(fields.get("rows_per_strip", (h,))[0], h) or h
+        # strip i holds rows i*rows.. of the image, whatever its byte count says beyond them (padding)
+        sizes = [min(rows, h - i * rows) * w * s for i in range(-(-h // rows))]
+        if (len(offsets) != len(sizes) or len(counts) != len(sizes) or any(c < n for c, n in zip(counts, sizes))
+                or any(o + n > size for o, n in zip(offsets, sizes))):
+            return None  # short, missing or truncated strips: tifffile's error, not ours
+        out = np.empty(h * w * s, dtype=np.uint8)
         pos = 0
         with open(path, "rb") as fh:
-            for o, c in zip(offsets, counts):
-                c = min(c, need - pos)
-                if c <= 0:
-                    break
+            for o, n in zip(offsets, sizes):
                 fh.seek(o)
-                if fh.readinto(memoryview(out)[pos:pos + c]) != c:
+                if fh.readinto(memoryview(out)[pos:pos + n]) != n:
                     return None
-                pos += c
-        if pos != need:
-            return None
+                pos += n
     except (OSError, struct.error, ValueError):
         return None
     return out.reshape((h, w) if s == 1 else (h, w, s))

@@ -7,6 +7,7 @@ byte-identical results with the fast path on and off.
 from __future__ import annotations
 
 import hashlib
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,35 @@ def _volumetric(path, rgb):
     tifffile.imwrite(path, np.stack([rgb] * 4), photometric="rgb", volumetric=True)
 
 
+def _without_bits_per_sample(path, rgb):
+    """BitsPerSample left out: the TIFF default is 1 bit (tifffile reads booleans; the engine refuses them)."""
+    tifffile.imwrite(path, rgb)
+    _retag(path, 258, 65000)
+
+
+def _strips_with_padding(path, rgb):
+    """Each strip's byte count 16 more than its rows (as some writers pad): the pixels are the rows."""
+    tifffile.imwrite(path, rgb, rowsperstrip=1)
+    with tifffile.TiffFile(path) as tf:
+        tag = tf.pages[0].tags[279]
+        counts, at, code = list(tag.value), tag.valueoffset, {3: "H", 4: "I"}[int(tag.dtype)]
+    data = bytearray(path.read_bytes())
+    for i, c in enumerate(counts[:-1]):  # the last strip ends the file: its count stays
+        struct.pack_into("<" + code, data, at + i * struct.calcsize(code), c + 16)
+    path.write_bytes(bytes(data))
+
+
+def _retag(path, tag: int, new: int) -> None:
+    """Renumber one tag of the first IFD (a little-endian classic TIFF)."""
+    data = bytearray(path.read_bytes())
+    (ifd,) = struct.unpack_from("<I", data, 4)
+    (n,) = struct.unpack_from("<H", data, ifd)
+    for i in range(n):
+        if struct.unpack_from("<H", data, ifd + 2 + 12 * i)[0] == tag:
+            struct.pack_into("<H", data, ifd + 2 + 12 * i, new)
+    path.write_bytes(bytes(data))
+
+
 def _big_endian(path, rgb):
     tifffile.imwrite(path, rgb, byteorder=">")
 
@@ -85,7 +115,8 @@ def _big_endian(path, rgb):
 # (how the file is written, does the fast path read its pixels, its header)
 VARIANTS = [(_zlib, False, False), (_two_pages, False, False), (_sixteen_bit, False, False), (_tiled, False, False),
             (_planar, False, False), (_truncated, False, True), (_not_a_tiff, False, False), (_big_endian, True, True),
-            (_ifd_far_beyond_the_end, False, False), (_ifd_after_the_pixels, True, True), (_volumetric, False, False)]
+            (_ifd_far_beyond_the_end, False, False), (_ifd_after_the_pixels, True, True), (_volumetric, False, False),
+            (_without_bits_per_sample, False, False), (_strips_with_padding, True, True)]
 
 
 def _engine_reads(path: Path) -> list:
