@@ -184,8 +184,23 @@ def slice_shape(path: Path) -> tuple[int, ...]:
 GRAYSCALE_MESSAGE = "grayscale slice, expected 3 color channels (pre-contrast, FLAIR, post-contrast)"
 
 
+SLICE_FILE_SLACK = 32 * 2**20  # tags, metadata, a compressor's worst case beyond the raw pixels
+
+
 def check_slice_size(path: Path, limits: SliceLimits, is_mask: bool = False) -> tuple[int, ...]:
-    """The header's shape, refusing sides outside the limits and one-channel images (before decoding)."""
+    """The header's shape, refusing sides outside the limits and one-channel images (before decoding).
+
+    First the file's size: a slice of at most max_side x max_side x 4 bytes is never much larger on
+    disk, and a header's tag tables (e.g. millions of strip offsets) take several times their size
+    in memory to parse, before any shape can be checked."""
+    most = limits.max_side ** 2 * 4 + SLICE_FILE_SLACK
+    try:
+        size = path.stat().st_size
+    except OSError:  # vanished or unreadable: the header reader says so in its own words
+        size = 0
+    if size > most:
+        raise SliceLimitError(f"{path}: {size:,} bytes, more than a slice of at most {limits.max_side}x"
+                              f"{limits.max_side} pixels takes ({most:,}); raise --max-side if the slices are larger")
     shape = slice_shape(path)
     if len(shape) < 2:
         raise SliceFormatError(f"{path}: array of shape {shape}, expected HxWx3")

@@ -120,7 +120,7 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
     for note in tidy_out(out):
         echo(f"segengine: {note}")
     spec = load_plan(model, ensemble, tta)
-    name = registry.resolve(backend_name, spec)
+    name = registry.resolve(backend_name, spec, threads)  # timed at what each worker runs with
     # a bad patient's id is None: its worker reports it as failed; two patients sharing an id are refused
     folders = list_patients(patients_root)
     ids = unique_patient_ids(folders)

@@ -215,6 +215,27 @@ REPORT_SCHEMA = {"patient": (str,), "input": (str,), "slices": (int,), "tumor_vo
                  "metrics": (dict, type(None)), "review": (dict, type(None)), "nifti": (dict, type(None))}
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, _NUMBER) and not isinstance(value, bool)
+
+
+def _check_estimate(review: dict) -> str | None:
+    """The quality estimate's fields as quality.summary_text and the pages use them (numbers
+    formatted with :.3f, the features read as a dict), None when they can be shown."""
+    dsc, interval = review.get("expected_dsc"), review.get("interval")
+    if dsc is not None and not _is_number(dsc):
+        return f"review.expected_dsc is {type(dsc).__name__}"
+    if interval is not None and not (isinstance(interval, list) and len(interval) == 2
+                                     and all(map(_is_number, interval))):
+        return "review.interval is not two numbers"
+    if not isinstance(review.get("flag"), (bool, type(None))):
+        return f"review.flag is {type(review['flag']).__name__}"
+    if not isinstance(review.get("features"), (dict, type(None))) or \
+            not isinstance(review.get("calibration"), (str, type(None))):
+        return "review.features/calibration of the wrong type"
+    return None
+
+
 def check_report(rep) -> str | None:
     """Why a report read back from OUT cannot be shown (None when it can): the fields the pages
     use, by type, so a hand-edited or planted report.json is "unreadable", not a crash."""
@@ -230,8 +251,19 @@ def check_report(rep) -> str | None:
     review = rep.get("review") or {}
     if not isinstance(review.get("reasons") or [], list) or not isinstance(review.get("note") or "", str):
         return "review.reasons/note of the wrong type"
+    why = _check_estimate(review)
+    if why:
+        return why
     if not isinstance((rep.get("nifti") or {}).get("filled_with_flair") or [], list):
         return "nifti.filled_with_flair is not a list"
+    for where in (("probabilities",), ("dicom",), ("dicom", "seg")):  # the files patient_html links
+        node = rep
+        for key in where:
+            node = node.get(key) or {}
+            if not isinstance(node, dict):
+                return f"{'.'.join(where)} is {type(node).__name__}"
+        if not isinstance(node.get("file") or "", str):
+            return f"{'.'.join(where)}.file is {type(node['file']).__name__}"
     if len(rep.get("input") or "") > 4096:
         return "input path longer than 4096 characters"
     return None

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 CACHE_ENV = "SEGENGINE_CACHE_DIR"
 CACHE_FILE = "backend_speed.json"
 SCHEMA = "segengine-backend-speed/1"
+CACHE_MAX_BYTES = 1 << 20  # an entry is ~300 bytes: thousands of CPU x model x thread entries
 PROBE_BATCH = 8
 PROBE_ROUNDS = 3
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -62,10 +63,15 @@ def entry_key(cpu: str, model_sha256: str, threads: int | None) -> str:
 
 
 def _read_file(path: Path) -> dict[str, Any]:
-    """The cache file as {"entries": ..., "facts": ...}; an absent, unreadable or foreign file reads as empty."""
+    """The cache file as {"entries": ..., "facts": ...}; an absent, unreadable or foreign file reads
+    as empty. Read as every file the engine reads (fsguard.read_regular): a FIFO or device planted
+    as the cache (a shared HOME, $SEGENGINE_CACHE_DIR) would block every `--backend auto`."""
+    from segengine.engine.fsguard import read_regular
+    from segengine.engine.io import DataError
+
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
+        data = json.loads(read_regular(path, "speed cache", CACHE_MAX_BYTES).decode("utf-8"))
+    except (DataError, ValueError, RecursionError):
         data = None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         data = {}
@@ -91,7 +97,11 @@ def read_cache(path: Path | None = None) -> dict[str, Any]:
 
 def recorded_ms(cpu: str, model_sha256: str, threads: int | None, path: Path | None = None) -> dict[str, float]:
     """backend -> ms/slice recorded for this CPU, model and thread count (only sane numbers)."""
-    entry = read_cache(path).get(entry_key(cpu, model_sha256, threads)) or {}
+    return _sane_ms(read_cache(path).get(entry_key(cpu, model_sha256, threads)))
+
+
+def _sane_ms(entry: Any) -> dict[str, float]:
+    """An entry's ms/slice figures that are figures (the file may have been edited or planted)."""
     ms = entry.get("ms_per_slice") if isinstance(entry, dict) else None
     if not isinstance(ms, dict):
         return {}
@@ -108,21 +118,25 @@ def record_ms(cpu: str, model_sha256: str, threads: int | None, ms: dict[str, fl
     entries = data["entries"]
     key = entry_key(cpu, model_sha256, threads)
     old = entries.get(key) if isinstance(entries.get(key), dict) else {}
-    merged = {**(old.get("ms_per_slice") or {}), **{k: round(float(v), 4) for k, v in ms.items()}}
+    merged = {**_sane_ms(old), **{k: round(float(v), 4) for k, v in ms.items()}}
+    old_how = old.get("how") if isinstance(old.get("how"), dict) else {}
     entries[key] = {"cpu": cpu, "model_sha256": model_sha256, "threads": threads, "ms_per_slice": merged,
-                    "how": {**(old.get("how") or {}), **{k: how for k in ms}}, "measured": now_iso()}
+                    "how": {**{k: v for k, v in old_how.items() if k in merged}, **{k: how for k in ms}},
+                    "measured": now_iso()}
     return _write_file(path, data)
 
 
-def cpu_fact(name: str, version: str, learn: Callable[[], str], path: Path | None = None) -> str:
+def cpu_fact(name: str, version: str, learn: Callable[[], str], path: Path | None = None,
+             allowed: Iterable[str] | None = None) -> str:
     """A fact about this CPU that is slow to learn, learned once per CPU and library ``version`` and
     then read from the cache: OpenVINO's default inference precision needs OpenVINO imported (~1 s
-    at every `run --backend auto` otherwise, even when ONNX Runtime is the one picked)."""
+    at every `run --backend auto` otherwise, even when ONNX Runtime is the one picked). A cached
+    value outside ``allowed`` (an edited or planted file) is learned again."""
     path = path or cache_path()
     key = f"{cpu_key()} | {name} | {version}"
     data = _read_file(path)
     value = data["facts"].get(key)
-    if not isinstance(value, str):
+    if not isinstance(value, str) or (allowed is not None and value not in allowed):
         value = learn()
         data["facts"][key] = value
         _write_file(path, data)

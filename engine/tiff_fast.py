@@ -22,7 +22,8 @@ import numpy as np
 # only if it cannot change the pixels (see _PIXEL_TAGS)
 _FIELDS = {256: "width", 257: "height", 258: "bits", 259: "compression", 262: "photometric", 266: "fill_order",
            273: "strip_offsets", 274: "orientation", 277: "samples", 278: "rows_per_strip", 279: "strip_counts",
-           284: "planar", 317: "predictor", 322: "tile_width", 338: "extra_samples", 339: "sample_format"}
+           284: "planar", 317: "predictor", 322: "tile_width", 338: "extra_samples", 339: "sample_format",
+           32997: "depth"}  # ImageDepth: one IFD holding several planes (tifffile's shape is 4-D)
 _TYPES = {1: ("B", 1), 3: ("H", 2), 4: ("I", 4), 16: ("Q", 8)}  # BYTE, SHORT, LONG, LONG8
 _HEAD = 4096  # the header and first IFD of a Kaggle slice lie in its first 200 bytes
 
@@ -79,11 +80,11 @@ def _plain(fields: dict) -> tuple[int, int, int] | None:
             or "strip_counts" not in fields or "tile_width" in fields or "extra_samples" in fields):
         return None
     if (one("compression", 1)[0] != 1 or one("fill_order", 1)[0] != 1 or one("orientation", 1)[0] != 1
-            or one("predictor", 1)[0] != 1 or one("planar", 1)[0] != 1):
+            or one("predictor", 1)[0] != 1 or one("planar", 1)[0] != 1 or one("depth", 1)[0] != 1):
         return None
     if not ((samples == 3 and photometric == 2) or (samples == 1 and photometric == 1)):
         return None
-    if set(one("bits", 8)) != {8} or set(one("sample_format", 1)) != {1}:
+    if set(one("bits", 1)) != {8} or set(one("sample_format", 1)) != {1}:  # absent BitsPerSample: 1 bit
         return None
     return fields["height"][0], fields["width"][0], samples
 
@@ -113,22 +114,20 @@ def read_tiff(path: Path) -> np.ndarray | None:
             return None
         h, w, s = shape
         offsets, counts = fields["strip_offsets"], fields["strip_counts"]
-        need = h * w * s
-        if len(offsets) != len(counts) or sum(counts) < need or any(o + c > size for o, c in zip(offsets, counts)):
-            return None  # short or truncated strips: tifffile's error, not ours
-        out = np.empty(need, dtype=np.uint8)
+        rows = min(fields.get("rows_per_strip", (h,))[0], h) or h
+        # strip i holds rows i*rows.. of the image, whatever its byte count says beyond them (padding)
+        sizes = [min(rows, h - i * rows) * w * s for i in range(-(-h // rows))]
+        if (len(offsets) != len(sizes) or len(counts) != len(sizes) or any(c < n for c, n in zip(counts, sizes))
+                or any(o + n > size for o, n in zip(offsets, sizes))):
+            return None  # short, missing or truncated strips: tifffile's error, not ours
+        out = np.empty(h * w * s, dtype=np.uint8)
         pos = 0
         with open(path, "rb") as fh:
-            for o, c in zip(offsets, counts):
-                c = min(c, need - pos)
-                if c <= 0:
-                    break
+            for o, n in zip(offsets, sizes):
                 fh.seek(o)
-                if fh.readinto(memoryview(out)[pos:pos + c]) != c:
+                if fh.readinto(memoryview(out)[pos:pos + n]) != n:
                     return None
-                pos += c
-        if pos != need:
-            return None
+                pos += n
     except (OSError, struct.error, ValueError):
         return None
     return out.reshape((h, w) if s == 1 else (h, w, s))

@@ -627,3 +627,88 @@ def test_max_memory_default_is_the_limits_default(command):
 
     option = next(o for o in main.commands[command].params if o.name == "max_memory")
     assert option.default == DEFAULT_MAX_MEMORY_GB and DEFAULT_LIMITS.max_memory == int(DEFAULT_MAX_MEMORY_GB * 1e9)
+
+
+# The quality estimate (issue 23) added review fields the pages format as numbers and read as a
+# dict; the schema check (issue 20) must hold them too, or one planted report crashes the index.
+@pytest.mark.parametrize("review", [{"expected_dsc": "high", "interval": [0.7, 0.9], "flag": False},
+                                    {"expected_dsc": 0.85, "interval": ["a", "b"], "flag": False},
+                                    {"expected_dsc": 0.85, "interval": [0.7], "flag": False},
+                                    {"expected_dsc": 0.85, "interval": 0.7, "flag": False},
+                                    {"expected_dsc": None, "features": [1, 2], "flag": None},
+                                    {"expected_dsc": True, "flag": False},
+                                    {"expected_dsc": 0.85, "interval": [0.7, 0.9], "flag": "no"}],
+                         ids=["dsc-str", "interval-strs", "interval-short", "interval-number", "features-list",
+                              "dsc-bool", "flag-str"])
+def test_a_bad_quality_estimate_in_a_report_is_unreadable_not_a_crash(tmp_path, review):
+    out = tmp_path / "out"
+    good = {"expected_dsc": 0.912, "interval": [0.85, 0.97], "flag": False, "reasons": [],
+            "calibration": "out-of-fold", "features": {"copied_channels": []}}
+    for name, rep in [("A", _report("A", review=good)), ("B", _report("B", review=review))]:
+        (out / name).mkdir(parents=True)
+        (out / name / "report.json").write_text(json.dumps(rep))
+    res = _cli("report", str(out))
+    assert res.exit_code == 0 and "(1 patients" in res.output and "Traceback" not in res.output, res.output
+    page = (out / INDEX).read_text()
+    assert "1 unreadable report(s): B: review" in page and "expected DSC 0.912" in page
+
+
+def _strip_table_bomb(path: Path, strips: int) -> None:
+    """A real slice rewritten as one page whose StripOffsets/StripByteCounts claim ``strips`` entries
+    (8 bytes a strip on disk): parsing the header alone takes tens of bytes a strip in memory."""
+    import struct
+
+    import numpy as np
+    import tifffile
+
+    rgb = tifffile.imread(path)
+    h, w, _ = rgb.shape
+    tags = [(256, 4, 1, w), (257, 4, 1, h), (259, 3, 1, 1), (262, 3, 1, 2), (273, 4, strips, "offsets"),
+            (277, 3, 1, 3), (278, 4, 1, 1), (279, 4, strips, "counts")]
+    ifd = 8 + 2 + 12 * len(tags) + 4
+    pix = ifd + 8 * strips
+    where = {"offsets": ifd, "counts": ifd + 4 * strips}
+    out = bytearray(b"II*\0" + struct.pack("<IH", 8, len(tags)))
+    for tag, typ, count, val in tags:
+        val = where.get(val, val)
+        out += struct.pack("<HHI", tag, typ, count) + struct.pack("<HH" if typ == 3 else "<I", *((val, 0) if typ == 3 else (val,)))
+    out += struct.pack("<I", 0)
+    offsets = pix + np.minimum(np.arange(strips, dtype=np.int64), h - 1) * w * 3
+    out += offsets.astype("<u4").tobytes() + np.full(strips, w * 3, "<u4").tobytes() + rgb.tobytes()
+    path.write_bytes(bytes(out))
+
+
+def test_a_slice_file_larger_than_any_slice_is_refused_before_its_header_is_parsed(kaggle_root, tmp_path, monkeypatch):
+    from segengine.engine import io
+
+    parsed = []
+    for ext, reader in list(io.HEADER_READERS.items()):
+        monkeypatch.setitem(io.HEADER_READERS, ext, lambda p, reader=reader: parsed.append(p) or reader(p))
+    bomb = tmp_path / f"{SMALL}_1.tif"
+    shutil.copy(kaggle_root / SMALL / bomb.name, bomb)
+    _strip_table_bomb(bomb, 5_000_000)  # 40 MB: ~0.4 GB to parse its header with the fast path, ~0.25 GB with tifffile
+    with pytest.raises(io.SliceLimitError, match=r"40,\d{3},\d{3} bytes, more than a slice of at most 1024x1024 "
+                                                 r"pixels takes \(\d"):
+        io.check_slice_size(bomb, io.DEFAULT_LIMITS)
+    assert parsed == []
+    shutil.copy(kaggle_root / SMALL / bomb.name, bomb)
+    assert io.check_slice_size(bomb, io.DEFAULT_LIMITS) == (256, 256, 3) and parsed == [bomb]
+
+
+@pytest.mark.parametrize("extra", [{"probabilities": "probs.nii.gz"}, {"probabilities": {"file": 5}},
+                                   {"dicom": [1, 2]}, {"dicom": {"seg": "seg.dcm"}}, {"dicom": {"seg": {"file": ["a"]}}}],
+                         ids=["probabilities-str", "probabilities-file-int", "dicom-list", "dicom-seg-str",
+                              "dicom-seg-file-list"])
+def test_a_bad_link_field_in_a_report_is_unreadable_not_a_crash(tmp_path, extra):
+    """The patient page links the DICOM SEG and the probability map named in report.json; a
+    planted report naming them with other types must not crash the re-rendering of the pages."""
+    from segengine.engine.review_page import REVIEW_DIR, VIEWER_DATA
+
+    out = tmp_path / "out"
+    for name, rep in [("A", _report("A")), ("B", _report("B", **extra))]:
+        (out / name / REVIEW_DIR).mkdir(parents=True)
+        (out / name / REVIEW_DIR / VIEWER_DATA).write_text("{}")  # B has a page: it is re-rendered from its report
+        (out / name / "report.json").write_text(json.dumps(rep))
+    res = _cli("report", str(out))
+    assert res.exit_code == 0 and "(1 patients" in res.output and "Traceback" not in res.output, res.output
+    assert "1 unreadable report(s): B: " in (out / INDEX).read_text()

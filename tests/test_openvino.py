@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -241,6 +242,44 @@ def test_an_unreadable_or_foreign_cache_is_measured_again(monkeypatch, tmp_path,
     assert json.loads(speed.cache_path().read_text())["schema"] == speed.SCHEMA
 
 
+def _fifo_cache(path):
+    import os
+
+    os.mkfifo(path)
+
+
+def _entry_of_wrong_types(path):
+    key = speed.entry_key(speed.cpu_key(), load_model_spec().sha256, 1)
+    path.write_text(json.dumps({"schema": speed.SCHEMA, "entries": {key: {"ms_per_slice": [1, 2], "how": "probe"}},
+                                "facts": {"x": 5}}))
+
+
+def _figures_of_wrong_types(path):
+    key = speed.entry_key(speed.cpu_key(), load_model_spec().sha256, 1)
+    path.write_text(json.dumps({"schema": speed.SCHEMA, "entries": {key: {"ms_per_slice": {"onnxruntime": "fast",
+                                                                                          "openvino": -1}}}}))
+
+
+@pytest.mark.parametrize("plant", [_fifo_cache, _entry_of_wrong_types, _figures_of_wrong_types],
+                         ids=["fifo", "entry-wrong-types", "figures-wrong-types"])
+def test_a_planted_cache_is_measured_again_never_a_hang_or_a_crash(monkeypatch, tmp_path, plant):
+    """auto's cache lives outside the repository (a shared HOME, $SEGENGINE_CACHE_DIR): a FIFO there
+    must not block the run, and an entry of the right schema but wrong types must not crash it."""
+    import threading
+
+    spec = load_model_spec()
+    monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path))
+    plant(speed.cache_path())
+    got = []
+    worker = threading.Thread(target=lambda: got.append(speed.fastest(
+        spec, ["onnxruntime", "onnxruntime-int8"], 1, measure=lambda m, n, t: {"onnxruntime": 2.0, "onnxruntime-int8": 1.0})),
+        daemon=True)
+    worker.start()
+    worker.join(60)
+    assert got == ["onnxruntime-int8"]
+    assert speed.recorded_ms(speed.cpu_key(), spec.sha256, 1) == {"onnxruntime": 2.0, "onnxruntime-int8": 1.0}
+
+
 def test_a_cpu_fact_is_learned_once_per_cpu_and_version(monkeypatch, tmp_path):
     """OpenVINO's default precision is asked of OpenVINO once (importing it costs ~1 s), then read
     back; another library version, or another CPU, asks again; ms/slice entries survive beside it."""
@@ -258,6 +297,22 @@ def test_a_cpu_fact_is_learned_once_per_cpu_and_version(monkeypatch, tmp_path):
     monkeypatch.setattr(speed, "cpu_key", lambda cpuinfo=None: "Other CPU [avx2]")
     assert speed.cpu_fact("precision", "1.0", learn) == "bf16" and len(asked) == 3
     assert speed.recorded_ms("Test CPU [avx2]", "0" * 64, 1) == {"openvino": 3.0}
+
+
+@needs_openvino
+@pytest.mark.parametrize("planted", ["f64", "bf16\n; extra", ""])
+def test_a_planted_precision_fact_is_asked_of_openvino_again(monkeypatch, tmp_path, planted):
+    """The precision read back from the cache is pinned at compile time and decides which verdicts
+    hold: a value OpenVINO's CPU plugin does not have is learned again, not trusted."""
+    from importlib.metadata import version
+
+    from segengine.engine.backends import openvino_backend
+
+    monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path))
+    here = openvino_backend.inference_precision()
+    key = f"{speed.cpu_key()} | openvino default INFERENCE_PRECISION_HINT | {version('openvino')}"
+    speed._write_file(speed.cache_path(), {"entries": {}, "facts": {key: planted}})
+    assert openvino_backend.inference_precision() == here and here in openvino_backend.PRECISIONS
 
 
 @needs_openvino
@@ -382,3 +437,83 @@ def test_running_openvino_starts_no_telemetry(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.split("\n")
     assert lines[0] == "none 1" and lines[1] == "ovc ok"
+
+
+# --------------------------------------------------------------------------- the compiled-model cache
+def _cache_folder_links_elsewhere(root, elsewhere):
+    (root / "openvino").symlink_to(elsewhere, target_is_directory=True)
+
+
+def _cache_folder_writable_by_others(root, elsewhere):
+    (root / "openvino").mkdir()
+    (root / "openvino").chmod(0o777)
+
+
+def _cache_root_of_another_user(root, elsewhere):
+    os.chown(root, 12345, -1)  # its owner could rename the openvino folder and put another in its place
+
+
+def _cache_root_writable_by_others(root, elsewhere):
+    root.chmod(0o777)  # anyone could swap the openvino folder between the check and the compile (no sticky bit)
+
+
+@needs_openvino
+@pytest.mark.parametrize("plant", [_cache_folder_links_elsewhere, _cache_folder_writable_by_others,
+                                   _cache_root_writable_by_others,
+                                   pytest.param(_cache_root_of_another_user, marks=pytest.mark.skipif(
+                                       os.geteuid() != 0, reason="giving a folder to another user needs root"))],
+                         ids=["link", "folder-others-write", "root-others-write", "root-of-another-user"])
+def test_compiled_models_are_cached_only_in_a_folder_only_this_user_can_write(monkeypatch, tmp_path, plant):
+    """OpenVINO imports whatever blob sits under the name it expects, without the SHA-256 check
+    the ONNX file passes: a cache folder others can write (or a link to one) would let them swap
+    the network a patient runs through. Such a folder is not used (compiled every time, same result)."""
+    from segengine.engine.backends.openvino_backend import OpenVinoInt8Backend, compiled_cache_dir
+
+    root, elsewhere = tmp_path / "cache", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.setenv(speed.CACHE_ENV, str(root))
+    assert compiled_cache_dir() == root / "openvino" and (root / "openvino").stat().st_mode & 0o022 == 0
+    (root / "openvino").rmdir()
+    plant(root, elsewhere)
+    try:
+        assert compiled_cache_dir() is None
+        runner = OpenVinoInt8Backend(load_model_spec(), threads=1).load()
+        runner.close()
+        assert list(elsewhere.iterdir()) == []
+    finally:
+        root.chmod(0o755)
+        os.chown(root, os.geteuid(), -1)
+
+
+@needs_openvino
+def test_a_half_written_compiled_blob_is_compiled_again_with_the_same_result(monkeypatch, tmp_path):
+    """Two runs may share the cache: OpenVINO writes a blob in place, so one run can meet another's
+    half-written blob. OpenVINO must then compile again (not fail, not run half a network)."""
+    import numpy as np
+
+    from segengine.engine.backends.openvino_backend import OpenVinoInt8Backend
+
+    monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path))
+    spec = load_model_spec()
+    x = np.random.default_rng(0).standard_normal((2, *spec.input_shape), dtype=np.float32)
+    with OpenVinoInt8Backend(spec, threads=1) as runner:
+        want = runner.load().infer(x)
+    blobs = list((tmp_path / "openvino").glob("*.blob"))
+    assert blobs
+    for blob in blobs:
+        blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
+    with OpenVinoInt8Backend(spec, threads=1) as runner:
+        assert np.array_equal(runner.load().infer(x), want)
+
+
+@needs_openvino
+def test_a_cache_root_writable_by_the_users_group_keeps_the_compiled_cache(monkeypatch, tmp_path):
+    """Under umask 002 (a user-private group) the cache root is group-writable: still the user's."""
+    from segengine.engine.backends.openvino_backend import compiled_cache_dir
+
+    root = tmp_path / "cache"
+    root.mkdir()
+    root.chmod(0o775)
+    monkeypatch.setenv(speed.CACHE_ENV, str(root))
+    assert compiled_cache_dir() == root / "openvino"

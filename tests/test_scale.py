@@ -418,3 +418,30 @@ def test_triton_backend_without_server_is_one_line(kaggle_root, tmp_path, monkey
     res = CliRunner().invoke(main, ["run", "--patient", str(kaggle_root / VAL_PATIENTS[0]), "--out", str(tmp_path / "o"),
                                     "--backend", "triton", "--model", str(MODEL)])
     assert res.exit_code == 2 and "not reachable" in res.output and not (tmp_path / "o" / VAL_PATIENTS[0]).exists()
+
+
+def test_ray_auto_picks_by_the_figures_for_the_workers_thread_count(kaggle_root, tmp_path, monkeypatch):
+    """`--ray --backend auto --threads 1` resolves auto once, in the driver, for what each worker
+    runs: 1 thread. Figures for all threads (another speed ranking) must not decide it."""
+    pytest.importorskip("ray")
+    from segengine.engine import backends as registry
+    from segengine.engine import speed
+    from segengine.engine.backends.base import BackendUnavailable
+    from segengine.engine.ray_runner import run_patients_ray
+
+    spec = load_model_spec(MODEL)
+    monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path / "cache"))
+    slow = {c: 50.0 for c in registry.AUTO_CANDIDATES}
+    speed.record_ms(speed.cpu_key(), spec.sha256, 1, {**slow, "onnxruntime-int8": 1.0}, "test")
+    speed.record_ms(speed.cpu_key(), spec.sha256, None, {**slow, "onnxruntime": 1.0}, "test")
+    monkeypatch.setattr(speed, "probe", lambda *a, **k: pytest.fail("figures are recorded: nothing to probe"))
+    picked, real = [], registry.resolve
+
+    def resolve_then_stop(name, spec, threads=None):
+        picked.append(real(name, spec, threads))
+        raise BackendUnavailable("stop before Ray starts")
+
+    monkeypatch.setattr(registry, "resolve", resolve_then_stop)
+    with pytest.raises(BackendUnavailable, match="stop before Ray starts"):
+        run_patients_ray(kaggle_root, tmp_path / "out", "auto", MODEL, threads=1)
+    assert picked == ["onnxruntime-int8"]

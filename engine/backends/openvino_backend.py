@@ -27,6 +27,7 @@ from segengine.engine.backends.base import Backend, BackendUnavailable
 from segengine.engine.model import ModelError, check_export
 
 VERDICT_KEY = "validation_openvino"
+PRECISIONS = ("f32", "bf16", "f16")  # the INFERENCE_PRECISION_HINT values of OpenVINO's CPU plugin
 
 
 def _openvino():
@@ -70,7 +71,8 @@ def inference_precision() -> str:
     from segengine.engine.speed import cpu_fact
 
     return cpu_fact("openvino default INFERENCE_PRECISION_HINT", version("openvino"),
-                    lambda: _core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name())
+                    lambda: _core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name(),
+                    allowed=PRECISIONS)
 
 
 def compiled_cache_dir() -> Path | None:
@@ -78,13 +80,29 @@ def compiled_cache_dir() -> Path | None:
     repository): a later load imports the blob instead of compiling (0.46 -> 0.08 s for the fp32
     graph, 1.3 -> 0.35 s for the INT8 one, measured here). OpenVINO keys each blob by the model
     file's content, the device and the compile settings, and the file itself is checked against its
-    sidecar before (check_export). None when the folder cannot be made: compiled every time then."""
+    sidecar before (check_export). None when the folder cannot be made: compiled every time then.
+
+    OpenVINO imports whatever blob sits under the name it expects, past the SHA-256 check the ONNX
+    file passed: so the folder is used only if no one else can put a blob there (a real folder, not
+    a link, of this user, not writable by others, in a parent of this user or root that others
+    cannot swap it in: fsguard's rule for OUT). A shared or planted cache folder means compiling
+    every time, same result."""
+    import stat
+
     from segengine.engine.speed import cache_path
 
     folder = cache_path().parent / "openvino"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        st, parent = os.lstat(folder), os.stat(folder.parent)
     except OSError:
+        return None
+    # (a parent writable by the user's group is fine, as under umask 002: a folder swapped in by
+    # someone else is theirs, and refused by the owner check at the next run)
+    if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            or parent.st_uid not in (os.geteuid(), 0)
+            or (parent.st_mode & stat.S_IWOTH and not parent.st_mode & stat.S_ISVTX)):
         return None
     return folder if os.access(folder, os.W_OK) else None
 
