@@ -91,10 +91,14 @@ def component_stats(prob: np.ndarray, mask: np.ndarray,
     labels, n = ndi.label(mask, structure=structure)
     if n == 0:
         return labels, {"size": np.zeros(0), "mass": np.zeros(0), "peak": np.zeros(0)}
-    index = np.arange(1, n + 1)
-    return labels, {"size": np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(float),
-                    "mass": np.asarray(ndi.sum_labels(prob, labels, index), dtype=float),
-                    "peak": np.asarray(ndi.maximum(prob, labels, index), dtype=float)}
+    # Over the mask's voxels only: ndimage.maximum sorts the whole volume (1.4 s for a 60-slice patient).
+    inside = labels > 0
+    lab, p = labels[inside], prob[inside].astype(np.float64)
+    peak = np.zeros(n + 1)
+    np.maximum.at(peak, lab, p)
+    return labels, {"size": np.bincount(lab, minlength=n + 1)[1:].astype(float),
+                    "mass": np.bincount(lab, weights=p, minlength=n + 1)[1:],
+                    "peak": peak[1:]}
 
 
 def chosen_components(stats: dict[str, np.ndarray], rank_by: str, keep_mass_ratio: float,
