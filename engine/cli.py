@@ -535,10 +535,10 @@ def bench(data_root, n_patients, backends, batch_sizes, threads, warmup, iterati
 
 
 # --------------------------------------------------------------------------- train
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)
 @click.pass_context
 def train(ctx):
-    """Train a model (all options: segengine train --help-train).
+    """Train a model (segengine train --help lists every option).
 
     \b
     Example:
@@ -550,10 +550,10 @@ def train(ctx):
     sys.exit(train_main(args))
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)
 @click.pass_context
 def cv(ctx):
-    """Cross-validate a training recipe over patient folds (all options: segengine cv --help-cv).
+    """Cross-validate a training recipe over patient folds (segengine cv --help lists every option).
 
     \b
     Examples:

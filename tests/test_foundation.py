@@ -46,6 +46,18 @@ def test_help_shows_an_example(command):
     assert "segengine " in res.output and "Example" in res.output
 
 
+@pytest.mark.parametrize("command, options", [
+    (["train"], ["--context-slices", "--loss", "--flair-copy-p", "--amp", "--dark-channel-p", "--resume"]),
+    (["cv"], ["--folds", "--only", "--score-only", "--ship-ensemble"]),
+])
+def test_training_help_lists_its_options(command, options):
+    """`segengine train --help` is the training parser's own help (it listed nothing before)."""
+    res = CliRunner().invoke(main, command + ["--help"])
+    assert res.exit_code == 0
+    missing = [o for o in options if o not in res.output]
+    assert not missing, f"{' '.join(command)} --help lacks {missing}"
+
+
 # ----------------------------------------------------------------- reading patient folders
 def test_reads_real_patient_in_numeric_order(kaggle_root):
     vol = io.read_patient(kaggle_root / VAL_PATIENTS[0])
