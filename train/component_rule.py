@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segengine.export.onnx_export import write_json_atomic  # the one atomic write: a crash never truncates a card
 from segengine.engine.io import read_patient
 from segengine.engine.postprocess import FACE_CONNECTIVITY_3D, chosen_components, component_stats
 
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {row['kind']:<15} {len(row['patients'])} patients: mean {row['mean_before']:.4f} -> {row['mean_after']:.4f}")
     if args.record:
         args.record.parent.mkdir(parents=True, exist_ok=True)
-        args.record.write_text(json.dumps(record, indent=2) + "\n")
+        write_json_atomic(args.record, record)
     if args.write_card:
         if lo <= 0:
             print(f"not written to {args.write_card}: the paired 95% CI ({lo:+.4f}, {hi:+.4f}) is not above 0; "
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         card["postprocess"] = {**all_folds, "fitted": f"{len(cases)} out-of-fold patients, mean DSC gain "
                                f"{diff.mean():+.4f} (95% CI {lo:+.4f} to {hi:+.4f}) leaving each fold out",
                                "record": str(args.record) if args.record else None}
-        args.write_card.write_text(json.dumps(card, indent=2) + "\n")
+        write_json_atomic(args.write_card, card)
         print(f"wrote the rule into {args.write_card}")
     return 0
 

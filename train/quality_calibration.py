@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segengine.export.onnx_export import write_json_atomic  # the one atomic write: a crash never truncates a card
 from segengine.engine.quality import FLAG_BELOW, QualityModel, channel_means, quality_features
 
 LAMBDAS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{copy_low} of the {len(copies)} CV patients with FLAIR copies scored below 0.70 out of fold")}}
     if args.record:
         args.record.parent.mkdir(parents=True, exist_ok=True)
-        args.record.write_text(json.dumps(record, indent=2) + "\n")
+        write_json_atomic(args.record, record)
     if args.figure:
         figure(cases, held, args.figure)
     for path, modes in ((args.write_card, ("single", "tta")), (args.write_manifest, ("ensemble",))):
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             doc["review"] = {**review_common, "flag": f"expected DSC < {FLAG_BELOW:.2f}",
                              "record": str(args.record) if args.record else None,
                              "modes": {m: models[m].to_dict() for m in modes}}
-            path.write_text(json.dumps(doc, indent=2) + "\n")
+            write_json_atomic(path, doc)
             print(f"wrote the {'/'.join(modes)} calibration into {path}")
     return 0
 
