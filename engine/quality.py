@@ -31,18 +31,23 @@ FEATURES = ("confidence", "high_share", "log_volume", "uncertain_ratio", "remove
 HIGH = 0.9  # "confident" voxels: probability above this
 
 
-def channel_means(image: np.ndarray) -> list[float]:
-    """Mean grey level of each channel over the head (pixels where any channel exceeds HEAD_LEVEL)."""
-    head = image.max(axis=-1) > HEAD_LEVEL
+def head_mask(image: np.ndarray) -> np.ndarray:
+    """The head: pixels where any channel of the (D, H, W, 3) input exceeds HEAD_LEVEL."""
+    return image.max(axis=-1) > HEAD_LEVEL
+
+
+def channel_means(image: np.ndarray, head: np.ndarray | None = None) -> list[float]:
+    """Mean grey level of each channel over the head (``head_mask``, computed here unless given)."""
+    head = head_mask(image) if head is None else head
     if not head.any():
         return [0.0] * image.shape[-1]
     return [float(image[..., c][head].mean()) for c in range(image.shape[-1])]
 
 
-def flair_copies(image: np.ndarray) -> list[str]:
+def flair_copies(image: np.ndarray, head: np.ndarray | None = None) -> list[str]:
     """Names of the channels that are copies of FLAIR (a missing sequence filled in, as 10 of the 90
     training patients and ``nifti_io``'s FLAIR-only cases arrive); ``image`` is (D, H, W, 3)."""
-    head = image.max(axis=-1) > HEAD_LEVEL
+    head = head_mask(image) if head is None else head
     if not head.any():
         return []
     flair = image[..., FLAIR][head].astype(np.int16)
@@ -89,9 +94,10 @@ def prediction_features(prob: np.ndarray, mask: np.ndarray, threshold: float = 0
 def quality_features(image: np.ndarray, prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5,
                      reference: dict | None = None, views_agreement: float | None = None) -> dict[str, Any]:
     """Every feature of one patient, from its (D, H, W, 3) input, native probabilities and mask."""
-    means = channel_means(image)
+    head = head_mask(image)  # once for both input features
+    means = channel_means(image, head)
     z, z_channel = intensity_z(means, reference)
-    copies = flair_copies(image)
+    copies = flair_copies(image, head)
     return {**prediction_features(prob, mask, threshold), "flair_copies": len(copies), "copied_channels": copies,
             "channel_means": [round(m, 2) for m in means], "intensity_z": z, "intensity_z_channel": z_channel,
             "views_disagreement": None if views_agreement is None else 1.0 - views_agreement}
