@@ -121,3 +121,19 @@ def test_slice_errors_counts_misses_and_their_flair():
     assert hit["p_on_missed"] == pytest.approx(0.1) and hit["flair_on_missed"] == 0.0
     assert hit["flair_on_truth"] == pytest.approx(1.0)
     assert rows[1]["truth_px"] == 0 and rows[1]["p_on_missed"] is None
+
+
+def test_init_from_loads_a_shipped_models_weights_and_refuses_another_architecture(tmp_path):
+    """Fine-tuning starts from the shipped fold model: every weight it has is copied, the dropped heads stay fresh."""
+    from pathlib import Path
+    shipped = Path(__file__).resolve().parents[1] / "models" / "resunet16v2_folds_fold3.pt"
+    state = torch.load(shipped, map_location="cpu", weights_only=True)["state_dict"]
+    model = build_model({"name": "resunet", "base_channels": 16, "in_channels": 9, "deep_supervision": True})
+    train_mod.init_weights(model, str(shipped))
+    loaded = model.state_dict()
+    assert set(state) < set(loaded)
+    for name, tensor in state.items():
+        assert torch.equal(loaded[name], tensor), name
+    narrow = build_model({"name": "resunet", "base_channels": 8, "in_channels": 9, "deep_supervision": True})
+    with pytest.raises(SystemExit, match="do not fit"):
+        train_mod.init_weights(narrow, str(shipped))

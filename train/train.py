@@ -84,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    ap.add_argument("--init-from", default=None, metavar="PT",
+                    help="start from these weights (a shipped model's .pt) instead of random ones: fine-tuning; "
+                         "the deep-supervision heads that shipped models drop start fresh")
     ap.add_argument("--stop-after", type=int, default=0, metavar="STEP",
                     help="exit after checkpointing at this step (a multiple of --epoch-steps) to split a run "
                          "across sessions; --resume continues it exactly")
@@ -239,6 +242,20 @@ def context_index(patient_index: np.ndarray, context: int) -> np.ndarray:
     return idx
 
 
+def init_weights(model: torch.nn.Module, path: str) -> None:
+    """Load a shipped model's weights for fine-tuning; only the deep-supervision heads may be missing."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    state = payload.get("state_dict", payload) if isinstance(payload, dict) else payload
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensor shapes differ: another width or input channels
+        raise SystemExit(f"--init-from {path}: weights do not fit this architecture ({str(exc).splitlines()[1:2]})")
+    bad = [k for k in missing if not k.startswith("aux_heads.")] + list(unexpected)
+    if bad:
+        raise SystemExit(f"--init-from {path}: weights do not fit this architecture ({', '.join(bad[:3])} ...)")
+    print(f"initialised from {path}" + (" (deep-supervision heads fresh)" if missing else ""), flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -286,6 +303,8 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     step, elapsed, history = 0, 0.0, []
     ckpt_path = out / "last.pt"
+    if args.init_from and not (args.resume and ckpt_path.exists()):
+        init_weights(model, args.init_from)
     if args.resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # RNG states are tensors and plain dicts
         model.load_state_dict(ck["model"])
