@@ -182,3 +182,15 @@ def test_segengine_cv_passes_the_options_after_double_dash_to_training(tmp_path,
                                     "--", "--steps", "7", "--epoch-steps", "7"])
     assert seen == [["--steps", "7", "--epoch-steps", "7"]], res.output
     assert "fold 0 stopped before its last step" in res.output and res.exit_code == 1
+
+
+def test_fold_placeholder_in_training_options_names_each_fold(tmp_path, monkeypatch):
+    """`--init-from m_fold{fold}.pt` must start fold k from the fold-k model, which never saw fold k's patients."""
+    from segengine.train import train as train_module
+
+    seen = []
+    monkeypatch.setattr(train_module, "main", lambda args: seen.append(args))
+    for k in (1, 3):
+        cv.train_fold(SPLITS.parent, tmp_path / "run", 5, k, 0, ["--init-from", "m_fold{fold}.pt", "--steps", "7"])
+    assert [a[a.index("--init-from") + 1] for a in seen] == ["m_fold1.pt", "m_fold3.pt"]
+    assert [a[a.index("--fold") + 1] for a in seen] == ["1", "3"]

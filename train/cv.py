@@ -53,8 +53,10 @@ def train_fold(data: Path, out: Path, n_folds: int, k: int, seed: int, train_arg
     run = fold_run(out, k)
     if (run / "final_weights.pt").exists():
         return True
+    # "{fold}" in a training option names this fold: --init-from models/v2_fold{fold}.pt fine-tunes
+    # each fold from the model that never saw its held-out patients
     args = ["--data", str(data), "--out", str(run), "--folds", str(n_folds), "--fold", str(k),
-            "--fold-seed", str(seed), *train_args]
+            "--fold-seed", str(seed), *(a.replace("{fold}", str(k)) for a in train_args)]
     if (run / "last.pt").exists():
         args.append("--resume")
     train_main(args)
