@@ -16,8 +16,7 @@ import time
 from typing import Callable, Iterable
 
 from segengine.bench.machine import describe_cpu, machine_info, peak
-from segengine.bench.measure import (E2E_BATCH_SIZE, end_to_end_row, input_slices, model_only_rows,
-                                     patient_folders)
+from segengine.bench.measure import E2E_BATCH_SIZE, end_to_end_row, input_slices, model_only_rows, patient_folders
 from segengine.bench.report import format_table, plot  # noqa: F401 - the bench's public API
 
 DEFAULT_BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-int8", "tensorrt")
@@ -43,9 +42,8 @@ def record_for_auto(spec, model_only: list[dict], threads: int | None) -> dict |
     """Each timed backend's ms/slice at its largest batch into auto's cache (engine/speed.py) for
     this CPU and model: ``auto`` then picks by this bench instead of its own short probe. Not for
     an ensemble/TTA plan (its rows time several models at once)."""
-    from segengine.engine import backends as registry
-    from segengine.engine import speed
-    from segengine.engine.ensemble import InferencePlan
+    from segengine.engine.inference import registry, speed
+    from segengine.engine.inference.ensemble import InferencePlan
 
     if isinstance(spec, InferencePlan):
         return None
@@ -76,9 +74,9 @@ def run_bench(spec, data_root=None, patients: int = 3, backends: Iterable[str] =
     """
     import torch
 
-    from segengine.engine.ensemble import InferencePlan, members_of
-    from segengine.engine.model import ModelSpec, load_model_spec, load_torch_model
-    from segengine.engine.network import count_flops
+    from segengine.engine.inference.ensemble import InferencePlan, members_of
+    from segengine.engine.model.network import count_flops
+    from segengine.engine.model.spec import ModelSpec, load_model_spec, load_torch_model
 
     if not isinstance(spec, (ModelSpec, InferencePlan)):
         spec = load_model_spec(spec)
@@ -132,7 +130,7 @@ def run_bench(spec, data_root=None, patients: int = 3, backends: Iterable[str] =
     ref = None
     if reference:
         from segengine.bench.reference import time_reference
-        from segengine.engine.preprocess import centre_slice
+        from segengine.engine.preprocessing.preprocess import centre_slice
 
         ref = time_reference(centre_slice(x, spec.context_slices), folders, threads=threads,
                              warmup=warmup if reference_warmup is None else reference_warmup,

@@ -24,13 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO / "tests"))
     from dicom_study import make_study
 
-    from segengine.engine import backends as registry
-    from segengine.engine.dicom_io import write_seg
-    from segengine.engine.evaluate import select_patients
-    from segengine.engine.io import read_patient
-    from segengine.engine.metrics import dsc
-    from segengine.engine.model import load_model_spec
-    from segengine.engine.pipeline import segment
+    from segengine.engine.evaluation.evaluate import select_patients
+    from segengine.engine.evaluation.metrics import dsc
+    from segengine.engine.inference import registry
+    from segengine.engine.job.patient_job import segment
+    from segengine.engine.model.spec import load_model_spec
+    from segengine.engine.outputs.dicom_seg import write_seg
+    from segengine.engine.readers.registry import read_patient
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, type=Path)

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from segengine.engine.outputs.dicom_seg import write_seg
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -28,15 +30,14 @@ def _import_s() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import numpy as np
 
     sys.path.insert(0, str(REPO / "tests"))
     from dicom_study import make_study
 
     from segengine.bench.machine import describe_cpu, machine_info
-    from segengine.engine import dicom_io
-    from segengine.engine.evaluate import select_patients
-    from segengine.engine.io import read_patient
+    from segengine.engine.evaluation.evaluate import select_patients
+    from segengine.engine.readers import dicom as dicom_io
+    from segengine.engine.readers.registry import read_patient
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, type=Path)
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 vol = read_patient(study)
                 dcm.append(time.perf_counter() - t)
                 t = time.perf_counter()
-                dicom_io.write_seg(Path(tmp) / "seg.dcm", vol.source_grid, mask)
+                write_seg(Path(tmp) / "seg.dcm", vol.source_grid, mask)
                 seg.append(time.perf_counter() - t)
             row = {"patient": folder.name, "slices": int(mask.shape[0]), "tif_read_s": statistics.median(tif),
                    "dicom_read_s": statistics.median(dcm), "seg_write_s": statistics.median(seg)}

@@ -35,12 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     import openvino as ov
 
     from segengine.bench.machine import describe_cpu, machine_info
-    from segengine.engine import backends as registry
-    from segengine.engine.io import read_patient
-    from segengine.engine.metrics import dsc
-    from segengine.engine.model import load_model_spec
-    from segengine.engine.pipeline import finish_patient, model_input, preprocess_patient
-    from segengine.engine.postprocess import PostprocessConfig
+    from segengine.engine.evaluation.metrics import dsc
+    from segengine.engine.inference import registry
+    from segengine.engine.inference.predict import model_input
+    from segengine.engine.model.spec import load_model_spec
+    from segengine.engine.postprocessing.finish import finish_patient
+    from segengine.engine.postprocessing.postprocess import PostprocessConfig
+    from segengine.engine.preprocessing.preprocess import preprocess_patient
+    from segengine.engine.readers.registry import read_patient
     from segengine.export.api import N_VERIFY_INT8, _real_slices
 
     spec = load_model_spec()

@@ -35,7 +35,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _availability(name: str, spec) -> str | None:
     """None if ``name`` can run here for ``spec``, else the reason (never raises)."""
-    from segengine.engine import backends as registry
+    from segengine.engine.inference import registry
 
     try:
         return registry.why_unavailable(name, spec)
@@ -46,7 +46,7 @@ def _availability(name: str, spec) -> str | None:
 
 
 def _precision(name: str) -> str | None:
-    from segengine.engine import backends as registry
+    from segengine.engine.inference import registry
 
     try:
         return registry.backend_class(name).precision
@@ -56,7 +56,7 @@ def _precision(name: str) -> str | None:
 
 def _create_and_load(name: str, spec, threads: int | None):
     """(backend, load seconds) or raise; BackendUnavailable/ModelError mean 'not available'."""
-    from segengine.engine import backends as registry
+    from segengine.engine.inference import registry
 
     t = time.perf_counter()
     backend = registry.create(name, spec, threads=threads)
@@ -65,8 +65,7 @@ def _create_and_load(name: str, spec, threads: int | None):
 
 
 def _failure_status(exc: BaseException) -> str:
-    from segengine.engine.backends.base import BackendUnavailable
-    from segengine.engine.model import ModelError
+    from segengine.engine.core.errors import BackendUnavailable, ModelError
 
     if isinstance(exc, (BackendUnavailable, ModelError, ImportError)):
         return f"not available: {_one_line(exc)}"
@@ -74,7 +73,7 @@ def _failure_status(exc: BaseException) -> str:
 
 
 def patient_folders(data_root, n: int) -> list[Path]:
-    from segengine.engine.io import list_patients
+    from segengine.engine.readers.registry import list_patients
 
     root = Path(data_root)
     if (root / "kaggle_3m").is_dir():  # the unpacked dataset's parent folder
@@ -85,8 +84,9 @@ def patient_folders(data_root, n: int) -> list[Path]:
 def input_slices(spec, folders: list[Path], need: int, log) -> tuple[np.ndarray, dict]:
     """Real model inputs (native protocol, ``pipeline.model_input``: 2.5D context stacked per
     patient) from the patients, enough for ``need``; else noise of the same shape."""
-    from segengine.engine.io import read_patient
-    from segengine.engine.pipeline import model_input, preprocess_patient
+    from segengine.engine.inference.predict import model_input
+    from segengine.engine.preprocessing.preprocess import preprocess_patient
+    from segengine.engine.readers.registry import read_patient
 
     size = spec.input_size
     if not folders:
@@ -186,20 +186,19 @@ def time_end_to_end(process_one: ProcessPatient, folders: list[Path], out_root: 
 
 def engine_patient_job(backend, spec, batch_size: int = E2E_BATCH_SIZE) -> ProcessPatient:
     """The engine's one-patient unit of work (what `run --patient` and each Ray worker run)."""
-    from segengine.engine.postprocess import PostprocessConfig
-    from segengine.engine.patient_job import process_patient
+    from segengine.engine.job.patient_job import RunSetup, process_patient
 
-    post = PostprocessConfig()
-    return lambda folder, out: process_patient(folder, out, backend, backend.name, spec, post, batch_size)
+    setup = RunSetup(backend, backend.name, spec, batch_size=batch_size)
+    return lambda folder, out: process_patient(folder, out, setup)
 
 
 def time_amortized(folders: list[Path], backend, spec, out_root: Path, batch_size: int = E2E_BATCH_SIZE) -> dict:
     """The `run --patients` loop on ``folders`` (stages overlapped): total wall / N."""
-    from segengine.engine.postprocess import PostprocessConfig
-    from segengine.engine.runner import segment_patients
+    from segengine.engine.job.batch import segment_patients
+    from segengine.engine.job.patient_job import RunSetup
 
     out_root.mkdir(parents=True, exist_ok=True)
-    summary = segment_patients(folders, out_root, backend, backend.name, spec, PostprocessConfig(), batch_size,
+    summary = segment_patients(folders, out_root, RunSetup(backend, backend.name, spec, batch_size=batch_size),
                                log=lambda *_: None)
     if summary.failed:
         raise RuntimeError(f"--patients loop failed on {summary.failed[0][0]}: {summary.failed[0][1]}")
@@ -210,8 +209,9 @@ def time_amortized(folders: list[Path], backend, spec, out_root: Path, batch_siz
 def time_infer_alone(folders: list[Path], backend, spec, batch_size: int = E2E_BATCH_SIZE) -> dict:
     """Inference alone: ``predict_patient`` per patient with nothing else running (inputs read and
     preprocessed first, one warm-up call): the floor the end-to-end figures are compared with."""
-    from segengine.engine.io import read_patient
-    from segengine.engine.pipeline import predict_patient, preprocess_patient
+    from segengine.engine.inference.predict import predict_patient
+    from segengine.engine.preprocessing.preprocess import preprocess_patient
+    from segengine.engine.readers.registry import read_patient
 
     inputs = [preprocess_patient(read_patient(f, with_mask=False), "native", spec.input_size) for f in folders]
     predict_patient(backend, inputs[0], batch_size)

@@ -66,11 +66,11 @@ def write_three_files(image: np.ndarray, folder: Path, case: str, axcodes=("L", 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from segengine.engine import backends as registry
-    from segengine.engine.io import list_patients, read_patient
-    from segengine.engine.metrics import dsc
-    from segengine.engine.model import load_model_spec
-    from segengine.engine.pipeline import segment
+    from segengine.engine.evaluation.metrics import dsc
+    from segengine.engine.inference import registry
+    from segengine.engine.job.patient_job import segment
+    from segengine.engine.model.spec import load_model_spec
+    from segengine.engine.readers.registry import list_patients, read_patient
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, type=Path)

@@ -88,7 +88,7 @@ def reference_model(threads: int | None = None):
     """The reference U-Net (32 base channels), random weights, eval mode, CPU."""
     import torch
 
-    from segengine.engine.network import ReferenceUNet
+    from segengine.engine.model.network import ReferenceUNet
 
     if threads:
         torch.set_num_threads(threads)
@@ -171,7 +171,7 @@ def time_reference(batch: np.ndarray | None, folders: list[Path], threads: int |
     import torch
 
     from segengine.bench.measure import stats_ms, time_end_to_end
-    from segengine.engine.network import count_flops
+    from segengine.engine.model.network import count_flops
 
     t = time.perf_counter()
     model = reference_model(threads)

@@ -13,9 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from segengine.engine.evaluate import select_patients
-from segengine.engine.io import read_patient
-from segengine.engine.review_page import REVIEW_DIR, write_patient_review
+from segengine.engine.evaluation.evaluate import select_patients
+from segengine.engine.outputs.review_page import REVIEW_DIR, write_patient_review
+from segengine.engine.readers.registry import read_patient
 
 
 def main(argv: list[str] | None = None) -> int:

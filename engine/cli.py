@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
 import sys
@@ -10,28 +9,9 @@ from pathlib import Path
 
 import click
 
-THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
-# numpy's BLAS runs the engine's small resize products on one thread whatever --threads says:
-# more threads only contend with ONNX Runtime's and PyTorch's own pools and spin-wait against
-# them (preprocess and map-back 3-10x slower in `run --patients` under load). An explicit
-# setting in the environment is kept.
-BLAS_ENV_VARS = ("OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
-
-
-def _threads_from_argv(argv: list[str]) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == "--threads" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--threads="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def _bound_thread_pools(threads: str | None) -> None:
-    """--threads bounds the OpenMP/MKL pools too: they read these once, when first loaded."""
-    if threads and threads.isdigit() and int(threads) > 0:
-        for var in THREAD_ENV_VARS:
-            os.environ[var] = threads
+from segengine.engine.core.atomic import write_json_atomic
+from segengine.engine.core.runtime import BLAS_ENV_VARS, _bound_thread_pools, _threads_from_argv
+from segengine.engine.inference.backends import NAMES as BACKEND_NAMES
 
 
 class SegengineGroup(click.Group):
@@ -41,13 +21,12 @@ class SegengineGroup(click.Group):
         _bound_thread_pools(_threads_from_argv(list(sys.argv[1:] if args is None else args)))
         for var in BLAS_ENV_VARS:
             os.environ.setdefault(var, "1")
-        from segengine.engine.terminal import safe_streams
+        from segengine.engine.core.terminal import safe_streams
 
         with safe_streams():  # every printed line: names escaped, encoding errors replaced (engine.terminal)
             return super().main(args, *rest, **kwargs)
 
 
-from segengine.engine.backends import NAMES as BACKEND_NAMES
 EXIT_BAD_INPUT = 2
 
 
@@ -75,12 +54,15 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         import threading
 
-        from segengine.engine.backends.base import BackendUnavailable
-        from segengine.engine.io import DataError
-        from segengine.engine.model import ModelError
-        from segengine.engine.outputs import OutputError, ResourceError
-        from segengine.engine.patient_job import PatientBusyError
-        from segengine.engine.preprocess import EmptyVolumeError
+        from segengine.engine.core.errors import (
+            BackendUnavailable,
+            DataError,
+            EmptyVolumeError,
+            ModelError,
+            OutputError,
+            PatientBusyError,
+            ResourceError,
+        )
 
         in_main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
@@ -111,7 +93,7 @@ def _set_threads(threads: int | None) -> None:
 
 def _check_paths(files: dict[str, Path | None] | None = None, folders: dict[str, Path | None] | None = None) -> None:
     """Refuse unwritable --json/--plot files and --out folders before any work is done."""
-    from segengine.engine.outputs import check_writable_dir, check_writable_file
+    from segengine.engine.core.fsguard import check_writable_dir, check_writable_file
 
     for option, path in (files or {}).items():
         if path is not None:
@@ -183,14 +165,14 @@ def run_options(limits, series: tuple[str, ...], spacing: str | None, save_proba
     """The limits as options.RunOptions, carrying the reader/writer choices."""
     from dataclasses import asdict
 
-    from segengine.engine.options import RunOptions, parse_series, parse_spacing
+    from segengine.engine.job.options import RunOptions, parse_series, parse_spacing
 
     return RunOptions(**asdict(limits), series=parse_series(series), spacing_mm=parse_spacing(spacing),
                       save_probabilities=save_probabilities)
 
 
 def _load_spec(model: str | None):
-    from segengine.engine.model import load_model_spec
+    from segengine.engine.model.spec import load_model_spec
 
     return load_model_spec(model or None)
 
@@ -253,8 +235,8 @@ def run(patient_dir, patients_root, out, backend, model, ensemble, tta, batch_si
       segengine run --patient kaggle_3m/TCGA_CS_4941_19960909 --out results --ensemble --tta
       segengine run --patients /shared/kaggle_3m --out /shared/results --ray auto
     """
-    from segengine.engine.io import SliceLimits
-    from segengine.engine.runner import run_patients
+    from segengine.engine.job.batch import run_patients
+    from segengine.engine.readers.volume import SliceLimits
 
     ensemble = _ensemble_arg(model, ensemble)
     if (patient_dir is None) == (patients_root is None):
@@ -266,7 +248,7 @@ def run(patient_dir, patients_root, out, backend, model, ensemble, tta, batch_si
     if ray_address is not None:
         if patients_root is None:
             fail("--ray distributes an archive: use it with --patients ROOT")
-        from segengine.engine.ray_runner import run_patients_ray
+        from segengine.engine.job.ray_runner import run_patients_ray
 
         summary = run_patients_ray(patients_root, out, backend, model, address=ray_address or None, workers=workers,
                                    threads=threads or 1, batch_size=batch_size, postprocess=not no_postprocess,
@@ -287,7 +269,7 @@ def run(patient_dir, patients_root, out, backend, model, ensemble, tta, batch_si
 
 def _write_review_index(out: Path) -> None:
     """OUT/index.html after a run; a page that cannot be written costs a warning, not the run."""
-    from segengine.engine.review_page import write_index
+    from segengine.engine.outputs.review_page import write_index
 
     try:
         write_index(out)
@@ -310,8 +292,8 @@ def report(out):
     Example:
       segengine report results && xdg-open results/index.html
     """
-    from segengine.engine.io import NoSlicesError, NotAFolderError
-    from segengine.engine.review_page import collect_reports, write_index
+    from segengine.engine.core.errors import NoSlicesError, NotAFolderError
+    from segengine.engine.outputs.review_page import collect_reports, write_index
 
     if not out.is_dir():
         raise NotAFolderError(f"{out}: no such folder" if not out.exists() else f"{out}: not a folder")
@@ -352,8 +334,8 @@ def evaluate(data_root, pred_root, model, protocol, backend, patients_file, out_
       segengine evaluate --model --data kaggle_3m --patients-file val.txt --protocol reference
       segengine evaluate --ensemble --tta --data kaggle_3m --patients-file val.txt
     """
-    from segengine.engine.evaluate import format_table, score_predictions, write_result
-    from segengine.engine.io import SliceLimits
+    from segengine.engine.evaluation.evaluate import format_table, score_predictions, write_result
+    from segengine.engine.readers.volume import SliceLimits
 
     limits = SliceLimits(max_memory=_gb(max_memory))
 
@@ -369,8 +351,8 @@ def evaluate(data_root, pred_root, model, protocol, backend, patients_file, out_
             fail(f"{pred_root}: no such folder")
         result = score_predictions(data_root, pred_root, patients_file, limits=limits)
     else:
-        from segengine.engine.postprocess import PostprocessConfig
-        from segengine.engine.runner import evaluate_model
+        from segengine.engine.evaluation.evaluate import evaluate_model
+        from segengine.engine.postprocessing.postprocess import PostprocessConfig
 
         post = PostprocessConfig(threshold=threshold, largest_component=not no_postprocess, fill_holes_2d=fill_holes)
         result = evaluate_model(data_root, model or None, protocol, backend, patients_file, threads, post,
@@ -407,20 +389,21 @@ def validate(data_root, patients_file, backend, against, model, threads, json_pa
     Example:
       segengine validate --data kaggle_3m --patients-file val.txt --backend onnxruntime-int8
     """
-    from segengine.engine import verdict
+    from segengine.engine.evaluation.validate import compute
+    from segengine.engine.inference import verdict
 
     _check_paths(files={"--json": json_path})
     _set_threads(threads)
     spec = _load_spec(model)
     if record:
         verdict.refuse_unrecordable(backend, against)
-    from segengine.engine.io import SliceLimits
+    from segengine.engine.readers.volume import SliceLimits
 
-    result = verdict.compute(spec, data_root, patients_file, backend, against, threads,
+    result = compute(spec, data_root, patients_file, backend, against, threads,
                              limits=SliceLimits(max_memory=_gb(max_memory)))
     click.echo(verdict.format_result(result))
     if json_path:
-        json_path.write_text(json.dumps(result, indent=2))
+        write_json_atomic(json_path, result)
     if record:
         click.echo(f"recorded verdict in {verdict.record(spec, result).name}")
     sys.exit(0 if result["passed"] else 1)
@@ -460,8 +443,8 @@ def export(model, kinds, data_root, train_list, calibration_slices, opset, trito
       segengine export --data kaggle_3m --train-list ../shared/data/lgg/splits/train.txt
       segengine export --triton triton_repo --bench-json docs/bench.json
     """
+    from segengine.engine.core.errors import ExportError
     from segengine.export.api import export_model
-    from segengine.export.errors import ExportError
 
     spec = _load_spec(model)
     wanted = tuple(k.strip() for k in kinds.split(",") if k.strip())
@@ -511,7 +494,7 @@ def bench(data_root, n_patients, backends, batch_sizes, threads, warmup, iterati
 
     _check_paths(files={"--json": json_path, "--plot": plot_path})
     _set_threads(threads)
-    from segengine.engine.ensemble import load_plan
+    from segengine.engine.inference.ensemble import load_plan
 
     spec = load_plan(model, _ensemble_arg(model, ensemble), tta)
     try:
@@ -529,7 +512,7 @@ def bench(data_root, n_patients, backends, batch_sizes, threads, warmup, iterati
                        threads=threads, warmup=warmup, iterations=iterations, reference=not no_reference, log=click.echo)
     click.echo(format_table(result))
     if json_path:
-        json_path.write_text(json.dumps(result, indent=2))
+        write_json_atomic(json_path, result)
     if plot_path:
         plot(result, plot_path)
 

@@ -13,8 +13,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from segengine.engine.model import ModelError, ModelSpec, check_export
-from segengine.export.errors import ExportError, ExportToolMissing
+from segengine.engine.core.errors import ExportError, ExportToolMissing, ModelError
+from segengine.engine.model.spec import ModelSpec, check_export
 
 KINDS = ("onnx", "onnx-int8", "onnx-fp16", "tensorrt-fp16")
 N_VERIFY_INT8 = 32  # held-out slices (not used for calibration) to check INT8 against fp32
@@ -31,7 +31,7 @@ def _real_slices(spec: ModelSpec, data_root, train_list, n: int, log) -> tuple[n
     """(model inputs, info) from the training patients, shaped as ``spec`` takes them (its input
     size, 2.5D context stacked per patient); without a train list, from any non-validation
     patients under ``data_root`` (fine for fp32/fp16 checks, never used to calibrate)."""
-    from segengine.engine.io import list_patients
+    from segengine.engine.readers.registry import list_patients
     from segengine.export.int8 import _resolve_root, calibration_slices, reference_validation_ids
 
     as_model_input = {"size": spec.input_size, "context_slices": spec.context_slices, "return_info": True}

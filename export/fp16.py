@@ -28,19 +28,18 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from segengine.engine.model import ModelSpec, check_export, sha256_file
-from segengine.export.errors import ExportError, ExportToolMissing
+from segengine.engine.core.atomic import atomic_file, now_iso
+from segengine.engine.core.errors import ExportError, ExportToolMissing
+from segengine.engine.model.spec import ModelSpec, check_export, sha256_file
 from segengine.export.onnx_export import (
     check_images,
     compare_outputs,
     count_ops,
-    now_iso,
     ort_run,
     ort_session,
     set_metadata,
     sidecar_identity,
     synthetic_images,
-    temp_path_beside,
     tool_versions,
     write_sidecar,
 )
@@ -323,17 +322,13 @@ def export_fp16(
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"float16 ONNX fails onnx.checker: {str(exc).splitlines()[0][:200]}") from None
     graph_fp32 = fp32_compute_nodes(proto)
-    tmp = temp_path_beside(out_path, "fp16")
-    try:
+    with atomic_file(out_path, "fp16") as tmp:  # put in place only once it verifies
         onnx.save(proto, str(tmp))
         check = synthetic_images(8, spec.input_size, channels=spec.in_channels) if verify_images is None else verify_images
         expected = ort_run(ort_session(fp32_path, threads=threads), check)
         got = ort_run(emulation_session(tmp, threads=threads), check)
         max_diff = compare_outputs(expected, got, atol, "FP16 (storage emulated) vs fp32 ONNX")
         say(f"onnx-fp16: vs fp32 on {len(check)} slices: max abs diff {max_diff:.2e} (<= {atol:g})")
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     sidecar = {
         **sidecar_identity("onnx-fp16", "fp16", out_path, spec),
         "input_size": int(spec.input_size),

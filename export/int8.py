@@ -19,19 +19,18 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from segengine.engine.model import ModelSpec, sha256_file
-from segengine.export.errors import ExportError, ToleranceExceededError
+from segengine.engine.core.atomic import atomic_file, now_iso, temp_path_beside
+from segengine.engine.core.errors import ExportError, ToleranceExceededError
+from segengine.engine.model.spec import ModelSpec, sha256_file
 from segengine.export.onnx_export import (
     INPUT_NAME,
     check_images,
     compare_outputs,
     count_ops,
-    now_iso,
     ort_run,
     ort_session,
     set_metadata,
     sidecar_identity,
-    temp_path_beside,
     tool_versions,
     write_sidecar,
 )
@@ -54,7 +53,7 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 def reference_validation_ids(train_list: str | os.PathLike | None = None) -> set[str]:
     """The reference validation patients: the built-in list, plus any list file found beside
     ``train_list`` or in ``../shared/data/lgg/splits`` of the repository."""
-    from segengine.engine.io import read_patient_list
+    from segengine.engine.readers.volume import read_patient_list
 
     ids = set(REFERENCE_VALIDATION_PATIENTS)
     candidates = [Path(__file__).resolve().parents[2] / "shared" / "data" / "lgg" / "splits" / "reference_validation.txt"]
@@ -95,9 +94,10 @@ def calibration_slices(
     ``exclude``), or when no listed patient is found. With ``return_info`` returns
     ``(images, info)`` (patients used, skipped, seed).
     """
-    from segengine.engine.io import DataError, read_patient, read_patient_list
-    from segengine.engine.pipeline import preprocess_patient
-    from segengine.engine.preprocess import EmptyVolumeError, stack_context
+    from segengine.engine.core.errors import DataError, EmptyVolumeError
+    from segengine.engine.preprocessing.preprocess import preprocess_patient, stack_context
+    from segengine.engine.readers.registry import read_patient
+    from segengine.engine.readers.volume import read_patient_list
 
     if n_slices < 1:
         raise ExportError(f"need at least 1 calibration slice, got {n_slices}")
@@ -294,7 +294,8 @@ def export_int8(
     if verify_images is not None:
         verify_images = check_images(verify_images, spec.input_shape)
     if fp32_path.resolve() == spec.export_path("onnx").resolve():
-        from segengine.engine.model import ModelError, check_export
+        from segengine.engine.core.errors import ModelError
+        from segengine.engine.model.spec import check_export
 
         try:
             check_export(spec, "onnx")  # refuse a stale or corrupt fp32 export
@@ -310,66 +311,64 @@ def export_int8(
     del fp32_proto
 
     pre = temp_path_beside(out_path, "pre")
-    tmp = temp_path_beside(out_path, "quant")
     try:
-        source = fp32_path
-        if preprocess:
-            from onnxruntime.quantization.shape_inference import quant_pre_process
+        with atomic_file(out_path, "quant") as tmp:  # put in place only once it verifies
+            source = fp32_path
+            if preprocess:
+                from onnxruntime.quantization.shape_inference import quant_pre_process
 
-            # Symbolic + ONNX shape inference (ranks everywhere, so every tensor can get a QDQ pair).
-            quant_pre_process(str(fp32_path), str(pre), skip_optimization=False)
-            source = pre
-        excluded = head_nodes(onnx.load(str(source))) if float_head else []
-        with _calibration_threads(threads):
-            quantize_static(
-                str(source),
-                str(tmp),
-                _data_reader(calibration_images, batch_size),
-                quant_format=QuantFormat.QDQ,
-                per_channel=per_channel,
-                reduce_range=reduce_range,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=method,
-                nodes_to_exclude=excluded,
-                extra_options={"CalibMovingAverage": False},
-            )
-        proto = onnx.load(str(tmp))
-        set_metadata(proto, {"segengine.model": spec.name, "segengine.source_sha256": spec.sha256,
-                             "segengine.precision": "int8"})
-        try:
-            onnx.checker.check_model(proto)
-        except onnx.checker.ValidationError as exc:
-            raise ExportError(f"quantized ONNX fails onnx.checker: {str(exc).splitlines()[0][:200]}") from None
-        ops = count_ops(proto)
-        if not ops.get("QuantizeLinear") or not ops.get("DequantizeLinear"):
-            raise ExportError("quantized model has no QuantizeLinear/DequantizeLinear nodes; nothing was quantized")
-        onnx.save(proto, str(tmp))
-        del proto
+                # Symbolic + ONNX shape inference (ranks everywhere, so every tensor can get a QDQ pair).
+                quant_pre_process(str(fp32_path), str(pre), skip_optimization=False)
+                source = pre
+            excluded = head_nodes(onnx.load(str(source))) if float_head else []
+            with _calibration_threads(threads):
+                quantize_static(
+                    str(source),
+                    str(tmp),
+                    _data_reader(calibration_images, batch_size),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel,
+                    reduce_range=reduce_range,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=method,
+                    nodes_to_exclude=excluded,
+                    extra_options={"CalibMovingAverage": False},
+                )
+            proto = onnx.load(str(tmp))
+            set_metadata(proto, {"segengine.model": spec.name, "segengine.source_sha256": spec.sha256,
+                                 "segengine.precision": "int8"})
+            try:
+                onnx.checker.check_model(proto)
+            except onnx.checker.ValidationError as exc:
+                raise ExportError(f"quantized ONNX fails onnx.checker: {str(exc).splitlines()[0][:200]}") from None
+            ops = count_ops(proto)
+            if not ops.get("QuantizeLinear") or not ops.get("DequantizeLinear"):
+                raise ExportError("quantized model has no QuantizeLinear/DequantizeLinear nodes; nothing was quantized")
+            onnx.save(proto, str(tmp))
+            del proto
 
-        # ---- verify against the fp32 ONNX model
-        check = verify_images if verify_images is not None else _pick(calibration_images, n_verify)
-        fp32_sess = ort_session(fp32_path, threads=threads)
-        int8_sess = ort_session(tmp, threads=threads)
-        ref, got = [], []
-        for s in range(0, len(check), batch_size):
-            ref.append(ort_run(fp32_sess, check[s : s + batch_size]))
-            got.append(ort_run(int8_sess, check[s : s + batch_size]))
-        del fp32_sess, int8_sess
-        ref, got = np.concatenate(ref), np.concatenate(got)
-        max_diff = compare_outputs(ref, got, float("inf") if atol is None else atol, "INT8 vs fp32 ONNX")
-        mean_diff = float(np.mean(np.abs(ref.astype(np.float64) - got)))
-        agree = mask_agreement(ref, got)
-        say(f"onnx-int8: vs fp32 on {len(check)} slices: max abs diff {max_diff:.3g}, mean {mean_diff:.2g}, "
-            f"mask DSC {agree['dsc']:.4f} (>= {dsc_min}), pixel agreement {agree['pixel_agreement']:.5f}")
-        if not mean_diff <= mean_atol:
-            raise ToleranceExceededError("INT8 vs fp32 ONNX", mean_diff, mean_atol, metric="mean abs diff")
-        if not agree["dsc"] >= dsc_min:
-            raise ToleranceExceededError("INT8 vs fp32 ONNX", agree["dsc"], dsc_min, metric="mask DSC at 0.5", cmp=">=")
-        os.replace(tmp, out_path)
+            # ---- verify against the fp32 ONNX model
+            check = verify_images if verify_images is not None else _pick(calibration_images, n_verify)
+            fp32_sess = ort_session(fp32_path, threads=threads)
+            int8_sess = ort_session(tmp, threads=threads)
+            ref, got = [], []
+            for s in range(0, len(check), batch_size):
+                ref.append(ort_run(fp32_sess, check[s : s + batch_size]))
+                got.append(ort_run(int8_sess, check[s : s + batch_size]))
+            del fp32_sess, int8_sess
+            ref, got = np.concatenate(ref), np.concatenate(got)
+            max_diff = compare_outputs(ref, got, float("inf") if atol is None else atol, "INT8 vs fp32 ONNX")
+            mean_diff = float(np.mean(np.abs(ref.astype(np.float64) - got)))
+            agree = mask_agreement(ref, got)
+            say(f"onnx-int8: vs fp32 on {len(check)} slices: max abs diff {max_diff:.3g}, mean {mean_diff:.2g}, "
+                f"mask DSC {agree['dsc']:.4f} (>= {dsc_min}), pixel agreement {agree['pixel_agreement']:.5f}")
+            if not mean_diff <= mean_atol:
+                raise ToleranceExceededError("INT8 vs fp32 ONNX", mean_diff, mean_atol, metric="mean abs diff")
+            if not agree["dsc"] >= dsc_min:
+                raise ToleranceExceededError("INT8 vs fp32 ONNX", agree["dsc"], dsc_min, metric="mask DSC at 0.5", cmp=">=")
     finally:
         pre.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
 
     sidecar = {
         **sidecar_identity("onnx-int8", "int8", out_path, spec),

@@ -11,26 +11,26 @@ checked again, and compared with PyTorch at batch sizes 1, 7 and 32 (Optimum-sty
 """
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
-from segengine.engine.model import SLICE_CHANNELS, ModelSpec, sha256_file, sidecar_path
-from segengine.export.errors import ExportError, ExportToolMissing, ShapeMismatchError, ToleranceExceededError
+from segengine.engine.core.atomic import atomic_file, now_iso, temp_path_beside, write_json_atomic
+from segengine.engine.core.errors import ExportError, ExportToolMissing, ShapeMismatchError, ToleranceExceededError
+from segengine.engine.model.spec import SLICE_CHANNELS, ModelSpec, sha256_file, sidecar_path
 
 INPUT_NAME = "images"
+
+
 OUTPUT_NAME = "probabilities"
+
+
 DYNAMIC_AXES = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+
+
 VERIFY_BATCH_SIZES = (1, 7, 32)
-
-
-# --------------------------------------------------------------------------- small helpers
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
 def tool_versions(*names: str) -> dict[str, str]:
@@ -44,41 +44,6 @@ def tool_versions(*names: str) -> dict[str, str]:
         except Exception:  # noqa: BLE001 - absent or broken tool: just not listed
             continue
     return out
-
-
-def temp_path_beside(path: Path, tag: str) -> Path:
-    """A fresh temporary file name in the same folder as ``path`` (so ``os.replace`` is atomic)."""
-    import secrets
-
-    path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.{tag}.tmp")
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = temp_path_beside(path, "write")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
 
 
 def sidecar_identity(kind: str, precision: str, out_path: Path, spec: ModelSpec) -> dict[str, Any]:
@@ -178,8 +143,6 @@ def check_images(images: np.ndarray, item_shape: tuple[int, ...], what: str = "v
 
 # --------------------------------------------------------------------------- exporters
 def _export_torchscript(model, example, path: Path, opset: int) -> None:
-    import torch
-
     # Deliberately the legacy TorchScript exporter (dynamo=False): since torch 2.9 the default
     # is dynamo=True (torch.export), which needs onnxscript (not a dependency, not installed
     # here) and expresses the batch axis through `dynamic_shapes` / torch.export.Dim, with
@@ -188,6 +151,8 @@ def _export_torchscript(model, example, path: Path, opset: int) -> None:
     # the form ORT quantization and TensorRT 10's ONNX parser are best tested with. It is
     # deprecated (DeprecationWarning) but present and working in torch 2.13.
     import warnings
+
+    import torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -263,8 +228,8 @@ def export_onnx(
     import onnx
     import torch
 
-    from segengine.engine.model import load_torch_model
-    from segengine.engine.network import ProbabilityModel
+    from segengine.engine.model.network import ProbabilityModel
+    from segengine.engine.model.spec import load_torch_model
 
     say = log or (lambda *_: None)
     out_path = Path(out_path) if out_path is not None else spec.export_path("onnx")
@@ -283,78 +248,76 @@ def export_onnx(
     example = torch.from_numpy(repeat_to(images, 2))  # batch 2: nothing specializes on 1
     out_path.parent.mkdir(parents=True, exist_ok=True)
     raw = temp_path_beside(out_path, "raw")
-    folded = temp_path_beside(out_path, "folded")
     try:
-        used = first_failure = None
-        if exporter in ("auto", "torchscript"):
+        with atomic_file(out_path, "folded") as folded:  # put in place only once it verifies
+            used = first_failure = None
+            if exporter in ("auto", "torchscript"):
+                try:
+                    _export_torchscript(model, example, raw, opset)
+                    used = "torch.onnx.export (TorchScript, dynamo=False, dynamic_axes)"
+                except (TypeError, AttributeError, ImportError, RuntimeError) as exc:
+                    first_failure = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+                    if exporter == "torchscript":
+                        raise ExportError(f"TorchScript ONNX export failed: {first_failure}") from exc
+                    say(f"TorchScript exporter failed ({first_failure}); trying the dynamo exporter")
+            if used is None:
+                try:
+                    _export_dynamo(model, example, raw, opset)
+                except ExportError as exc:
+                    if first_failure is None:
+                        raise
+                    raise ExportError(f"TorchScript ONNX export failed ({first_failure}) and the dynamo fallback too ({exc})") from None
+                except Exception as exc:  # noqa: BLE001 - torch.export raises many types
+                    why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+                    prefix = f"TorchScript ONNX export failed ({first_failure}); " if first_failure else ""
+                    raise ExportError(f"{prefix}dynamo ONNX export failed: {why}") from exc
+                used = "torch.onnx.export (dynamo=True, dynamic_shapes)"
             try:
-                _export_torchscript(model, example, raw, opset)
-                used = "torch.onnx.export (TorchScript, dynamo=False, dynamic_axes)"
-            except (TypeError, AttributeError, ImportError, RuntimeError) as exc:
-                first_failure = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-                if exporter == "torchscript":
-                    raise ExportError(f"TorchScript ONNX export failed: {first_failure}") from exc
-                say(f"TorchScript exporter failed ({first_failure}); trying the dynamo exporter")
-        if used is None:
+                onnx.checker.check_model(str(raw), full_check=True)
+            except onnx.checker.ValidationError as exc:
+                raise ExportError(f"exported ONNX fails onnx.checker: {str(exc).splitlines()[0][:200]}") from None
+
+            _ort_fold(raw, folded)
+            proto = onnx.load(str(folded))
+            ops = count_ops(proto)
+            if ops.get("BatchNormalization"):
+                raise ExportError(f"{ops['BatchNormalization']} BatchNormalization nodes left after folding; expected 0")
+            # ORT's writer lists every domain it knows (com.microsoft, ...); keep the ones used.
+            used_domains = {n.domain for n in proto.graph.node} | {""}
+            kept = [o for o in proto.opset_import if o.domain in used_domains or o.domain == "ai.onnx"]
+            del proto.opset_import[:]
+            proto.opset_import.extend(kept)
+            # The exporter names the output's channel/height/width symbolically (the bilinear head
+            # computes its size from Shape ops); declare (batch, 1, S, S), checked by the runs below.
+            out_dims = proto.graph.output[0].type.tensor_type.shape.dim
+            if len(out_dims) != 4:
+                raise ShapeMismatchError("ONNX output rank", (4,), (len(out_dims),))
+            for dim, value in zip(list(out_dims)[1:], (1, size, size)):
+                dim.dim_value = value
+            set_metadata(proto, {"segengine.model": spec.name, "segengine.source_sha256": spec.sha256})
             try:
-                _export_dynamo(model, example, raw, opset)
-            except ExportError as exc:
-                if first_failure is None:
-                    raise
-                raise ExportError(f"TorchScript ONNX export failed ({first_failure}) and the dynamo fallback too ({exc})") from None
-            except Exception as exc:  # noqa: BLE001 - torch.export raises many types
-                why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-                prefix = f"TorchScript ONNX export failed ({first_failure}); " if first_failure else ""
-                raise ExportError(f"{prefix}dynamo ONNX export failed: {why}") from exc
-            used = "torch.onnx.export (dynamo=True, dynamic_shapes)"
-        try:
-            onnx.checker.check_model(str(raw), full_check=True)
-        except onnx.checker.ValidationError as exc:
-            raise ExportError(f"exported ONNX fails onnx.checker: {str(exc).splitlines()[0][:200]}") from None
+                onnx.checker.check_model(proto, full_check=True)
+            except onnx.checker.ValidationError as exc:
+                raise ExportError(f"folded ONNX fails onnx.checker: {str(exc).splitlines()[0][:200]}") from None
+            onnx.save(proto, str(folded))
 
-        _ort_fold(raw, folded)
-        proto = onnx.load(str(folded))
-        ops = count_ops(proto)
-        if ops.get("BatchNormalization"):
-            raise ExportError(f"{ops['BatchNormalization']} BatchNormalization nodes left after folding; expected 0")
-        # ORT's writer lists every domain it knows (com.microsoft, ...); keep the ones used.
-        used_domains = {n.domain for n in proto.graph.node} | {""}
-        kept = [o for o in proto.opset_import if o.domain in used_domains or o.domain == "ai.onnx"]
-        del proto.opset_import[:]
-        proto.opset_import.extend(kept)
-        # The exporter names the output's channel/height/width symbolically (the bilinear head
-        # computes its size from Shape ops); declare (batch, 1, S, S), checked by the runs below.
-        out_dims = proto.graph.output[0].type.tensor_type.shape.dim
-        if len(out_dims) != 4:
-            raise ShapeMismatchError("ONNX output rank", (4,), (len(out_dims),))
-        for dim, value in zip(list(out_dims)[1:], (1, size, size)):
-            dim.dim_value = value
-        set_metadata(proto, {"segengine.model": spec.name, "segengine.source_sha256": spec.sha256})
-        try:
-            onnx.checker.check_model(proto, full_check=True)
-        except onnx.checker.ValidationError as exc:
-            raise ExportError(f"folded ONNX fails onnx.checker: {str(exc).splitlines()[0][:200]}") from None
-        onnx.save(proto, str(folded))
+            # ---- verify against PyTorch (Optimum-style: same inputs, max abs diff <= atol)
+            big = repeat_to(images, max(batch_sizes))
+            with torch.inference_mode():
+                expected = model(torch.from_numpy(big)).numpy()
+            session = ort_session(folded, threads=threads)
+            if tuple(session.get_inputs()[0].shape[1:]) != spec.input_shape:
+                raise ShapeMismatchError("ONNX input", spec.input_shape, tuple(session.get_inputs()[0].shape[1:]), kind="input")
+            per_batch = {}
+            for b in batch_sizes:
+                got = ort_run(session, big[:b])
+                per_batch[str(b)] = compare_outputs(expected[:b], got, atol, f"ONNX vs PyTorch at batch {b}")
+            del session
+            max_diff = max(per_batch.values())
+            say(f"onnx: verified against PyTorch at batch {', '.join(map(str, batch_sizes))}: max abs diff {max_diff:.2e} (<= {atol:g})")
 
-        # ---- verify against PyTorch (Optimum-style: same inputs, max abs diff <= atol)
-        big = repeat_to(images, max(batch_sizes))
-        with torch.inference_mode():
-            expected = model(torch.from_numpy(big)).numpy()
-        session = ort_session(folded, threads=threads)
-        if tuple(session.get_inputs()[0].shape[1:]) != spec.input_shape:
-            raise ShapeMismatchError("ONNX input", spec.input_shape, tuple(session.get_inputs()[0].shape[1:]), kind="input")
-        per_batch = {}
-        for b in batch_sizes:
-            got = ort_run(session, big[:b])
-            per_batch[str(b)] = compare_outputs(expected[:b], got, atol, f"ONNX vs PyTorch at batch {b}")
-        del session
-        max_diff = max(per_batch.values())
-        say(f"onnx: verified against PyTorch at batch {', '.join(map(str, batch_sizes))}: max abs diff {max_diff:.2e} (<= {atol:g})")
-
-        os.replace(folded, out_path)
     finally:
         raw.unlink(missing_ok=True)
-        folded.unlink(missing_ok=True)
 
     sidecar = {
         **sidecar_identity("onnx", "fp32", out_path, spec),

@@ -13,27 +13,25 @@ from typing import Any
 
 import numpy as np
 
-from segengine.engine.model import sha256_file, sidecar_path
-from segengine.export.errors import ExportError, ExportToolMissing
+from segengine.engine.core.atomic import now_iso, write_bytes_atomic
+from segengine.engine.core.errors import ExportError, ExportToolMissing
+from segengine.engine.model.spec import sha256_file, sidecar_path
 from segengine.export.fp16 import FP16_ATOL
 from segengine.export.onnx_export import (
     check_images,
     compare_outputs,
-    now_iso,
     ort_run,
     ort_session,
     repeat_to,
     synthetic_images,
     tool_versions,
-    write_bytes_atomic,
     write_sidecar,
 )
 
 
-
 def _import_tensorrt():
     """``tensorrt`` 10.x on a machine with a CUDA GPU, else ExportToolMissing (never ImportError)."""
-    from segengine.engine.backends.tensorrt_backend import tensorrt_missing_reason
+    from segengine.engine.inference.backends.tensorrt_backend import tensorrt_missing_reason
 
     why = tensorrt_missing_reason()
     if why:
@@ -135,7 +133,7 @@ def build_tensorrt_engine(
     if not (1 <= min_batch <= opt_batch <= max_batch):
         raise ExportError(f"profile batches must satisfy 1 <= min <= opt <= max, got {min_batch}/{opt_batch}/{max_batch}")
     trt = _import_tensorrt()
-    from segengine.engine.backends.tensorrt_backend import TrtPlanRunner, gpu_identity
+    from segengine.engine.inference.backends.tensorrt_backend import TrtPlanRunner, gpu_identity
 
     source = _source_of(onnx_path)
     dims = source["input_dims"]

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from segengine.engine.model import ModelSpec
-from segengine.engine.outputs import atomic_dir
-from segengine.export.errors import ExportError
+from segengine.engine.core.errors import ExportError
+from segengine.engine.model.spec import ModelSpec
+from segengine.engine.outputs.results_dir import atomic_dir
 from segengine.export.onnx_export import INPUT_NAME, OUTPUT_NAME
 
 # Triton's file name per platform inside a version folder.
@@ -169,8 +169,9 @@ def _onnx_io_matches(path: Path, channels: int, size: int) -> None:
 def plan_models(spec: ModelSpec, device: str = "cpu", max_batch_size: int = 64, bench_json: Path | None = None,
                 kinds: Iterable[str] | None = None) -> list[TritonModel]:
     """The Triton models this spec's current, validated exports give."""
-    from segengine.engine.model import ModelError, check_export
-    from segengine.engine.verdict import why_untrusted
+    from segengine.engine.core.errors import ModelError
+    from segengine.engine.inference.verdict import why_untrusted
+    from segengine.engine.model.spec import check_export
 
     models = []
     for kind, suffix, platform in TRITON_EXPORTS:

@@ -96,8 +96,8 @@ def save_random_model(folder: Path, name: str, arch: dict, **card) -> Path:
     more card fields, e.g. input_size, context_slices); returns the weights path."""
     import torch
 
-    from segengine.engine.model import sha256_file
-    from segengine.engine.network import build_model
+    from segengine.engine.model.spec import sha256_file
+    from segengine.engine.model.network import build_model
 
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / f"{name}.pt"
@@ -124,7 +124,7 @@ CONTEXT_SIZE = 64
 @pytest.fixture(scope="session")
 def context_model(tmp_path_factory) -> Path:
     """A tiny 2.5D model (seeded random weights, 9 input channels, 64 x 64 grid) with a valid card."""
-    from segengine.engine.model import input_channels
+    from segengine.engine.model.spec import input_channels
 
     arch = {"name": "resunet", "base_channels": 4, "in_channels": input_channels(CONTEXT_SLICES), "deep_supervision": False}
     return save_random_model(tmp_path_factory.mktemp("context-model"), "ctx", arch, input_size=CONTEXT_SIZE,

@@ -95,7 +95,7 @@ def make_study(patient_dir: Path, dest: Path, layout: str = "one-folder", in_pla
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
-    from segengine.engine.io import read_patient  # the Kaggle reader: what the study must reproduce
+    from segengine.engine.readers.registry import read_patient
 
     vol = read_patient(patient_dir, with_mask=False)
     rng = random.Random(seed)

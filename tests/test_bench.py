@@ -88,7 +88,7 @@ def test_table_names_every_backend(result):
 
 
 def test_plot_writes_png(result, tmp_path):
-    from segengine.bench.bench import plot
+    from segengine.bench.report import plot
 
     out = plot(result, tmp_path / "bench.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -152,10 +152,11 @@ def test_bench_times_a_context_model_on_its_own_input(context_model, kaggle_root
 
     from segengine.bench.bench import run_bench
     from segengine.bench.measure import input_slices
-    from segengine.engine.io import read_patient
-    from segengine.engine.model import load_model_spec
-    from segengine.engine.pipeline import model_input, preprocess_patient
-    from segengine.engine.preprocess import centre_slice
+    from segengine.engine.readers.registry import read_patient
+    from segengine.engine.model.spec import load_model_spec
+    from segengine.engine.inference.predict import model_input
+    from segengine.engine.preprocessing.preprocess import preprocess_patient
+    from segengine.engine.preprocessing.preprocess import centre_slice
 
     spec = load_model_spec(context_model)
     pre = preprocess_patient(read_patient(kaggle_root / PATIENT, with_mask=False), "native", spec.input_size)

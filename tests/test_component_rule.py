@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segengine.engine.model import ModelError
-from segengine.engine.postprocess import PostprocessConfig, component_stats, largest_component, postprocess
+from segengine.engine.core.errors import ModelError
+from segengine.engine.postprocessing.postprocess import (PostprocessConfig, component_stats, largest_component, postprocess)
 
 
 def _volume() -> np.ndarray:

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from conftest import SPLITS, TRAIN_PATIENT, VAL_PATIENTS
-from segengine.engine.io import read_patient_list
+from segengine.engine.readers.volume import read_patient_list
 from segengine.train import cv, folds
 
 
@@ -82,9 +81,9 @@ def test_tiny_cv_run_trains_scores_out_of_fold_and_compares(kaggle_root, tmp_pat
     # the stored probabilities reproduce the recorded native score
     import numpy as np
 
-    from segengine.engine.io import read_patient
-    from segengine.engine.metrics import dsc
-    from segengine.engine.postprocess import PostprocessConfig, postprocess
+    from segengine.engine.readers.registry import read_patient
+    from segengine.engine.evaluation.metrics import dsc
+    from segengine.engine.postprocessing.postprocess import PostprocessConfig, postprocess
 
     p = split[0][0]
     prob = np.load(out / "fold0" / "oof" / f"{p}.npz")["prob"].astype(np.float32)
@@ -115,10 +114,11 @@ def test_tiny_cv_run_trains_scores_out_of_fold_and_compares(kaggle_root, tmp_pat
     models = tmp_path / "models"
     assert cv.main(["--data", str(data), "--out", str(out), "--folds", "2", "--score-only",
                     "--ship-ensemble", "tinyens", "--models-dir", str(models)]) == 0
-    from segengine.engine.backends.torch_backend import TorchBackend
-    from segengine.engine.ensemble import load_ensemble
-    from segengine.engine.model import load_model_spec
-    from segengine.engine.pipeline import model_input, preprocess_patient
+    from segengine.engine.inference.backends.torch_backend import TorchBackend
+    from segengine.engine.inference.ensemble import load_ensemble
+    from segengine.engine.model.spec import load_model_spec
+    from segengine.engine.inference.predict import model_input
+    from segengine.engine.preprocessing.preprocess import preprocess_patient
 
     plan = load_ensemble(models / "tinyens.ensemble.json")
     assert [m.name for m in plan.members] == ["tinyens_fold0", "tinyens_fold1"]
@@ -158,7 +158,7 @@ def test_training_neighbours_match_what_inference_stacks(context):
     """train.context_index over concatenated patients == stack_context per patient."""
     import numpy as np
 
-    from segengine.engine.preprocess import stack_context
+    from segengine.engine.preprocessing.preprocess import stack_context
     from segengine.train.train import context_index
 
     sizes = [1, 4, 2, 5]

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from conftest import VAL_PATIENTS
 from segengine.engine.cli import main
-from segengine.engine.model import shipped_model_path
+from segengine.engine.model.spec import shipped_model_path
 
 MODEL = shipped_model_path()
 BACKEND = "onnxruntime-int8"
@@ -49,7 +49,7 @@ def two_patients(kaggle_root, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def runs(two_patients, tmp_path_factory) -> dict[str, Path]:
     """The two patients through a local --patients run, one --patient run each, and Ray."""
-    from segengine.engine.ray_runner import run_patients_ray  # Ray comes with [scale], installed in CI
+    from segengine.engine.job.ray_runner import run_patients_ray
 
     base = tmp_path_factory.mktemp("det-out")
     _run(["--patients", str(two_patients), "--out", str(base / "patients")])

@@ -24,8 +24,8 @@ from conftest import TRAIN_PATIENT, VAL_PATIENTS, running_in_ci, tree_hashes
 from dicom_study import SPACING, make_study
 from segengine.bench.nifti_agreement import write_three_files
 from segengine.engine.cli import main
-from segengine.engine.dicom_io import plan_study
-from segengine.engine.io import read_patient
+from segengine.engine.readers.dicom import plan_study
+from segengine.engine.readers.registry import read_patient
 from test_run import MODEL, _dice
 from test_scale import ray_cluster  # noqa: F401 - the Ray fixture, for the options' trip to a worker
 
@@ -99,7 +99,7 @@ def test_series_descriptions_map_to_roles(description, role):
     """A pre-contrast T1 described as "PRE CONTRAST" or "W/O GAD" must not be taken for the post-contrast series."""
     from pydicom.dataset import Dataset
 
-    from segengine.engine.dicom_io import Series, classify
+    from segengine.engine.readers.dicom import Series, classify
 
     ds = Dataset()
     ds.SeriesDescription = description
@@ -493,7 +493,7 @@ def test_large_private_values_are_not_kept_with_the_headers(small_study, tmp_pat
 @pytest.mark.parametrize("given", [".", "./", "../study/."])
 def test_study_given_as_dot_is_named_after_its_folder(small_study, monkeypatch, given):
     """`--patient .` inside a study: the id is the folder's name, never "" (OUT/"" is OUT itself)."""
-    from segengine.engine.patient_job import patient_id_of
+    from segengine.engine.readers.registry import patient_id_of
 
     src, _ = small_study
     monkeypatch.chdir(src)
@@ -504,7 +504,7 @@ def test_study_given_as_dot_is_named_after_its_folder(small_study, monkeypatch, 
 def test_empty_mask_gives_a_valid_seg_of_empty_frames(small_study, tmp_path, capfd):
     import highdicom as hd
 
-    from segengine.engine.dicom_io import write_seg
+    from segengine.engine.outputs.dicom_seg import write_seg
 
     src, study = small_study
     vol = read_patient(src)
@@ -582,7 +582,7 @@ def test_ray_workers_get_the_series_choice_and_write_the_seg_and_probabilities(s
 
 def test_distance_unit_from_a_report_is_escaped_in_the_review_pages(tmp_path):
     """Pages are re-rendered from report.json, which may have been edited by hand: the HD95 unit is text, not HTML."""
-    from segengine.engine.review_page import index_html, patient_html
+    from segengine.engine.outputs.review_page import index_html, patient_html
 
     report = {"slices": 3, "metrics": {"dsc": 0.5, "hd95": 2.0}, "distance_unit": "<script>alert(1)</script>"}
     (tmp_path / "p").mkdir()
@@ -628,14 +628,14 @@ ROLE_NAMES = [("FLAIR", "flair"), ("T2-FLAIR", "flair"), ("t2f", "flair"), ("T2"
 @pytest.mark.parametrize("name, role", ROLE_NAMES, ids=[n for n, _ in ROLE_NAMES])
 def test_dataset_json_channel_names_map_to_roles(name, role):
     """A pre-contrast T1 named "pre-contrast" must not become the post-contrast channel (the word "contrast")."""
-    from segengine.engine.nnunet_io import role_of
+    from segengine.engine.readers.nnunet import role_of
 
     assert role_of(name) == role
 
 
 def test_flat_nnunet_folder_lists_one_patient_per_case_and_a_lone_channel_name_stays_a_4d_case(tmp_path):
-    from segengine.engine.io import list_patients
-    from segengine.engine.patient_job import patient_id_of
+    from segengine.engine.readers.registry import list_patients
+    from segengine.engine.readers.registry import patient_id_of
 
     _nnunet_folder(tmp_path, ["a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz", "b_0001.nii.gz", "b_0002.nii.gz"])
     case = tmp_path / "case"

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 
 from conftest import VAL_PATIENTS, copy_model, save_random_model
-from segengine.engine import backends as registry
-from segengine.engine.ensemble import InferencePlan, load_ensemble, load_plan
-from segengine.engine.io import read_patient
-from segengine.engine.model import ModelError, load_model_spec, sha256_file, shipped_model_path
-from segengine.engine.pipeline import predict_flipped, preprocess_patient, model_input
+from segengine.engine.inference import registry
+from segengine.engine.inference.ensemble import InferencePlan, load_ensemble, load_plan
+from segengine.engine.readers.registry import read_patient
+from segengine.engine.core.errors import ModelError
+from segengine.engine.model.spec import load_model_spec, sha256_file, shipped_model_path
+from segengine.engine.inference.predict import predict_flipped, model_input
+from segengine.engine.preprocessing.preprocess import preprocess_patient
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +138,8 @@ def test_run_ensemble_tta_writes_what_produced_the_mask(kaggle_root, two_member_
     assert rep["model"] == "pair+tta" and rep["plan"]["flip_tta"] is True and rep["backend"] == "torch"
     assert [m["sha256"] for m in rep["plan"]["members"]] == [sha256_file(folder / f) for f in ("resunet16.pt", "random16.pt")]
     # the written mask is the averaged prediction, post-processed as usual
-    from segengine.engine.io import read_patient as read
-    from segengine.engine.pipeline import segment
+    from segengine.engine.readers.registry import read_patient as read
+    from segengine.engine.job.patient_job import segment
 
     plan = load_ensemble(two_member_ensemble, tta=True)
     with registry.create("torch", plan, threads=1) as backend:
@@ -165,8 +167,8 @@ def test_model_and_ensemble_together_are_refused(kaggle_root, two_member_ensembl
 def test_bench_counts_every_member_and_view(two_member_ensemble):
     """An accurate-mode plan costs the sum of its members' FLOPs on every view it averages."""
     from segengine.bench.bench import run_bench
-    from segengine.engine.model import load_torch_model
-    from segengine.engine.network import count_flops
+    from segengine.engine.model.spec import load_torch_model
+    from segengine.engine.model.network import count_flops
 
     plan = load_ensemble(two_member_ensemble, tta=True)
     each = [count_flops(load_torch_model(m), m.input_size) for m in plan.members]

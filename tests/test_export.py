@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segengine.engine.model import ModelError, check_export, load_model_spec, sha256_file, sidecar_path
-from segengine.export.errors import ExportError, ExportToolMissing, ShapeMismatchError, ToleranceExceededError
+from segengine.engine.core.errors import ModelError
+from segengine.engine.model.spec import check_export, load_model_spec, sha256_file, sidecar_path
+from segengine.engine.core.errors import ExportError, ExportToolMissing, ShapeMismatchError, ToleranceExceededError
 
 from conftest import TRAIN_PATIENT as CALIBRATION_PATIENT  # in splits/train.txt
 from conftest import VAL_PATIENTS
 from conftest import copy_model
+from segengine.engine.evaluation.validate import compute
 SIZE = 256
 
 
@@ -59,8 +61,8 @@ def torch_reference(exported):
     """PyTorch probabilities on a deterministic synthetic batch of 32 (the export's source of truth)."""
     import torch
 
-    from segengine.engine.model import load_torch_model
-    from segengine.engine.network import ProbabilityModel
+    from segengine.engine.model.spec import load_torch_model
+    from segengine.engine.model.network import ProbabilityModel
     from segengine.export.onnx_export import repeat_to, synthetic_images
 
     spec, _ = exported
@@ -105,8 +107,8 @@ def test_onnx_sidecar_figures_are_recomputed(exported):
     """Every figure the sidecar claims is recomputed here from the files, not read back."""
     import torch
 
-    from segengine.engine.model import load_torch_model
-    from segengine.engine.network import ProbabilityModel
+    from segengine.engine.model.spec import load_torch_model
+    from segengine.engine.model.network import ProbabilityModel
     from segengine.export.onnx_export import ort_run, ort_session, repeat_to, synthetic_images
 
     spec, side = exported
@@ -125,7 +127,7 @@ def test_onnx_sidecar_figures_are_recomputed(exported):
 
 
 def test_onnxruntime_backend_runs_the_export(exported, torch_reference):
-    from segengine.engine.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from segengine.engine.inference.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     spec, _ = exported
     images, expected = torch_reference
@@ -167,8 +169,8 @@ ILL_EXPORTS = [
 
 @pytest.mark.parametrize("damage, words", ILL_EXPORTS, ids=[d.__name__.strip("_") for d, _ in ILL_EXPORTS])
 def test_ill_exports_are_refused_in_one_line(model_copy, damage, words):
-    from segengine.engine.backends.base import BackendUnavailable
-    from segengine.engine.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from segengine.engine.core.errors import BackendUnavailable
+    from segengine.engine.inference.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     check_export(model_copy, "onnx")
     damage(model_copy)
@@ -353,7 +355,7 @@ def test_int8_refuses_a_stale_fp32_export(int8_export, model_copy, tmp_path):
 
 # --------------------------------------------------------------------------- API
 def test_export_model_skips_what_it_cannot_do(model_copy):
-    from segengine.engine.backends.tensorrt_backend import tensorrt_missing_reason
+    from segengine.engine.inference.backends.tensorrt_backend import tensorrt_missing_reason
     from segengine.export.api import export_model
 
     lines = []
@@ -475,7 +477,7 @@ def test_fp16_unsafe_node_is_found_and_kept_float32(exported, int8_export, tmp_p
 
 
 def test_onnxruntime_fp16_backend_runs_the_export_with_fp16_numerics(fp16_export, torch_reference):
-    from segengine.engine.backends import backend_class
+    from segengine.engine.inference.backends import backend_class
     from segengine.export.fp16 import FP16_ATOL
 
     spec, _ = fp16_export
@@ -493,17 +495,16 @@ def test_onnxruntime_fp16_backend_runs_the_export_with_fp16_numerics(fp16_export
 @pytest.fixture(scope="module")
 def onnx_verdict(exported, kaggle_root, tmp_path_factory):
     """A real verdict: ONNX Runtime fp32 vs torch on one real validation patient."""
-    from segengine.engine import verdict
 
     spec, _ = exported
     plist = tmp_path_factory.mktemp("v") / "one.txt"
     plist.write_text("TCGA_CS_6668_20011025\n")
-    return verdict.compute(spec, kaggle_root, str(plist), "onnxruntime", "torch", threads=1)
+    return compute(spec, kaggle_root, str(plist), "onnxruntime", "torch", threads=1)
 
 
 def test_verdict_is_recorded_trusted_and_dropped_when_the_export_changes(model_copy, onnx_verdict):
-    from segengine.engine import backends as registry
-    from segengine.engine.verdict import record, why_untrusted
+    from segengine.engine.inference import registry
+    from segengine.engine.inference.verdict import record, why_untrusted
 
     result = onnx_verdict
     assert result["passed"] and result["against"] == "torch" and result["export_sha256"] == sha256_file(model_copy.export_path("onnx"))
@@ -547,7 +548,8 @@ ILL_VERDICTS = [
 
 @pytest.mark.parametrize("forge, words", ILL_VERDICTS, ids=[f.__name__.strip("_") for f, _ in ILL_VERDICTS])
 def test_verdicts_that_cannot_be_recorded(model_copy, onnx_verdict, forge, words):
-    from segengine.engine.verdict import VerdictError, record
+    from segengine.engine.core.errors import VerdictError
+    from segengine.engine.inference.verdict import record
 
     result = json.loads(json.dumps(onnx_verdict))
     forge(result, model_copy)
@@ -566,9 +568,9 @@ def test_verdicts_that_cannot_be_recorded(model_copy, onnx_verdict, forge, words
     ("source_sha256", "0" * 64, "other weights"),
 ])
 def test_auto_distrusts_a_forged_or_foreign_verdict(model_copy, onnx_verdict, field, value, words):
-    from segengine.engine import backends as registry
-    from segengine.engine.verdict import record, why_untrusted
-    from segengine.export.onnx_export import write_json_atomic
+    from segengine.engine.inference import registry
+    from segengine.engine.inference.verdict import record, why_untrusted
+    from segengine.engine.core.atomic import write_json_atomic
 
     record(model_copy, onnx_verdict)
     p = sidecar_path(model_copy.export_path("onnx"))
@@ -601,7 +603,7 @@ def test_validate_cli_refuses_an_unrecordable_comparison_before_running(model_co
 
 # --------------------------------------------------------------------------- TensorRT
 def test_tensorrt_absent_gives_reasons_not_import_errors(exported, tmp_path):
-    from segengine.engine.backends.tensorrt_backend import TensorRTBackend, tensorrt_missing_reason
+    from segengine.engine.inference.backends.tensorrt_backend import TensorRTBackend, tensorrt_missing_reason
     from segengine.export.tensorrt_build import build_tensorrt_engine
 
     if tensorrt_missing_reason() is None:
@@ -625,7 +627,7 @@ def test_tensorrt_11_is_refused_with_the_reason(monkeypatch):
 
 @pytest.mark.gpu
 def test_tensorrt_fp16_engine_matches_onnx(model_copy, torch_reference):
-    from segengine.engine.backends.tensorrt_backend import TensorRTBackend, tensorrt_missing_reason
+    from segengine.engine.inference.backends.tensorrt_backend import TensorRTBackend, tensorrt_missing_reason
     from segengine.export.tensorrt_build import build_tensorrt_engine
 
     why = tensorrt_missing_reason()
@@ -649,7 +651,7 @@ def fake_trt(monkeypatch):
     """A recording fake ``tensorrt`` 10 module, a pretend GPU, and host memory for the runner."""
     import fake_tensorrt
 
-    from segengine.engine.backends import tensorrt_backend
+    from segengine.engine.inference.backends import tensorrt_backend
 
     trt = fake_tensorrt.make()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
@@ -704,7 +706,7 @@ def test_tensorrt_build_failures_are_typed_and_write_nothing(exported, fake_trt,
 def test_tensorrt_runner_splits_above_profile_max_and_pads_below_min(exported, fake_trt, torch_reference, n, executed):
     import json as _json
 
-    from segengine.engine.backends.tensorrt_backend import TrtPlanRunner
+    from segengine.engine.inference.backends.tensorrt_backend import TrtPlanRunner
 
     spec, _ = exported
     images, expected = torch_reference
@@ -722,7 +724,7 @@ def test_tensorrt_runner_splits_above_profile_max_and_pads_below_min(exported, f
 def test_tensorrt_version_is_checked_at_availability_time(monkeypatch, version, words):
     import fake_tensorrt
 
-    from segengine.engine.backends import tensorrt_backend
+    from segengine.engine.inference.backends import tensorrt_backend
 
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.make(version))
     monkeypatch.setattr(tensorrt_backend, "cuda_missing_reason", lambda: None)
@@ -795,9 +797,9 @@ def test_context_exports_verified_and_calibrated_on_real_training_slices(context
 def test_calibration_inputs_are_stacked_within_each_patient(lgg_root):
     """Every calibration input is the engine's model input of one patient (neighbours from that
     patient only, nearest slice repeated at its ends), never slices of two patients."""
-    from segengine.engine.io import read_patient
-    from segengine.engine.pipeline import preprocess_patient
-    from segengine.engine.preprocess import stack_context
+    from segengine.engine.readers.registry import read_patient
+    from segengine.engine.preprocessing.preprocess import preprocess_patient
+    from segengine.engine.preprocessing.preprocess import stack_context
     from segengine.export.int8 import calibration_slices
 
     per_patient = [preprocess_patient(read_patient(lgg_root / p, with_mask=False), "native", 64).images
@@ -833,9 +835,9 @@ def _fp16_agrees(ref, got):
 def test_context_backends_agree_with_torch_on_a_real_patient(context_exports, kaggle_root, backend, agrees):
     """The whole pipeline (preprocess, 2.5D stacking, infer, map back) on a validation patient,
     each export against torch with the floors its export was verified with."""
-    from segengine.engine.backends import create
-    from segengine.engine.io import read_patient
-    from segengine.engine.pipeline import segment
+    from segengine.engine.inference.registry import create
+    from segengine.engine.readers.registry import read_patient
+    from segengine.engine.job.patient_job import segment
 
     spec, _ = context_exports
     volume = read_patient(kaggle_root / VAL_PATIENTS[0])
@@ -851,10 +853,10 @@ def test_segengine_run_with_int8_on_a_context_model(context_exports, kaggle_root
     import tifffile
     from click.testing import CliRunner
 
-    from segengine.engine.backends import create
+    from segengine.engine.inference.registry import create
     from segengine.engine.cli import main
-    from segengine.engine.io import read_patient
-    from segengine.engine.pipeline import segment
+    from segengine.engine.readers.registry import read_patient
+    from segengine.engine.job.patient_job import segment
     from segengine.export.int8 import MASK_DSC_MIN, mask_agreement
 
     spec, _ = context_exports
@@ -972,7 +974,7 @@ def test_triton_config_declares_the_cards_channels(context_copy, tmp_path):
 
 
 def test_tensorrt_build_and_backend_take_the_channels_of_the_onnx_input(context_copy, fake_trt, tmp_path):
-    from segengine.engine.backends.tensorrt_backend import TensorRTBackend
+    from segengine.engine.inference.backends.tensorrt_backend import TensorRTBackend
     from segengine.export.onnx_export import ort_run, ort_session, synthetic_images
     from segengine.export.tensorrt_build import build_tensorrt_engine
 

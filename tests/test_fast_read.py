@@ -16,7 +16,7 @@ import tifffile
 from click.testing import CliRunner
 
 from conftest import VAL_PATIENTS
-from segengine.engine import io, tiff_fast
+from segengine.engine.readers import kaggle as io, tiff_fast
 
 
 def test_fast_reader_returns_tifffiles_pixels_and_shapes(kaggle_root):

@@ -16,14 +16,18 @@ from click.testing import CliRunner
 
 from conftest import VAL_PATIENTS
 from reference_impl import reference_preprocess
-from segengine.engine import io
+from segengine.engine.readers import kaggle as io
 from segengine.engine.cli import main
-from segengine.engine.metrics import dsc, hd95, precision, recall, volume_metrics
-from segengine.engine.postprocess import PostprocessConfig, fill_holes_2d, fill_holes_3d, largest_component, postprocess, remove_small_components
-from segengine.engine.preprocess import EmptyVolumeError, preprocess_volume, to_original_grid
+from segengine.engine.evaluation.metrics import dsc, hd95, precision, recall, volume_metrics
+from segengine.engine.postprocessing.postprocess import (PostprocessConfig, fill_holes_2d, fill_holes_3d, largest_component, postprocess, remove_small_components)
+from segengine.engine.core.errors import EmptyVolumeError
+from segengine.engine.preprocessing.preprocess import preprocess_volume, to_original_grid
+from segengine.engine.readers.registry import list_patients, read_patient
+from segengine.engine.core.errors import SliceShapeError
 
 
-@pytest.mark.parametrize("module", ["segengine.engine", "segengine.engine.cli", "segengine.engine.backends",
+@pytest.mark.parametrize("module", ["segengine.engine", "segengine.engine.cli", "segengine.engine.inference.backends", "segengine.engine.core",
+                                    "segengine.engine.readers", "segengine.engine.job", "segengine.engine.outputs",
                                     "segengine.train", "segengine.export", "segengine.bench", "segengine.models"])
 def test_every_stage_imports(module):
     """Each stage imports and comes from this checkout (not a stale installed copy)."""
@@ -60,7 +64,7 @@ def test_training_help_lists_its_options(command, options):
 
 # ----------------------------------------------------------------- reading patient folders
 def test_reads_real_patient_in_numeric_order(kaggle_root):
-    vol = io.read_patient(kaggle_root / VAL_PATIENTS[0])
+    vol = read_patient(kaggle_root / VAL_PATIENTS[0])
     assert vol.patient_id == VAL_PATIENTS[0]
     assert vol.slice_numbers == list(range(1, vol.num_slices + 1))
     assert [p.name for p in vol.image_paths[8:11]] == [f"{VAL_PATIENTS[0]}_{n}.tif" for n in (9, 10, 11)]
@@ -72,7 +76,7 @@ def test_reads_real_patient_in_numeric_order(kaggle_root):
 
 def test_dataset_root_ignores_files_beside_patients(kaggle_root):
     assert (kaggle_root / "data.csv").exists()
-    names = [p.name for p in io.list_patients(kaggle_root)]
+    names = [p.name for p in list_patients(kaggle_root)]
     assert set(VAL_PATIENTS) <= set(names) and "data.csv" not in names
 
 
@@ -93,11 +97,11 @@ def test_grayscale_slices_are_refused_not_copied_into_three_channels(tmp_path):
     for i in (1, 2, 10):
         _write(tmp_path, f"G_{i}.tif", np.full((32, 32), i, np.uint8))
     with pytest.raises(io.SliceNumberingError):
-        io.read_patient(tmp_path)  # gap 3..9
+        read_patient(tmp_path)  # gap 3..9
     for i in range(3, 10):
         _write(tmp_path, f"G_{i}.tif", np.full((32, 32), i, np.uint8))
     with pytest.raises(io.SliceFormatError, match="grayscale.*pre-contrast, FLAIR, post-contrast"):
-        io.read_patient(tmp_path)
+        read_patient(tmp_path)
 
 
 def _rgba(f):
@@ -146,7 +150,7 @@ def _missing_mask(f):
 ILL_FOLDERS = [
     (_rgba, io.SliceFormatError, "RGBA"),
     (_sixteen_bit, io.SliceFormatError, "uint16"),
-    (_mixed_sizes, io.SliceShapeError, "P_2.tif"),
+    (_mixed_sizes, SliceShapeError, "P_2.tif"),
     (_gap, io.SliceNumberingError, "slice 2 is missing"),
     (_duplicate, io.SliceNumberingError, "duplicate"),
     (_orphan_mask, io.OrphanMaskError, "P_4_mask.tif"),
@@ -162,7 +166,7 @@ def test_ill_patient_folders_raise_typed_one_line_errors(tmp_path, damage, error
     folder = _synthetic_patient(tmp_path / "P")
     damage(folder)
     with pytest.raises(error) as info:
-        io.read_patient(folder)
+        read_patient(folder)
     msg = str(info.value)
     assert "\n" not in msg and words in msg
 
@@ -173,12 +177,12 @@ def test_patient_path_that_is_not_a_folder(tmp_path, is_file):
     if is_file:
         path.write_text("x")
     with pytest.raises(io.NotAFolderError):
-        io.read_patient(path)
+        read_patient(path)
 
 
 # ----------------------------------------------------------------- preprocessing
 def test_reference_protocol_matches_the_course_program(kaggle_root):
-    vol = io.read_patient(kaggle_root / VAL_PATIENTS[0])
+    vol = read_patient(kaggle_root / VAL_PATIENTS[0])
     pre = preprocess_volume(vol.image, vol.mask)
     ref_images, ref_mask = reference_preprocess(vol.image, vol.mask)
     # the course program keeps slices 2..D-1, cropped to those with a pixel >= 10% of the maximum
@@ -198,7 +202,7 @@ def test_reference_protocol_matches_the_course_program(kaggle_root):
 
 @pytest.mark.parametrize("size", [256, 128, 160])
 def test_resolution_is_a_parameter(kaggle_root, size):
-    vol = io.read_patient(kaggle_root / VAL_PATIENTS[1])
+    vol = read_patient(kaggle_root / VAL_PATIENTS[1])
     pre = preprocess_volume(vol.image, vol.mask, size=size, drop_ends=False)
     assert pre.images.shape[1:] == (3, size, size) and pre.mask.shape[1:] == (size, size)
     assert pre.geometry.size == size
@@ -206,7 +210,7 @@ def test_resolution_is_a_parameter(kaggle_root, size):
 
 @pytest.mark.parametrize("patient", VAL_PATIENTS)
 def test_inverse_mapping_round_trip_keeps_the_mask(kaggle_root, patient):
-    vol = io.read_patient(kaggle_root / patient)
+    vol = read_patient(kaggle_root / patient)
     pre = preprocess_volume(vol.image, vol.mask, drop_ends=False)
     back = to_original_grid(pre.mask.astype(np.float32), pre.geometry) > 0.5
     assert back.shape == vol.mask.shape
@@ -214,7 +218,7 @@ def test_inverse_mapping_round_trip_keeps_the_mask(kaggle_root, patient):
 
 
 def test_inverse_mapping_places_crop_and_drops(kaggle_root):
-    vol = io.read_patient(kaggle_root / VAL_PATIENTS[1])
+    vol = read_patient(kaggle_root / VAL_PATIENTS[1])
     pre = preprocess_volume(vol.image, vol.mask, drop_ends=True)
     g = pre.geometry
     back = to_original_grid(np.ones((g.z1 - g.z0, g.size, g.size), np.float32), g)
@@ -237,7 +241,7 @@ _RNG = np.random.default_rng(0)
     _RNG.random(999).astype(np.float32),  # too small to sample: np.percentile itself
 ], ids=["normal", "ties", "constant", "periodic", "float64", "small"])
 def test_percentiles_equal_numpy_to_the_bit(values):
-    from segengine.engine.preprocess import percentiles
+    from segengine.engine.preprocessing.preprocess import percentiles
 
     assert percentiles(values, (10, 99), sample_size=1000) == [float(v) for v in np.percentile(values, (10, 99))]
 
@@ -310,7 +314,7 @@ def test_metrics_on_empty_masks(pred_empty, truth_empty, expected):
 def test_hd95_equals_medpy_on_real_masks(kaggle_root, shift):
     from medpy.metric.binary import hd95 as medpy_hd95
 
-    truth = io.read_patient(kaggle_root / VAL_PATIENTS[1]).mask > 0
+    truth = read_patient(kaggle_root / VAL_PATIENTS[1]).mask > 0
     pred = np.roll(truth, shift, axis=(0, 1, 2))
     pred[:, :2] = True  # a blob touching the array edge
     assert hd95(pred, truth) == pytest.approx(medpy_hd95(pred, truth), abs=1e-9)
@@ -318,7 +322,7 @@ def test_hd95_equals_medpy_on_real_masks(kaggle_root, shift):
 
 
 def test_ground_truth_scores_one_against_itself(kaggle_root):
-    vol = io.read_patient(kaggle_root / VAL_PATIENTS[0])
+    vol = read_patient(kaggle_root / VAL_PATIENTS[0])
     assert dsc(vol.mask, vol.mask) == 1.0
 
 

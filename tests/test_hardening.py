@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import stat
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,9 @@ from click.testing import CliRunner
 
 from conftest import TRAIN_PATIENT, VAL_PATIENTS, tree_hashes
 from segengine.engine.cli import main
-from segengine.engine.model import shipped_model_path
-from segengine.engine.review_page import INDEX_PAGE as INDEX
+from segengine.engine.model.spec import shipped_model_path
+from segengine.engine.outputs.review_page import INDEX_PAGE as INDEX
+from segengine.engine.readers.volume import DEFAULT_LIMITS
 
 MODEL = Path(os.environ.get("SEGENGINE_TEST_MODEL", shipped_model_path()))
 SMALL = TRAIN_PATIENT  # 23 slices: the cheapest real patient to segment
@@ -153,7 +153,7 @@ def test_single_patient_with_a_linked_result_folder_is_one_line(root, victim, tm
 @pytest.fixture()
 def decoded(monkeypatch) -> list[Path]:
     """Every slice file whose pixels are decoded (the readers by file ending, recorded)."""
-    from segengine.engine import io
+    from segengine.engine.readers import kaggle as io
 
     seen: list[Path] = []
     for ext, reader in list(io.READERS.items()):
@@ -188,7 +188,7 @@ def test_patient_over_the_default_budget_is_refused_from_its_headers(kaggle_root
     import numpy as np
     import tifffile
 
-    from segengine.engine import io
+    from segengine.engine.readers import kaggle as io
 
     big = tmp_path / "big" / "BIG"
     big.mkdir(parents=True)
@@ -369,8 +369,8 @@ def test_files_that_would_block_are_refused_in_one_line(root, tmp_path, make, wo
     (2, 1, 2, None), (1, 2, 2, None),
 ])
 def test_ray_workers_are_checked_against_the_cluster_cpus(workers, threads, cpus, words):
-    from segengine.engine.backends.base import BackendUnavailable
-    from segengine.engine.ray_runner import check_workers
+    from segengine.engine.core.errors import BackendUnavailable
+    from segengine.engine.job.ray_runner import check_workers
 
     if words is None:
         check_workers(workers, threads, cpus)
@@ -413,7 +413,7 @@ def test_zero_slice_nifti_in_evaluate_and_validate_is_one_line(root, tmp_path, a
 def test_patient_deleted_while_queued_is_that_patients_line(kaggle_root, tmp_path, monkeypatch, when):
     """The input folder vanishes while the patient waits: before its read (a failure), or after
     its job found results in OUT (a skip, reported by the job's id: the folder is gone)."""
-    import segengine.engine.runner as runner
+    import segengine.engine.job.patient_job as runner
 
     root = tmp_path / "root"
     for p in (SMALL, VAL_PATIENTS[0]):
@@ -489,7 +489,7 @@ def _scaled_case(kaggle_root, tmp_path, slope: float, inter: float) -> Path:
     import struct
 
     from segengine.bench.nifti_agreement import kaggle_to_input_grid, save_nifti
-    from segengine.engine.io import read_patient
+    from segengine.engine.readers.registry import read_patient
 
     vol = read_patient(kaggle_root / SMALL)
     data, affine = kaggle_to_input_grid(vol.image)
@@ -507,7 +507,7 @@ def _scaled_case(kaggle_root, tmp_path, slope: float, inter: float) -> Path:
                                               (0.0, 0.0, True), (3.5, -100.0, True)],
                          ids=["negative", "inf", "-inf", "inter-inf", "unset", "positive"])
 def test_nifti_scaling_that_is_not_finite_and_positive_is_refused(kaggle_root, tmp_path, slope, inter, ok):
-    from segengine.engine.io import read_patient
+    from segengine.engine.readers.registry import read_patient
 
     case = _scaled_case(kaggle_root, tmp_path, slope, inter)
     before = tree_hashes(tmp_path)
@@ -605,7 +605,7 @@ def test_control_characters_in_names_are_escaped_in_every_line(root, tmp_path):
 def test_the_stream_escapes_names_but_keeps_a_progress_bars_redraw():
     import io
 
-    from segengine.engine.terminal import SafeTextStream, printable
+    from segengine.engine.core.terminal import SafeTextStream, printable
 
     assert printable(EVIL) == "evil\\x1b]0;pwned\\x07\\x1b[2J\\rdone 9, skipped 0\\u202e"
     assert printable("TCGA_CS_4941 Müller\tok\n") == "TCGA_CS_4941 Müller\tok\n"
@@ -623,7 +623,7 @@ def test_the_stream_escapes_names_but_keeps_a_progress_bars_redraw():
 
 @pytest.mark.parametrize("command", ["run", "evaluate", "validate"])
 def test_max_memory_default_is_the_limits_default(command):
-    from segengine.engine.io import DEFAULT_LIMITS, DEFAULT_MAX_MEMORY_GB
+    from segengine.engine.readers.volume import DEFAULT_LIMITS, DEFAULT_MAX_MEMORY_GB
 
     option = next(o for o in main.commands[command].params if o.name == "max_memory")
     assert option.default == DEFAULT_MAX_MEMORY_GB and DEFAULT_LIMITS.max_memory == int(DEFAULT_MAX_MEMORY_GB * 1e9)
@@ -679,7 +679,7 @@ def _strip_table_bomb(path: Path, strips: int) -> None:
 
 
 def test_a_slice_file_larger_than_any_slice_is_refused_before_its_header_is_parsed(kaggle_root, tmp_path, monkeypatch):
-    from segengine.engine import io
+    from segengine.engine.readers import kaggle as io
 
     parsed = []
     for ext, reader in list(io.HEADER_READERS.items()):
@@ -689,10 +689,10 @@ def test_a_slice_file_larger_than_any_slice_is_refused_before_its_header_is_pars
     _strip_table_bomb(bomb, 5_000_000)  # 40 MB: ~0.4 GB to parse its header with the fast path, ~0.25 GB with tifffile
     with pytest.raises(io.SliceLimitError, match=r"40,\d{3},\d{3} bytes, more than a slice of at most 1024x1024 "
                                                  r"pixels takes \(\d"):
-        io.check_slice_size(bomb, io.DEFAULT_LIMITS)
+        io.check_slice_size(bomb, DEFAULT_LIMITS)
     assert parsed == []
     shutil.copy(kaggle_root / SMALL / bomb.name, bomb)
-    assert io.check_slice_size(bomb, io.DEFAULT_LIMITS) == (256, 256, 3) and parsed == [bomb]
+    assert io.check_slice_size(bomb, DEFAULT_LIMITS) == (256, 256, 3) and parsed == [bomb]
 
 
 @pytest.mark.parametrize("extra", [{"probabilities": "probs.nii.gz"}, {"probabilities": {"file": 5}},
@@ -702,7 +702,7 @@ def test_a_slice_file_larger_than_any_slice_is_refused_before_its_header_is_pars
 def test_a_bad_link_field_in_a_report_is_unreadable_not_a_crash(tmp_path, extra):
     """The patient page links the DICOM SEG and the probability map named in report.json; a
     planted report naming them with other types must not crash the re-rendering of the pages."""
-    from segengine.engine.review_page import REVIEW_DIR, VIEWER_DATA
+    from segengine.engine.outputs.review_page import REVIEW_DIR, VIEWER_DATA
 
     out = tmp_path / "out"
     for name, rep in [("A", _report("A")), ("B", _report("B", **extra))]:

@@ -7,9 +7,9 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import VAL_PATIENTS, copy_model, save_random_model
-from segengine.engine import backends as registry
+from segengine.engine.inference import registry
 from segengine.engine.cli import main
-from segengine.engine.model import load_model_spec, sha256_file, shipped_model_path
+from segengine.engine.model.spec import load_model_spec, sha256_file, shipped_model_path
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,8 @@ def test_shipped_model_card_and_checksum(spec):
     """SHA-256, FLOPs and parameters recomputed from the weights and the network, not read back."""
     import hashlib
 
-    from segengine.engine.model import load_torch_model
-    from segengine.engine.network import ReferenceUNet, count_flops
+    from segengine.engine.model.spec import load_torch_model
+    from segengine.engine.model.network import ReferenceUNet, count_flops
 
     card = spec.card
     assert spec.weights == shipped_model_path()
@@ -38,7 +38,7 @@ def test_shipped_model_card_and_checksum(spec):
 
 def test_exports_are_current_and_trusted(spec):
     """Export checksums recomputed; each recorded verdict re-derived from its own figures and tolerances."""
-    from segengine.engine.verdict import why_untrusted
+    from segengine.engine.inference.verdict import why_untrusted
 
     for kind, backend in (("onnx", "onnxruntime"), ("onnx-int8", "onnxruntime-int8"), ("onnx-fp16", "onnxruntime-fp16")):
         side = spec.sidecar(kind)
@@ -74,7 +74,7 @@ ENSEMBLES = sorted(p.name for p in shipped_model_path().parent.glob("*.ensemble.
 def test_every_shipped_model_verifies_and_segments(kaggle_root, tmp_path, weights):
     """Each model file in models/ (and each ensemble of them) loads with its checksum verified and
     segments a real validation patient with DSC >= 0.8 (reference protocol)."""
-    from segengine.engine.ensemble import load_plan, members_of
+    from segengine.engine.inference.ensemble import load_plan, members_of
 
     path = shipped_model_path().parent / weights
     plan = load_plan(None, path) if weights in ENSEMBLES else load_model_spec(path)
@@ -107,8 +107,8 @@ def test_validate_on_real_patients(kaggle_root, val_patients_file, tmp_path, bac
     assert result["passed"] and result["against"] == "torch"
     if backend == "onnxruntime-fp16":  # its range report covers every float node, none unsafe in fp16
         ranges = result["fp16_ranges"]
-        from segengine.engine.io import read_patient
-        from segengine.engine.pipeline import preprocess_patient
+        from segengine.engine.readers.registry import read_patient
+        from segengine.engine.preprocessing.preprocess import preprocess_patient
 
         # the slices inferred (preprocessing leaves out blank ones), as the backends saw them
         n_slices = sum(len(preprocess_patient(read_patient(kaggle_root / pid), "native", 256).images) for pid in VAL_PATIENTS)

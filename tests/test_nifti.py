@@ -19,8 +19,8 @@ from click.testing import CliRunner
 from conftest import TRAIN_PATIENT, VAL_PATIENTS
 from segengine.bench.nifti_agreement import SPACING, kaggle_to_input_grid, save_nifti, write_three_files
 from segengine.engine.cli import main
-from segengine.engine.io import read_patient
-from segengine.engine.nifti_io import read_nifti_case
+from segengine.engine.readers.registry import read_patient
+from segengine.engine.readers.nifti import read_nifti_case
 from test_run import MODEL, _dice
 
 _save = save_nifti

@@ -14,9 +14,10 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import VAL_PATIENTS, copy_model
-from segengine.engine import backends as registry
-from segengine.engine import speed
-from segengine.engine.model import ModelError, check_sidecar, load_model_spec, sha256_file, shipped_model_path, sidecar_path
+from segengine.engine.inference import registry
+from segengine.engine.inference import speed
+from segengine.engine.core.errors import ModelError
+from segengine.engine.model.spec import check_sidecar, load_model_spec, sha256_file, shipped_model_path, sidecar_path
 
 OV_BACKENDS = ["openvino", "openvino-int8"]
 needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino is not installed")
@@ -102,8 +103,8 @@ def test_sidecar_refuses_an_ill_formed_openvino_verdict(slot, words, tmp_path):
 def test_shipped_openvino_verdicts_hold_and_state_the_precision(backend, kind):
     """The shipped sidecars carry a PASS for each OpenVINO backend beside ONNX Runtime's, naming
     the precision OpenVINO ran in; both re-derived from their own figures and tolerances."""
-    from segengine.engine.backends.openvino_backend import inference_precision
-    from segengine.engine.verdict import tolerances_for, why_untrusted
+    from segengine.engine.inference.backends.openvino_backend import inference_precision
+    from segengine.engine.inference.verdict import tolerances_for, why_untrusted
 
     spec = load_model_spec()
     side = spec.sidecar(kind)
@@ -123,9 +124,9 @@ def test_shipped_openvino_verdicts_hold_and_state_the_precision(backend, kind):
 @needs_openvino
 @pytest.mark.parametrize("backend, kind", [("openvino", "onnx"), ("openvino-int8", "onnx-int8")])
 def test_validate_records_the_openvino_verdict_beside_onnxruntimes(shipped_copy, kaggle_root, one_patient, backend, kind):
-    from segengine.engine.backends.openvino_backend import inference_precision
+    from segengine.engine.inference.backends.openvino_backend import inference_precision
     from segengine.engine.cli import main
-    from segengine.engine.verdict import why_untrusted
+    from segengine.engine.inference.verdict import why_untrusted
 
     p = sidecar_path(shipped_copy.export_path(kind))
     side = json.loads(p.read_text())
@@ -151,7 +152,7 @@ def test_validate_records_the_openvino_verdict_beside_onnxruntimes(shipped_copy,
     (None, "bf16", "does not say"),
 ])
 def test_an_openvino_verdict_holds_only_for_the_precision_it_measured(monkeypatch, recorded, here, words):
-    from segengine.engine.backends import openvino_backend
+    from segengine.engine.inference.backends import openvino_backend
 
     monkeypatch.setattr(openvino_backend, "inference_precision", lambda: here)
     why = openvino_backend.OpenVinoBackend.verdict_mismatch({"runtime": {"inference_precision": recorded} if recorded else None})
@@ -160,8 +161,8 @@ def test_an_openvino_verdict_holds_only_for_the_precision_it_measured(monkeypatc
 
 @needs_openvino
 def test_auto_distrusts_an_openvino_verdict_measured_in_another_precision(shipped_copy, monkeypatch):
-    from segengine.engine.backends import openvino_backend
-    from segengine.engine.verdict import why_untrusted
+    from segengine.engine.inference.backends import openvino_backend
+    from segengine.engine.inference.verdict import why_untrusted
 
     monkeypatch.setattr(openvino_backend, "inference_precision", lambda: "bf16")
     p = sidecar_path(shipped_copy.export_path("onnx-int8"))
@@ -306,7 +307,7 @@ def test_a_planted_precision_fact_is_asked_of_openvino_again(monkeypatch, tmp_pa
     hold: a value OpenVINO's CPU plugin does not have is learned again, not trusted."""
     from importlib.metadata import version
 
-    from segengine.engine.backends import openvino_backend
+    from segengine.engine.inference.backends import openvino_backend
 
     monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path))
     here = openvino_backend.inference_precision()
@@ -317,7 +318,7 @@ def test_a_planted_precision_fact_is_asked_of_openvino_again(monkeypatch, tmp_pa
 
 @needs_openvino
 def test_a_real_probe_returns_a_trusted_available_backend(monkeypatch, tmp_path):
-    from segengine.engine.verdict import why_untrusted
+    from segengine.engine.inference.verdict import why_untrusted
 
     spec = load_model_spec()
     monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path))
@@ -353,12 +354,14 @@ def test_bench_records_its_largest_batch_figures_for_auto(monkeypatch, tmp_path)
 def test_the_fold_ensemble_runs_on_int8_backends_like_torch(kaggle_root, backend):
     """Every shipped fold member has an INT8 export with a PASS verdict for this backend, and the
     averaged mask on a real validation patient is within the INT8 tolerance of torch's."""
-    from segengine.engine.ensemble import load_ensemble
-    from segengine.engine.io import read_patient
-    from segengine.engine.metrics import dsc
-    from segengine.engine.pipeline import finish_patient, model_input, preprocess_patient
-    from segengine.engine.postprocess import PostprocessConfig
-    from segengine.engine.verdict import tolerances_for, why_untrusted
+    from segengine.engine.inference.ensemble import load_ensemble
+    from segengine.engine.readers.registry import read_patient
+    from segengine.engine.evaluation.metrics import dsc
+    from segengine.engine.postprocessing.finish import finish_patient
+    from segengine.engine.inference.predict import model_input
+    from segengine.engine.preprocessing.preprocess import preprocess_patient
+    from segengine.engine.postprocessing.postprocess import PostprocessConfig
+    from segengine.engine.inference.verdict import tolerances_for, why_untrusted
 
     plan = load_ensemble()
     assert all(why_untrusted(m, backend) is None for m in plan.members)
@@ -467,7 +470,7 @@ def test_compiled_models_are_cached_only_in_a_folder_only_this_user_can_write(mo
     """OpenVINO imports whatever blob sits under the name it expects, without the SHA-256 check
     the ONNX file passes: a cache folder others can write (or a link to one) would let them swap
     the network a patient runs through. Such a folder is not used (compiled every time, same result)."""
-    from segengine.engine.backends.openvino_backend import OpenVinoInt8Backend, compiled_cache_dir
+    from segengine.engine.inference.backends.openvino_backend import OpenVinoInt8Backend, compiled_cache_dir
 
     root, elsewhere = tmp_path / "cache", tmp_path / "elsewhere"
     root.mkdir()
@@ -492,7 +495,7 @@ def test_a_half_written_compiled_blob_is_compiled_again_with_the_same_result(mon
     half-written blob. OpenVINO must then compile again (not fail, not run half a network)."""
     import numpy as np
 
-    from segengine.engine.backends.openvino_backend import OpenVinoInt8Backend
+    from segengine.engine.inference.backends.openvino_backend import OpenVinoInt8Backend
 
     monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path))
     spec = load_model_spec()
@@ -510,7 +513,7 @@ def test_a_half_written_compiled_blob_is_compiled_again_with_the_same_result(mon
 @needs_openvino
 def test_a_cache_root_writable_by_the_users_group_keeps_the_compiled_cache(monkeypatch, tmp_path):
     """Under umask 002 (a user-private group) the cache root is group-writable: still the user's."""
-    from segengine.engine.backends.openvino_backend import compiled_cache_dir
+    from segengine.engine.inference.backends.openvino_backend import compiled_cache_dir
 
     root = tmp_path / "cache"
     root.mkdir()

@@ -19,13 +19,16 @@ import tifffile
 from click.testing import CliRunner
 
 from conftest import TRAIN_PATIENT, VAL_PATIENTS, copy_model, tree_hashes
-from segengine.engine import io
+from segengine.engine.readers import kaggle as io
 from segengine.engine.cli import main
-from segengine.engine.model import shipped_model_path
-from segengine.engine.fsguard import mark_owned
-from segengine.engine.outputs import TEMP_ENTRY, atomic_dir, recover_interrupted
-from segengine.engine.patient_job import PatientBusyError, PatientLock, tidy_out
-from segengine.engine.review_page import INDEX_PAGE as INDEX  # every run writes it beside the results
+from segengine.engine.model.spec import shipped_model_path
+from segengine.engine.core.fsguard import mark_owned
+from segengine.engine.outputs.results_dir import TEMP_ENTRY, atomic_dir, recover_interrupted
+from segengine.engine.core.errors import PatientBusyError
+from segengine.engine.outputs.results_dir import PatientLock, tidy_out
+from segengine.engine.outputs.review_page import INDEX_PAGE as INDEX
+from segengine.engine.outputs.masks import write_mask_slices
+from segengine.engine.readers.registry import read_patient
 
 MODEL = Path(os.environ.get("SEGENGINE_TEST_MODEL", shipped_model_path()))
 SMALL = TRAIN_PATIENT  # 23 slices: the cheapest real patient to segment
@@ -246,11 +249,11 @@ def test_mask_values(kaggle_root, tmp_path, values, ok):
         m[i * 10 : i * 10 + 10] = v
     tifffile.imwrite(_mask(p), m)
     if ok:
-        vol = io.read_patient(p)
+        vol = read_patient(p)
         assert set(np.unique(vol.mask[4])) == ({0, 255} if any(values) else {0})
     else:
         with pytest.raises(io.SliceFormatError, match="binary mask"):
-            io.read_patient(p)
+            read_patient(p)
 
 
 def test_folder_name_and_slice_prefix_differ_resume_uses_the_id(kaggle_root, tmp_path):
@@ -285,13 +288,13 @@ def test_batch_goes_on_past_a_patient_over_the_limits(kaggle_root, tmp_path):
 
 def test_full_disk_stops_the_batch_and_keeps_what_completed(kaggle_root, tmp_path, monkeypatch):
     """ENOSPC while writing the second patient: the first stays complete, nothing partial, the third never starts."""
-    import segengine.engine.outputs as outputs
+    import segengine.engine.outputs.writer as outputs
 
     root = tmp_path / "root"
     patients = sorted([SMALL, *VAL_PATIENTS])
     for p in patients:
         shutil.copytree(kaggle_root / p, root / p)
-    real = outputs.write_mask_slices
+    real = write_mask_slices
     calls = []
 
     def fill_disk_on_second(folder, pid, numbers, mask):
@@ -313,7 +316,7 @@ def test_full_disk_stops_the_batch_and_keeps_what_completed(kaggle_root, tmp_pat
 
 
 def test_full_disk_single_patient_is_one_line(root, tmp_path, monkeypatch):
-    import segengine.engine.outputs as outputs
+    import segengine.engine.outputs.writer as outputs
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -350,7 +353,7 @@ def test_replace_on_a_really_full_disk_keeps_the_old_result(root, tiny_disk):
 
 
 def test_memory_error_is_one_line_and_the_batch_goes_on(kaggle_root, tmp_path, monkeypatch):
-    import segengine.engine.runner as runner
+    import segengine.engine.job.patient_job as runner
 
     root = tmp_path / "root"
     for p in (SMALL, VAL_PATIENTS[0]):
@@ -391,9 +394,9 @@ def test_unwritable_output_paths_fail_before_the_work(tmp_path, argv, words):
 
 # ------------------------------------------------------------------ signals, locks, umask
 def test_sigterm_while_writing_exits_143_and_leaves_nothing(root, tmp_path, monkeypatch):
-    import segengine.engine.outputs as outputs
+    import segengine.engine.outputs.writer as outputs
 
-    real = outputs.write_mask_slices
+    real = write_mask_slices
 
     def write_some_then_sigterm(folder, pid, numbers, mask):
         real(folder, pid, numbers[:3], mask[:3])

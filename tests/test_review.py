@@ -8,9 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from segengine.engine.model import ModelError
-from segengine.engine.quality import (CHANNELS, QualityModel, Review, assess, channel_means, flair_copies,
-                                      intensity_z, prediction_features, summary_text)
+from segengine.engine.core.errors import ModelError
+from segengine.engine.postprocessing.quality import (CHANNELS, QualityModel, Review, assess, channel_means, flair_copies, intensity_z, prediction_features, summary_text)
 
 
 def _image(pre: np.ndarray, flair: np.ndarray, post: np.ndarray) -> np.ndarray:
@@ -114,7 +113,7 @@ def test_no_calibration_means_no_estimate_and_no_ok_but_anomalies_are_named():
 
 
 def test_every_shipped_mode_has_its_own_calibration():
-    from segengine.engine.ensemble import load_plan
+    from segengine.engine.inference.ensemble import load_plan
 
     reviews = {m: Review.for_plan(load_plan(None, e, t)) for m, e, t in
                (("single", None, False), ("tta", None, True), ("ensemble", True, False))}
@@ -204,8 +203,8 @@ def test_views_agreement_is_the_mean_dice_of_each_view_with_the_mean():
     see (0.5 is not above 0.5 on the others), so Dice(A, mean) = 2*2/(4+2), Dice(B, mean) = 1."""
     from types import SimpleNamespace
 
-    from segengine.engine.backends.base import Backend
-    from segengine.engine.ensemble import AveragingBackend
+    from segengine.engine.inference.backends.base import Backend
+    from segengine.engine.inference.ensemble import AveragingBackend
 
     class Fixed(Backend):
         def __init__(self, prob):

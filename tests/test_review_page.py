@@ -19,8 +19,8 @@ from click.testing import CliRunner
 from conftest import REPO, TRAIN_PATIENT, VAL_PATIENTS, running_in_ci
 from segengine.bench.nifti_agreement import kaggle_to_input_grid
 from segengine.engine.cli import main
-from segengine.engine.io import read_patient
-from segengine.engine.review_page import IMAGE_BUDGET_BYTES, write_index
+from segengine.engine.readers.registry import read_patient
+from segengine.engine.outputs.review_page import IMAGE_BUDGET_BYTES, write_index
 from test_run import MODEL
 
 CHROMIUM = Path(os.environ.get("SEGENGINE_CHROMIUM", "/usr/bin/chromium"))
@@ -181,8 +181,8 @@ def test_images_stay_within_the_budget(reviewed_run):
 
 def test_a_large_noisy_volume_is_shrunk_to_the_budget(tmp_path):
     """Worst case for JPEG (noise) and a large grid: tiles shrink until the images fit."""
-    from segengine.engine.io import PatientVolume
-    from segengine.engine.review_page import write_patient_review
+    from segengine.engine.readers.volume import PatientVolume
+    from segengine.engine.outputs.review_page import write_patient_review
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (60, 300, 340, 3), dtype=np.uint8)
@@ -218,7 +218,7 @@ def test_report_command_on_a_missing_folder_is_one_line(tmp_path):
 def test_report_rewrites_a_patient_page_only_under_its_lock(reviewed_run, tmp_path):
     """`segengine report` writes into OUT/<id> as runs do: under the patient's lock; a patient
     whose lock another process holds keeps its page (its writer renders a fresh one)."""
-    from segengine.engine.patient_job import LOCK_SUFFIX, PatientLock
+    from segengine.engine.outputs.results_dir import LOCK_SUFFIX, PatientLock
 
     out = tmp_path / "out"
     shutil.copytree(reviewed_run, out)

@@ -125,7 +125,7 @@ def test_tversky_bce_loss_against_a_hand_computation():
 def test_bf16_autocast_gives_the_fp32_loss_within_bf16_precision():
     """bfloat16 keeps 8 significant bits (relative step 2**-8 = 0.4%); a small network's loss
     must agree with float32 to a few such steps (2%), as train --amp bf16 relies on."""
-    from segengine.engine.network import build_model
+    from segengine.engine.model.network import build_model
 
     torch.manual_seed(0)
     model = build_model({"name": "resunet", "base_channels": 4, "in_channels": 3, "deep_supervision": False}).eval()

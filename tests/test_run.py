@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from conftest import VAL_PATIENTS, copy_model, tree_hashes
 from segengine.engine.cli import main
-from segengine.engine.model import shipped_model_path
+from segengine.engine.model.spec import shipped_model_path
+from segengine.engine.outputs.masks import write_mask_slices
 
 MODEL = Path(os.environ.get("SEGENGINE_TEST_MODEL", shipped_model_path()))
 
@@ -171,7 +172,7 @@ def _truncated_weights(w):
 
 def _card_matches(w):
     """Re-sign the card so the checksum passes and the next check (torch.load, state dict) is reached."""
-    from segengine.engine.model import sha256_file
+    from segengine.engine.model.spec import sha256_file
 
     card = json.loads(w.with_suffix(".json").read_text())
     card["sha256"] = sha256_file(w)
@@ -186,7 +187,7 @@ def _signed_garbage_weights(w):
 def _signed_wrong_architecture(w):
     import torch
 
-    from segengine.engine.network import ResUNet
+    from segengine.engine.model.network import ResUNet
 
     torch.save({"state_dict": ResUNet(base_channels=8, deep_supervision=False).state_dict()}, w)
     _card_matches(w)
@@ -250,9 +251,9 @@ def test_one_bad_patient_is_skipped_others_complete(kaggle_root, tmp_path):
 
 
 def test_interrupted_patient_leaves_nothing(kaggle_root, tmp_path, monkeypatch):
-    import segengine.engine.outputs as outputs
+    import segengine.engine.outputs.writer as outputs
 
-    real = outputs.write_mask_slices
+    real = write_mask_slices
 
     def write_some_then_die(folder, pid, numbers, mask):
         real(folder, pid, numbers[:3], mask[:3])

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from conftest import TRAIN_PATIENT, VAL_PATIENTS, copy_model
 from segengine.engine.cli import main
-from segengine.engine.model import load_model_spec, sha256_file, shipped_model_path
+from segengine.engine.model.spec import load_model_spec, sha256_file, shipped_model_path
 
 MODEL = Path(os.environ.get("SEGENGINE_TEST_MODEL", shipped_model_path()))
 PATIENTS = sorted(VAL_PATIENTS + [TRAIN_PATIENT])
@@ -39,7 +39,7 @@ def ray_cluster():
 def local_and_ray_runs(kaggle_root, ray_cluster, tmp_path_factory):
     """The same three patients through a local run and a Ray run whose first worker is killed
     (SIGKILL) right after it is handed its first patient."""
-    from segengine.engine.ray_runner import run_patients_ray
+    from segengine.engine.job.ray_runner import run_patients_ray
 
     base = tmp_path_factory.mktemp("scale")
     local = base / "local"
@@ -83,7 +83,7 @@ def test_killed_worker_patient_is_retried_elsewhere(local_and_ray_runs):
 
 
 def test_rerun_resumes_and_skips_complete_patients(local_and_ray_runs, kaggle_root):
-    from segengine.engine.ray_runner import run_patients_ray
+    from segengine.engine.job.ray_runner import run_patients_ray
 
     _, ray_out, _, _, _ = local_and_ray_runs
     redo = PATIENTS[0]
@@ -95,7 +95,7 @@ def test_rerun_resumes_and_skips_complete_patients(local_and_ray_runs, kaggle_ro
 
 
 def test_bad_patient_fails_without_retry(kaggle_root, ray_cluster, tmp_path):
-    from segengine.engine.ray_runner import run_patients_ray
+    from segengine.engine.job.ray_runner import run_patients_ray
 
     root = tmp_path / "root"
     shutil.copytree(kaggle_root / VAL_PATIENTS[0], root / VAL_PATIENTS[0])
@@ -113,8 +113,8 @@ def test_bad_patient_fails_without_retry(kaggle_root, ray_cluster, tmp_path):
 def test_more_worker_cpus_than_the_cluster_has_is_one_line_not_a_hang(kaggle_root, ray_cluster, tmp_path, workers,
                                                                       threads, words):
     """Ray would wait forever to place actors it has no CPUs for: refused before any is started."""
-    from segengine.engine.backends.base import BackendUnavailable
-    from segengine.engine.ray_runner import run_patients_ray
+    from segengine.engine.core.errors import BackendUnavailable
+    from segengine.engine.job.ray_runner import run_patients_ray
 
     with pytest.raises(BackendUnavailable, match=words):
         run_patients_ray(kaggle_root, tmp_path / "out", "onnxruntime", MODEL, workers=workers, threads=threads,
@@ -129,7 +129,7 @@ def test_ray_nifti_cases_go_through_the_patient_job_and_the_review_page_is_writt
     import nibabel as nib
 
     from segengine.bench.nifti_agreement import kaggle_to_input_grid
-    from segengine.engine.io import read_patient
+    from segengine.engine.readers.registry import read_patient
 
     root = tmp_path / "root"
     shutil.copytree(kaggle_root / TRAIN_PATIENT, root / TRAIN_PATIENT)
@@ -381,8 +381,8 @@ _OTHER_C = 3 if _C != 3 else 9
 ], ids=["same-weights", "other-weights", "no-parameter", "other-channels"])
 def test_triton_backend_checks_which_weights_the_server_serves(monkeypatch, served, input_shape, words):
     httpclient = pytest.importorskip("tritonclient.http")
-    from segengine.engine.backends.base import BackendUnavailable
-    from segengine.engine.backends.triton_backend import TritonBackend
+    from segengine.engine.core.errors import BackendUnavailable
+    from segengine.engine.inference.backends.triton_backend import TritonBackend
 
     spec = load_model_spec(MODEL)
     sha = sha256_file(MODEL) if served == "same" else served
@@ -424,10 +424,10 @@ def test_ray_auto_picks_by_the_figures_for_the_workers_thread_count(kaggle_root,
     """`--ray --backend auto --threads 1` resolves auto once, in the driver, for what each worker
     runs: 1 thread. Figures for all threads (another speed ranking) must not decide it."""
     pytest.importorskip("ray")
-    from segengine.engine import backends as registry
-    from segengine.engine import speed
-    from segengine.engine.backends.base import BackendUnavailable
-    from segengine.engine.ray_runner import run_patients_ray
+    from segengine.engine.inference import registry
+    from segengine.engine.inference import speed
+    from segengine.engine.core.errors import BackendUnavailable
+    from segengine.engine.job.ray_runner import run_patients_ray
 
     spec = load_model_spec(MODEL)
     monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path / "cache"))

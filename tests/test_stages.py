@@ -7,7 +7,7 @@ from contextlib import closing
 
 import pytest
 
-from segengine.engine.stages import Outcome, run_stages
+from segengine.engine.job.stages import Outcome, run_stages
 
 
 def _stage_threads() -> list[str]:

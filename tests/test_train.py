@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TRAIN_PATIENT, VAL_PATIENTS
-from segengine.engine.network import build_model, count_flops
+from segengine.engine.model.network import build_model, count_flops
 from segengine.train import train as train_mod
 
 ARCHS = [

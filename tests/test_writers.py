@@ -7,15 +7,18 @@ import pytest
 import tifffile
 
 from conftest import VAL_PATIENTS
-from segengine.engine import io, outputs
-from segengine.engine.postprocess import border
+from segengine.engine.outputs import writer as outputs
+from segengine.engine.postprocessing.postprocess import border
+from segengine.engine.outputs.masks import write_mask_slices
+from segengine.engine.readers.registry import read_patient
+from segengine.engine.outputs.pictures import PRED_COLOR, TRUTH_COLOR
 
 
 @pytest.mark.parametrize("shape", [(5, 256, 256), (3, 240, 200), (1, 17, 33), (0, 8, 8)])
 def test_mask_tifs_are_the_bytes_tifffile_writes(tmp_path, shape):
     mask = np.random.default_rng(0).random(shape) > 0.7
     numbers = list(range(7, 7 + shape[0]))
-    paths = io.write_mask_slices(tmp_path, "TCGA_XX_0000_20000101", numbers, mask)
+    paths = write_mask_slices(tmp_path, "TCGA_XX_0000_20000101", numbers, mask)
     assert [p.name for p in paths] == [f"TCGA_XX_0000_20000101_{n}_mask.tif" for n in numbers]
     for p, sl in zip(paths, mask):
         tifffile.imwrite(tmp_path / "plain.tif", np.where(sl, np.uint8(255), np.uint8(0)))
@@ -32,9 +35,9 @@ def test_per_slice_border_is_each_slice_outline(shape):
 @pytest.fixture(scope="module")
 def written(kaggle_root, tmp_path_factory):
     """One real patient, a synthetic prediction (its truth shifted), written by write_patient."""
-    from segengine.engine.pipeline import Segmentation
+    from segengine.engine.postprocessing.finish import Segmentation
 
-    vol = io.read_patient(kaggle_root / VAL_PATIENTS[0])
+    vol = read_patient(kaggle_root / VAL_PATIENTS[0])
     truth = vol.mask > 0
     pred = np.roll(truth, 3, axis=2)
     seg = Segmentation(vol.patient_id, "native", pred.astype(np.float32), pred, truth, None)
@@ -62,8 +65,8 @@ def test_overlay_outlines_are_the_mask_borders(written):
         rgb = np.asarray(im.convert("RGB"))
     tiled = np.flatnonzero(pred.any(axis=(1, 2)) | truth.any(axis=(1, 2)))
     assert 0 < tiled.size <= 20  # every slice with tumor is a tile
-    red = (rgb == outputs.PRED_COLOR).all(axis=-1).sum()
-    green = (rgb == outputs.TRUTH_COLOR).all(axis=-1).sum()
+    red = (rgb == PRED_COLOR).all(axis=-1).sum()
+    green = (rgb == TRUTH_COLOR).all(axis=-1).sum()
     pred_border, truth_border = border(pred[tiled], per_slice=True), border(truth[tiled], per_slice=True)
     assert red == pred_border.sum() > 0
     assert green == (truth_border & ~pred_border).sum() > 0  # the prediction is drawn over the truth

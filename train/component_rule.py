@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from segengine.export.onnx_export import write_json_atomic  # the one atomic write: a crash never truncates a card
-from segengine.engine.io import read_patient
-from segengine.engine.postprocess import FACE_CONNECTIVITY_3D, chosen_components, component_stats
+from segengine.engine.core.atomic import write_json_atomic
+from segengine.engine.postprocessing.postprocess import FACE_CONNECTIVITY_3D, chosen_components, component_stats
+from segengine.engine.readers.registry import read_patient
 
 RANK_BY = ("size", "mass")
 MASS_RATIOS = (2.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02)  # 2.0: the first component alone
@@ -107,7 +107,7 @@ def kind_table(before: dict, after: dict, flair_copy: set[str]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from segengine.engine.quality import flair_copies
+    from segengine.engine.postprocessing.quality import flair_copies
     from segengine.train.paired import bootstrap_mean_ci, compare
 
     ap = argparse.ArgumentParser(prog="segengine cv component-rule", description=__doc__,

@@ -26,12 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from segengine.engine.io import read_patient
-from segengine.engine.metrics import volume_metrics
-from segengine.engine.postprocess import PostprocessConfig, postprocess
-from segengine.engine.evaluate import summarize_rows
-from segengine.train.paired import bootstrap_mean_ci, compare  # noqa: F401 - cv compare's, re-exported
+from segengine.engine.core.atomic import write_json_atomic
+from segengine.engine.evaluation.evaluate import summarize_rows
+from segengine.engine.evaluation.metrics import volume_metrics
+from segengine.engine.postprocessing.postprocess import PostprocessConfig, postprocess
+from segengine.engine.readers.registry import read_patient
 from segengine.train.folds import DEFAULT_DATA, DEFAULT_FOLD_SEED, FoldError, fold_dir, load_or_write_folds, splits_dir
+from segengine.train.paired import bootstrap_mean_ci, compare  # noqa: F401 - cv compare's, re-exported
 
 # Post-processing variants scored on every out-of-fold patient (native protocol).
 POST_VARIANTS = {
@@ -65,7 +66,7 @@ def train_fold(data: Path, out: Path, n_folds: int, k: int, seed: int, train_arg
 
 def score_fold(data: Path, out: Path, n_folds: int, k: int, seed: int, threads: int | None) -> dict:
     """Ship fold ``k``'s model and score its held-out patients; cached in ``fold{k}/oof.json``."""
-    from segengine.engine.model import card_path, load_model_spec
+    from segengine.engine.model.spec import card_path, load_model_spec
     from segengine.train.ship import ship_run
 
     run = fold_run(out, k)
@@ -77,7 +78,7 @@ def score_fold(data: Path, out: Path, n_folds: int, k: int, seed: int, threads: 
     card = ship_run(run, weights, data_split={
         "train": f"splits/train.txt minus fold {k} ({fold_dir(n_folds, seed).name}/fold{k}.txt)",
         "held_out": f"{fold_dir(n_folds, seed).name}/fold{k}.txt ({len(held_out)} patients, scored out of fold)"})
-    card_path(weights).write_text(json.dumps(card, indent=2))
+    write_json_atomic(card_path(weights), card)
     return score_model(load_model_spec(weights), data, held_out, k, run, threads)
 
 
@@ -85,8 +86,11 @@ def score_model(spec, data: Path, held_out: list[str], k: int, run: Path, thread
                 reference: bool = True) -> dict:
     """Score one fold model on its held-out patients with the engine's own pipeline and metrics;
     keep the native probabilities (plain and mirrored, float16) in ``run/oof/``; write ``run/oof.json``."""
-    from segengine.engine import backends as registry
-    from segengine.engine.pipeline import finish_patient, model_input, predict_flipped, preprocess_patient, segment
+    from segengine.engine.inference import registry
+    from segengine.engine.inference.predict import model_input, predict_flipped
+    from segengine.engine.job.patient_job import segment
+    from segengine.engine.postprocessing.finish import finish_patient
+    from segengine.engine.preprocessing.preprocess import preprocess_patient
 
     run.mkdir(parents=True, exist_ok=True)
     oof_dir = run / "oof"
@@ -141,7 +145,7 @@ def rescore(manifest: Path, data: Path, out: Path, n_folds: int, seed: int, thre
             reference: bool) -> list[dict]:
     """Score every member of a shipped fold ensemble on the fold its card says it held out
     (out-of-fold probabilities without training; each fold cached in ``out/fold{k}/oof.json``)."""
-    from segengine.engine.ensemble import load_ensemble
+    from segengine.engine.inference.ensemble import load_ensemble
 
     folds = load_or_write_folds_for(data, n_folds, seed)
     results = []
@@ -195,12 +199,12 @@ def ship_ensemble(cv_out: Path, n_folds: int, models_dir: Path, name: str, agg: 
     --write-manifest``: a single model's does not fit averaged probabilities. Every fold must be
     finished: an ensemble of some folds is not the recipe's.
     """
+    import re
+
     import torch
 
-    from segengine.engine.ensemble import ENSEMBLE_SUFFIX
-    from segengine.engine.model import card_path, sha256_file
-
-    import re
+    from segengine.engine.inference.ensemble import ENSEMBLE_SUFFIX
+    from segengine.engine.model.spec import card_path, sha256_file
 
     if not re.fullmatch(r"[\w.+-]{1,90}", name) or name.startswith("."):
         raise SystemExit(f"--ship-ensemble {name!r}: a plain name (letters, digits, . + - _), written into --models-dir")
@@ -231,14 +235,14 @@ def ship_ensemble(cv_out: Path, n_folds: int, models_dir: Path, name: str, agg: 
                            "each member's left-right mirrored slices), then the usual post-processing",
                 "cross_validation": card_summary(agg, source)}
     path = models_dir / f"{name}{ENSEMBLE_SUFFIX}"
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    write_json_atomic(path, manifest)
     return path
 
 
 def threshold_sweep(cv_out: Path, data: Path, thresholds: list[float]) -> list[str]:
     """Native out-of-fold DSC at each probability threshold (largest component after it), from
     the stored probabilities, paired with 0.5: a threshold is chosen on training folds or not at all."""
-    from segengine.engine.metrics import dsc
+    from segengine.engine.evaluation.metrics import dsc
 
     scores: dict[float, list[float]] = {t: [] for t in thresholds}
     for npz in sorted(cv_out.glob("fold*/oof/*.npz")):
@@ -261,7 +265,7 @@ def worst_cases_figure(cv_out: Path, data: Path, png: Path, n: int = 3, max_tile
     patients, from the stored probabilities, one band per patient, titled by DSC."""
     from PIL import Image, ImageDraw
 
-    from segengine.engine.outputs import contact_sheet
+    from segengine.engine.outputs.pictures import contact_sheet
 
     agg = json.loads((cv_out / "cv.json").read_text())
     rows = agg["variants"]["native_lcc"]["per_patient"]
@@ -295,10 +299,10 @@ def flair_only_scores(cv_out: Path, data: Path, k: int, threads: int | None = No
     ``k``'s held-out patients: how much the model leans on the sequences a case may lack."""
     from dataclasses import replace
 
-    from segengine.engine import backends as registry
-    from segengine.engine.metrics import dsc
-    from segengine.engine.model import load_model_spec
-    from segengine.engine.pipeline import segment
+    from segengine.engine.evaluation.metrics import dsc
+    from segengine.engine.inference import registry
+    from segengine.engine.job.patient_job import segment
+    from segengine.engine.model.spec import load_model_spec
 
     spec = load_model_spec(fold_run(cv_out, k) / "model" / f"{cv_out.name}_fold{k}.pt")
     held_out = json.loads((fold_run(cv_out, k) / "oof.json").read_text())["scores"]["native_lcc"]["patients"]
@@ -462,7 +466,7 @@ def _main(argv: list[str] | None = None) -> int:
         card_file = Path(args.card)
         card = json.loads(card_file.read_text())
         card["cross_validation"] = card_summary(agg, args.record or str(out / "cv.json"))
-        card_file.write_text(json.dumps(card, indent=2) + "\n")
+        write_json_atomic(card_file, card)
     if args.ship_ensemble:
         if len(results) != args.folds:
             raise SystemExit(f"--ship-ensemble needs all {args.folds} folds scored; {len(results)} are")

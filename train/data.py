@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from segengine.engine.io import read_patient
-from segengine.engine.preprocess import preprocess_volume
+from segengine.engine.core.atomic import atomic_file
+from segengine.engine.preprocessing.preprocess import preprocess_volume
+from segengine.engine.readers.registry import read_patient
 
 CACHE_VERSION = 1
 
@@ -57,7 +58,7 @@ def load_volume_set(root: str | os.PathLike, patients: list[str], size: int = 25
     vs = VolumeSet(list(patients), images, masks, index)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, patients=np.array(patients), images=images, masks=masks, patient_index=index)
-        os.replace(tmp, cache)
+        with atomic_file(cache) as tmp:
+            with open(tmp, "wb") as fh:  # a file object: np.savez would add ".npz" to a bare name
+                np.savez(fh, patients=np.array(patients), images=images, masks=masks, patient_index=index)
     return vs

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from segengine.engine import backends as registry
-from segengine.engine.evaluate import select_patients
-from segengine.engine.io import read_patient
-from segengine.engine.metrics import dsc
-from segengine.engine.model import load_model_spec
-from segengine.engine.outputs import overlay_slice
-from segengine.engine.pipeline import segment
+from segengine.engine.evaluation.evaluate import select_patients
+from segengine.engine.evaluation.metrics import dsc
+from segengine.engine.inference import registry
+from segengine.engine.job.patient_job import segment
+from segengine.engine.model.spec import load_model_spec
+from segengine.engine.outputs.pictures import overlay_slice
+from segengine.engine.readers.registry import read_patient
 
 
 def examples_figure(data: Path, patients_file: str | None, model: str | None, out: Path, backend: str = "torch") -> list[dict]:

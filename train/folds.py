@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segengine.engine.io import read_patient_list
+from segengine.engine.readers.volume import read_patient_list
 
 FOLDS_DIR = Path(__file__).resolve().parent / "folds"
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lgg"  # ../shared beside the checkout

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from segengine.export.onnx_export import write_json_atomic  # the one atomic write: a crash never truncates a card
-from segengine.engine.quality import FLAG_BELOW, QualityModel, channel_means, quality_features
+from segengine.engine.core.atomic import write_json_atomic
+from segengine.engine.postprocessing.quality import FLAG_BELOW, QualityModel, channel_means, quality_features
 
 LAMBDAS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 # the share of confident voxels stands for confidence (mean p and the uncertain margin are kept in
@@ -53,7 +53,7 @@ def input_reference(means: np.ndarray) -> dict:
 
 
 def dice_of(a: np.ndarray, b: np.ndarray) -> float:
-    from segengine.engine.metrics import dsc
+    from segengine.engine.evaluation.metrics import dsc
 
     return float(dsc(a, b))
 
@@ -61,8 +61,8 @@ def dice_of(a: np.ndarray, b: np.ndarray) -> float:
 def load_cases(cv_out: Path, data: Path, post) -> list[dict]:
     """Everything the fit needs per patient, computed once (the input statistics depend on the
     reference, so their z-scores are filled in per split)."""
-    from segengine.engine.io import read_patient
-    from segengine.engine.postprocess import postprocess
+    from segengine.engine.postprocessing.postprocess import postprocess
+    from segengine.engine.readers.registry import read_patient
 
     cases = []
     for npz in sorted(cv_out.glob("fold*/oof/*.npz")):
@@ -88,7 +88,7 @@ def load_cases(cv_out: Path, data: Path, post) -> list[dict]:
 
 
 def _z(case: dict, reference: dict) -> float:
-    from segengine.engine.quality import intensity_z
+    from segengine.engine.postprocessing.quality import intensity_z
 
     return intensity_z(case["means"], reference)[0]
 
@@ -201,7 +201,7 @@ def figure(cases: list[dict], held: dict[str, np.ndarray], png: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from segengine.engine.postprocess import PostprocessConfig
+    from segengine.engine.postprocessing.postprocess import PostprocessConfig
 
     ap = argparse.ArgumentParser(prog="segengine cv calibrate-review", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

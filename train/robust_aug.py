@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from segengine.engine.model import SLICE_CHANNELS
+from segengine.engine.model.spec import SLICE_CHANNELS
 
 
 def _groups(images: torch.Tensor) -> torch.Tensor:

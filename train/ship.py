@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from segengine.engine.model import card_path, input_channels, sha256_file
-from segengine.engine.network import build_model, count_flops
+from segengine.engine.core.atomic import write_json_atomic
+from segengine.engine.model.network import build_model, count_flops
+from segengine.engine.model.spec import card_path, input_channels, sha256_file
 from segengine.train import robust_aug
 
 
@@ -110,10 +111,10 @@ def main(argv=None) -> int:
     # the review rules and the CV summary belong to the recipe, not to these weights' bytes: keep them
     card.update({k: previous[k] for k in ("review", "cross_validation") if k in previous})
     if args.data:
-        from segengine.engine.runner import evaluate_model
+        from segengine.engine.evaluation.evaluate import evaluate_model
 
         card["validation"] = {}
-        card_path(out).write_text(json.dumps(card, indent=2))  # the card must exist before the model can load
+        write_json_atomic(card_path(out), card)  # the card must exist before the model can load
         for protocol in ("reference", "native"):
             res = evaluate_model(Path(args.data), str(out), protocol, "torch", args.val_list)
             card["validation"][protocol] = {
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
                 "command": f"segengine evaluate --model --data DATA --patients-file {args.val_list} --protocol {protocol}",
             }
             print(f"{protocol}: mean DSC {res['summary']['dsc']['mean']:.4f}")
-    card_path(out).write_text(json.dumps(card, indent=2))
+    write_json_atomic(card_path(out), card)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {card_path(out)}; sha256 {card['sha256']}")
     return 0
 

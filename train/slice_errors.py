@@ -42,8 +42,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from segengine.engine.model import load_model_spec, load_torch_model
-    from segengine.engine.postprocess import largest_component
+    from segengine.engine.model.spec import load_model_spec, load_torch_model
+    from segengine.engine.postprocessing.postprocess import largest_component
     from segengine.train.data import load_volume_set
     from segengine.train.train import predict_volume
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -20,16 +19,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segengine.engine.io import read_patient_list
-from segengine.engine.model import SLICE_CHANNELS, input_channels
-from segengine.engine.network import build_model, count_flops
-from segengine.engine.postprocess import largest_component
-from segengine.engine.preprocess import stack_context
-from segengine.engine.metrics import dsc
+from segengine.engine.core.atomic import atomic_file, write_json_atomic
+from segengine.engine.evaluation.metrics import dsc
+from segengine.engine.model.network import build_model, count_flops
+from segengine.engine.model.spec import SLICE_CHANNELS, input_channels
+from segengine.engine.postprocessing.postprocess import largest_component
+from segengine.engine.preprocessing.preprocess import stack_context
+from segengine.engine.readers.volume import read_patient_list
 from segengine.train import robust_aug
 from segengine.train.data import VolumeSet, load_volume_set
 from segengine.train.folds import split_for_fold, splits_dir
-
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -378,10 +377,9 @@ def main(argv=None) -> int:
             ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                   "numpy_rng": np_rng.bit_generator.state, "torch_gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
                   "step": step, "elapsed_s": elapsed, "history": history, "architecture": arch}
-            tmp = out / "last.pt.tmp"
-            torch.save(ck, tmp)
-            os.replace(tmp, ckpt_path)
-            (out / "history.json").write_text(json.dumps(history, indent=2))
+            with atomic_file(ckpt_path) as tmp:
+                torch.save(ck, tmp)
+            write_json_atomic(out / "history.json", history)
             if args.stop_after and args.stop_after <= step < args.steps:
                 break
     bar.close()

@@ -1,0 +1,277 @@
+"""Per-patient quality estimate: an expected DSC with an interval, a flag and its reasons.
+
+Why: a mask a person should not trust must say so before anyone reads it. The estimate is a
+small ridge regression over features every run already has (the probabilities, the mask,
+what post-processing removed, the input's own intensities and, in accurate mode, how much the
+averaged views agree). It is fitted on out-of-fold cross-validation patients
+(``segengine cv calibrate-review``, ``train/quality_calibration.py``) and stored per mode
+(``single``, ``tta``, ``ensemble``) in the model card or ensemble manifest under ``review``,
+with the training patients' channel statistics. A mode without a calibration gets no
+estimate and no flag (``null``), never a silent "ok".
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from segengine.engine.core.errors import ModelError
+from segengine.engine.model.spec import SLICE_CHANNELS
+from segengine.engine.postprocessing.postprocess import component_stats
+
+CHANNELS = ("pre-contrast", "FLAIR", "post-contrast")  # the three channels of a slice, in order
+
+
+FLAIR = 1
+
+
+FLAG_BELOW = 0.80  # the flag: expected DSC below this
+
+
+COPY_SHARE = 0.99  # a channel equal to FLAIR (within 1 grey level) on this share of head pixels is a copy
+
+
+HEAD_LEVEL = 10  # grey level above which a pixel (any channel) counts as head, not background
+
+
+MIN_COMPONENT_VOXELS = 10  # smaller specks are not counted as components
+
+
+# features the regression may use, in this order (every mode stores the subset it was fitted on)
+FEATURES = ("confidence", "high_share", "log_volume", "uncertain_ratio", "removed_share", "components",
+            "flair_copies", "intensity_z", "views_disagreement")
+
+
+HIGH = 0.9  # "confident" voxels: probability above this
+
+
+def head_mask(image: np.ndarray) -> np.ndarray:
+    """The head: pixels where any channel of the (D, H, W, 3) input exceeds HEAD_LEVEL."""
+    return image.max(axis=-1) > HEAD_LEVEL
+
+
+def channel_means(image: np.ndarray, head: np.ndarray | None = None) -> list[float]:
+    """Mean grey level of each channel over the head (``head_mask``, computed here unless given)."""
+    head = head_mask(image) if head is None else head
+    if not head.any():
+        return [0.0] * image.shape[-1]
+    return [float(image[..., c][head].mean()) for c in range(image.shape[-1])]
+
+
+def flair_copies(image: np.ndarray, head: np.ndarray | None = None) -> list[str]:
+    """Names of the channels that are copies of FLAIR (a missing sequence filled in, as 10 of the 90
+    training patients and ``nifti_io``'s FLAIR-only cases arrive); ``image`` is (D, H, W, 3)."""
+    head = head_mask(image) if head is None else head
+    if not head.any():
+        return []
+    flair = image[..., FLAIR][head].astype(np.int16)
+    out = []
+    for c in range(SLICE_CHANNELS):
+        if c != FLAIR and (np.abs(image[..., c][head].astype(np.int16) - flair) <= 1).mean() >= COPY_SHARE:
+            out.append(CHANNELS[c])
+    return out
+
+
+def intensity_z(means: list[float], reference: dict | None) -> tuple[float | None, str | None]:
+    """Largest robust z-score of a channel's log head mean against the training patients'
+    (median and MAD stored in the card); and the channel's name. None without a reference."""
+    if not reference:
+        return None, None
+    best, which = 0.0, None
+    for c, m in enumerate(means):
+        med, mad = reference["log_mean_median"][c], reference["log_mean_mad"][c]
+        z = abs(math.log(max(m, 0.5)) - med) / max(1.4826 * mad, 1e-3)
+        if z > best:
+            best, which = z, CHANNELS[c]
+    return best, which
+
+
+def prediction_features(prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
+    """What the probabilities and the kept mask say: confidence, size, margin, fragmentation."""
+    mask = np.asarray(mask, dtype=bool)
+    n = int(mask.sum())
+    above = prob > threshold
+    mass_above = float(prob[above].sum())
+    sizes = component_stats(prob, above)[1]["size"]
+    uncertain = int(((prob > 0.2) & (prob < 0.8)).sum())
+    return {
+        "volume_px": n,
+        "confidence": float(prob[mask].mean()) if n else 0.0,
+        "high_share": float((prob[mask] > HIGH).mean()) if n else 0.0,
+        "log_volume": math.log10(1 + n),
+        "uncertain_ratio": math.log1p(uncertain / max(n, 1)),
+        "removed_share": 1.0 - float(prob[above & mask].sum()) / mass_above if mass_above else 0.0,
+        "components": math.log1p(int((sizes >= MIN_COMPONENT_VOXELS).sum())),
+    }
+
+
+def quality_features(image: np.ndarray, prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5,
+                     reference: dict | None = None, views_agreement: float | None = None) -> dict[str, Any]:
+    """Every feature of one patient, from its (D, H, W, 3) input, native probabilities and mask."""
+    head = head_mask(image)  # once for both input features
+    means = channel_means(image, head)
+    z, z_channel = intensity_z(means, reference)
+    copies = flair_copies(image, head)
+    return {**prediction_features(prob, mask, threshold), "flair_copies": len(copies), "copied_channels": copies,
+            "channel_means": [round(m, 2) for m in means], "intensity_z": z, "intensity_z_channel": z_channel,
+            "views_disagreement": None if views_agreement is None else 1.0 - views_agreement}
+
+
+@dataclass(frozen=True)
+class QualityModel:
+    """One mode's calibration: standardized ridge regression on DSC, clipped to [0, 1]."""
+
+    mode: str
+    features: tuple[str, ...]
+    center: tuple[float, ...]
+    scale: tuple[float, ...]
+    coef: tuple[float, ...]
+    intercept: float
+    residual_quantiles: tuple[float, float]  # out-of-fold (5%, 95%) of true - estimate: the interval
+    typical: dict[str, float]  # the training patients' median of each feature (what the reasons compare with)
+    calibration: str  # what it was fitted on, in words ("out of fold ..." or "proxy: ...")
+
+    @classmethod
+    def from_card(cls, card: dict, mode: str, where: str | None = None) -> "QualityModel | None":
+        review = card.get("review")
+        entry = review.get("modes", {}).get(mode) if isinstance(review, dict) and isinstance(review.get("modes"), dict) else None
+        if entry is None:
+            return None
+        try:
+            features = tuple(entry["features"])
+            unknown = [f for f in features if f not in FEATURES]
+            numbers = [*entry["center"], *entry["scale"], *entry["coef"], entry["intercept"], *entry["residual_quantiles"],
+                       *entry["typical"].values()]
+            if unknown or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers) \
+                    or not len(features) == len(entry["center"]) == len(entry["scale"]) == len(entry["coef"]) \
+                    or len(entry["residual_quantiles"]) != 2:
+                raise ValueError
+            return cls(mode, features, tuple(entry["center"]), tuple(entry["scale"]), tuple(entry["coef"]),
+                       float(entry["intercept"]), tuple(entry["residual_quantiles"]), dict(entry["typical"]),
+                       str(entry.get("calibration", "")))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ModelError(f"{where or 'model card'}: review.modes.{mode} is not a quality calibration "
+                             "(re-run segengine cv calibrate-review)") from None
+
+    def to_dict(self) -> dict:
+        return {"features": list(self.features), "center": list(self.center), "scale": list(self.scale),
+                "coef": list(self.coef), "intercept": self.intercept,
+                "residual_quantiles": list(self.residual_quantiles), "typical": self.typical,
+                "calibration": self.calibration}
+
+    def contributions(self, features: dict) -> dict[str, float]:
+        """Each feature's term of the estimate, relative to a patient at the training centre."""
+        return {f: c * (float(features.get(f) or 0.0) - m) / s
+                for f, m, s, c in zip(self.features, self.center, self.scale, self.coef)}
+
+    def estimate(self, features: dict) -> float:
+        return float(np.clip(self.intercept + sum(self.contributions(features).values()), 0.0, 1.0))
+
+
+def mode_of(spec) -> str:
+    """The calibration a plan needs: ``single``, ``tta`` (one model, mirrored views) or ``ensemble``."""
+    members = getattr(spec, "members", None)
+    if members is None:
+        return "single"
+    return "ensemble" if len(members) > 1 else "tta"
+
+
+def reference_stats(card: dict) -> dict | None:
+    review = card.get("review")
+    ref = review.get("input_reference") if isinstance(review, dict) else None
+    return ref if isinstance(ref, dict) and "log_mean_median" in ref else None
+
+
+_DESCRIBE = {
+    "confidence": lambda v, t: f"mean probability inside the mask {v:.3f} (training patients' median {t:.3f})",
+    "high_share": lambda v, t: (f"{v:.1%} of the mask is confident (p > {HIGH:g}; training patients' "
+                                f"median {t:.1%})"),
+    "log_volume": lambda v, t: f"mask of {10 ** v - 1:.0f} voxels (training patients' median {10 ** t - 1:.0f})",
+    "uncertain_ratio": lambda v, t: (f"uncertain margin (0.2 < p < 0.8) {math.expm1(v):.2f} x the mask's size "
+                                     f"(training patients' median {math.expm1(t):.2f})"),
+    "removed_share": lambda v, t: (f"post-processing removed {v:.1%} of the probable tumor mass "
+                                   f"(training patients' median {t:.1%})"),
+    "components": lambda v, t: (f"{math.expm1(v):.0f} separate candidate regions "
+                                f"(training patients' median {math.expm1(t):.0f})"),
+    "intensity_z": lambda v, t: (f"input intensities unlike the training patients' (largest robust z {v:.1f}; "
+                                 f"training patients' median {t:.1f})"),
+    "views_disagreement": lambda v, t: (f"averaged views disagree: mean Dice with their mean {1 - v:.3f} "
+                                        f"(training patients' median {1 - t:.3f})"),
+}
+
+
+def assess(features: dict, model: QualityModel | None, mode: str, reference: dict | None = None) -> dict:
+    """report.json's ``review``: ``{expected_dsc, interval, flag, reasons, calibration, features}``.
+
+    Input anomalies are named whatever the estimate says; the other reasons are the features
+    that pull the estimate down most (each with the value and the training patients' median).
+    """
+    reasons = []
+    if features.get("copied_channels"):
+        copied = features["copied_channels"]
+        reasons.append(f"{' and '.join(copied)} {'is a copy' if len(copied) == 1 else 'are copies'} of FLAIR "
+                       "(a missing sequence filled in)" + (f": {reference['flair_copy_cv']}" if reference and
+                                                           reference.get("flair_copy_cv") else ""))
+    if features.get("intensity_z") is not None and features["intensity_z"] > 3:
+        i = CHANNELS.index(features["intensity_z_channel"])
+        reasons.append(f"{features['intensity_z_channel']} intensity far from the training patients' "
+                       f"(head mean {features['channel_means'][i]:.1f}, robust z {features['intensity_z']:.1f})")
+    if features.get("volume_px") == 0:
+        reasons.append("no tumor found: if this patient has a lesion, it was missed")
+    if model is None:
+        return {"expected_dsc": None, "interval": None, "flag": None, "reasons": reasons,
+                "calibration": None, "features": features,
+                "note": f"uncalibrated: no quality calibration for mode {mode!r} in this model's card or manifest"}
+    expected = model.estimate(features)
+    lo, hi = model.residual_quantiles
+    interval = [round(float(np.clip(expected + lo, 0, 1)), 3), round(float(np.clip(expected + hi, 0, 1)), 3)]
+    flag = expected < FLAG_BELOW
+    if flag:
+        pulls = sorted((c, f) for f, c in model.contributions(features).items() if c < -0.01 and f in _DESCRIBE)
+        for _, f in pulls[:3]:
+            reasons.append(_DESCRIBE[f](float(features[f]), float(model.typical.get(f, 0.0))))
+    return {"expected_dsc": round(expected, 3), "interval": interval, "flag": bool(flag), "reasons": reasons,
+            "calibration": model.calibration, "features": features}
+
+
+def summary_text(review: dict | None) -> str:
+    """One line for the terminal and the review page: the estimate and its reasons."""
+    if not isinstance(review, dict):
+        return ""
+    if review.get("expected_dsc") is None:
+        text = "quality uncalibrated"
+    else:
+        lo, hi = review.get("interval") or (None, None)
+        proxy = str(review.get("calibration") or "").startswith("proxy")
+        text = (f"expected DSC {review['expected_dsc']:.3f}" + (f" (90% interval {lo:.3f}-{hi:.3f}"
+                                                                 + (", proxy calibration" if proxy else "") + ")"
+                                                                 if lo is not None else "")
+                + (" REVIEW" if review.get("flag") else ""))
+    reasons = review.get("reasons") or []
+    return text + (": " + "; ".join(str(r) for r in reasons) if reasons else "")
+
+
+@dataclass(frozen=True)
+class Review:
+    """What a run needs to review each patient: its mode's calibration (or None) and the training
+    patients' input statistics, read once per run from the card or manifest."""
+
+    mode: str
+    model: QualityModel | None
+    reference: dict | None
+
+    @classmethod
+    def for_plan(cls, spec) -> "Review":
+        """The plan's calibration: a single model's or ``--tta``'s from its card, an ensemble's from
+        its manifest (a card's calibration never stands in for another mode's)."""
+        mode = mode_of(spec)
+        card = spec.card if isinstance(getattr(spec, "card", None), dict) else {}
+        where = str(getattr(spec, "source", None) or getattr(spec, "weights", "model card"))
+        return cls(mode, QualityModel.from_card(card, mode, where), reference_stats(card))
+
+    def assess(self, image: np.ndarray, prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5,
+               views_agreement: float | None = None) -> dict:
+        features = quality_features(image, prob, mask, threshold, self.reference, views_agreement)
+        return assess(features, self.model, self.mode, self.reference)
