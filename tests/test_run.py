@@ -98,7 +98,9 @@ def test_single_patient_and_overwrite(kaggle_root, tmp_path):
     res = _run(args)
     assert res.exit_code == 0, res.output
     assert res.output.count("\n") == 1 and VAL_PATIENTS[1] in res.output and "DSC" in res.output
-    assert (out / VAL_PATIENTS[1] / "slices.gif").exists()
+    n = len([p for p in (kaggle_root / VAL_PATIENTS[1]).glob("*.tif") if not p.name.endswith("_mask.tif")])
+    gif = imageio.imread(out / VAL_PATIENTS[1] / "slices.gif", index=None)  # every frame decoded
+    assert gif.shape[:3] == (n, 256, 256)  # one frame a slice, at the slices' size
     again = _run(args)
     assert again.exit_code == 2 and "--overwrite" in again.output
     assert _run(args + ["--overwrite"]).exit_code == 0
