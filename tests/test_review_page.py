@@ -2,7 +2,9 @@
 
 Chromium is Debian's ``chromium`` package (``.ci/run`` installs it), driven by Playwright
 pointed at that executable: nothing is downloaded at run time. Under CI=true a missing
-browser or driver fails the test; elsewhere it skips and says why.
+browser or driver fails the test; elsewhere it skips and says why. The run and the page
+driving are bench/docs_pictures.py's (the command that regenerates docs/review_*.png);
+screenshots taken here go to a temporary folder, never into docs/.
 """
 from __future__ import annotations
 
@@ -118,7 +120,7 @@ def test_index_rows_sort_and_filter(browser, reviewed_run):
     assert all(u.startswith(("file://", "data:")) for u in page.requests), page.requests  # no network
 
 
-def _viewer_state(page, out: Path, patient: str) -> tuple[np.ndarray, int]:
+def _viewer_state(page) -> tuple[np.ndarray, int]:
     """The viewer's pixels as shown and the slice number it says it shows."""
     return _pixels(page.locator(".viewer").screenshot()), int(page.locator("#flair").get_attribute("data-slice"))
 
@@ -141,13 +143,13 @@ def test_patient_viewer_slider_keys_and_toggles(browser, reviewed_run, kaggle_ro
     assert f"predicted {areas[str(focus)]} px" in page.locator("#label").inner_text()
     assert "example flag set by the browser test" in page.locator(".facts").inner_text()  # re-rendered by `report`
     # the outlines drawn are those of the mask files written, pixel for pixel
-    before, shown = _viewer_state(page, out, SHOWN)
+    before, shown = _viewer_state(page)
     assert shown == focus
     red, green = _expected_outlines(out, kaggle_root, SHOWN, focus)
     assert red > 0 and (_count(before, RED), _count(before, GREEN)) == (red, green)
     step = 1 if focus < numbers[-1] else -1
     page.keyboard.press("ArrowRight" if step == 1 else "ArrowLeft")
-    after, shown = _viewer_state(page, out, SHOWN)
+    after, shown = _viewer_state(page)
     assert shown == focus + step
     assert (_count(after, RED), _count(after, GREEN)) == _expected_outlines(out, kaggle_root, SHOWN, focus + step)
     grey = (before == before[..., :1]).all(axis=-1) & (after == after[..., :1]).all(axis=-1)
@@ -157,10 +159,10 @@ def test_patient_viewer_slider_keys_and_toggles(browser, reviewed_run, kaggle_ro
     assert page.locator("#label").inner_text().startswith(f"slice {numbers[0]} (1 of {len(numbers)})")
     page.locator("#slider").fill(str(numbers.index(focus)))
     page.uncheck("#show-pred")
-    hidden, _ = _viewer_state(page, out, SHOWN)
+    hidden, _ = _viewer_state(page)
     assert _count(hidden, RED) == 0 and _count(hidden, GREEN) == 4 * int(_outline(kaggle_root / SHOWN / f"{SHOWN}_{focus}_mask.tif").sum())
     page.uncheck("#show-truth")
-    bare, _ = _viewer_state(page, out, SHOWN)
+    bare, _ = _viewer_state(page)
     assert _count(bare, RED) == _count(bare, GREEN) == 0
     # links to the masks and the NIfTI resolve to files that exist
     for href in page.eval_on_selector_all(".links a", "as => as.map(a => a.href)"):
