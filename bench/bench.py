@@ -39,7 +39,7 @@ def _loaded(load: dict) -> bool:
 
 
 def record_for_auto(spec, model_only: list[dict], threads: int | None) -> dict | None:
-    """Each timed backend's ms/slice at its largest batch into auto's cache (engine/speed.py) for
+    """Each timed backend's ms/slice at its largest batch into auto's cache (inference/speed.py) for
     this CPU and model: ``auto`` then picks by this bench instead of its own short probe. Not for
     an ensemble/TTA plan (its rows time several models at once)."""
     from segengine.engine.inference import registry, speed
@@ -169,7 +169,7 @@ def run_bench(spec, data_root=None, patients: int = 3, backends: Iterable[str] =
         f"fp32 peak: {peaks['fp32']['formula']}; int8 peak: {peaks['int8']['formula']}; pct_of_peak compares fp32 "
         "rows with the fp32 peak and int8 rows with the int8 peak, relative to all usable cores even when fewer "
         f"threads are used; {peaks['caveat']}",
-        "end to end: the engine's patient job (patient_job.process_patient: read, preprocess, infer, map back, "
+        "end to end: the engine's patient job (job.patient_job.process_patient: read, preprocess, infer, map back, "
         "post-process, write every output) per patient; amortized: the run --patients loop (stages overlapped)",
     ]
     return {

@@ -3,7 +3,7 @@ whole patients end to end through the engine's own patient job, writes included.
 
 End-to-end timing takes a "process one patient" callable (``folder, out -> report``), so it
 times exactly what `segengine run --patient` runs; the amortized figure runs the
-`run --patients` loop itself (``runner.segment_patients``, stages overlapped).
+`run --patients` loop itself (``job.batch.segment_patients``, stages overlapped).
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def patient_folders(data_root, n: int) -> list[Path]:
 
 
 def input_slices(spec, folders: list[Path], need: int, log) -> tuple[np.ndarray, dict]:
-    """Real model inputs (native protocol, ``pipeline.model_input``: 2.5D context stacked per
+    """Real model inputs (native protocol, ``inference.predict.model_input``: 2.5D context stacked per
     patient) from the patients, enough for ``need``; else noise of the same shape."""
     from segengine.engine.inference.predict import model_input
     from segengine.engine.preprocessing.preprocess import preprocess_patient
@@ -104,7 +104,7 @@ def input_slices(spec, folders: list[Path], need: int, log) -> tuple[np.ndarray,
     if available < need:
         x = np.resize(x, (need,) + x.shape[1:])  # repeat slices to fill the largest batch
     log(f"input: {available} real slices from {len(used)} patient(s), native protocol")
-    return np.ascontiguousarray(x), {"source": "real", "detail": "engine.pipeline.preprocess_patient + model_input, protocol native",
+    return np.ascontiguousarray(x), {"source": "real", "detail": "preprocessing.preprocess_patient + inference.predict.model_input, protocol native",
                                      "patients": used, "slices": int(available), "repeated_to": int(len(x))}
 
 

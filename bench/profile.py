@@ -3,7 +3,7 @@
     python -m segengine.bench.profile [--out DIR] -- run --patients ROOT --out OUT --backend onnxruntime-int8
 
 cProfile only sees the thread that enables it, and `run --patients` works in stage threads
-(engine.stages), so each thread gets its own profiler timed with ``time.thread_time``: CPU
+(job.stages), so each thread gets its own profiler timed with ``time.thread_time``: CPU
 seconds, which a loaded machine inflates much less than wall time. Prints, per thread, its
 CPU seconds and the engine functions that spent them; ``--out`` keeps one .prof per thread
 for snakeviz/pstats. ONNX Runtime's and OpenBLAS's own pool threads are not Python

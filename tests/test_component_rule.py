@@ -87,3 +87,48 @@ def test_component_stats_agree_with_scipy_on_many_components():
     np.testing.assert_array_equal(stats["size"], ndi.sum_labels(np.ones_like(prob), labels, index))
     np.testing.assert_allclose(stats["mass"], ndi.sum_labels(prob, labels, index), rtol=1e-6)
     np.testing.assert_array_equal(stats["peak"], ndi.maximum(prob, labels, index))
+
+
+def _cv_result(recipe: str, dscs: dict[str, float], variant: str = "native_lcc") -> dict:
+    return {"recipe": recipe, "variants": {variant: {"per_patient": {p: {"dsc": d} for p, d in dscs.items()}}}}
+
+
+# (A's DSCs, B's DSCs, lines expected in the comparison, worked out by hand)
+COMPARISONS = [
+    # P0 and P4 scored by one side only; differences B - A: P1 +0.1, P2 0, P3 -0.3 -> mean -0.2 / 3.
+    # Wilcoxon drops the zero: ranks 1 (+) and 2 (-), W+ = 1 of the equally likely 0..3, two-sided p = 1.
+    ({"P0": 0.9, "P1": 0.5, "P2": 0.6, "P3": 0.7}, {"P1": 0.6, "P2": 0.6, "P3": 0.4, "P4": 0.1},
+     ["native_lcc: 3 patients in common", "A: mean 0.6000 median 0.6000 min 0.5000",
+      "B: mean 0.5333 median 0.6000 min 0.4000", "B - A: mean -0.0667", "better on 1, worse on 1, Wilcoxon p = 1.000",
+      "largest losses: P3 -0.300, P2 +0.000, P1 +0.100", "largest |difference|: P3 -0.30000"]),
+    # B raises one of two patients by 0.06: mean +0.03
+    ({"P1": 0.8, "P2": 0.7}, {"P1": 0.86, "P2": 0.7}, ["2 patients in common", "B - A: mean +0.0300", "better on 1, worse on 0"]),
+    # identical scores: a zero difference and no test on all-zero differences
+    ({"P1": 0.8, "P2": 0.7}, {"P1": 0.8, "P2": 0.7}, ["B - A: mean +0.0000 (paired bootstrap 95% CI +0.0000 to +0.0000), "
+                                                      "better on 0, worse on 0\n"]),
+    ({"P1": 0.8}, {"P2": 0.8}, ["no patients in common"]),
+]
+
+
+@pytest.mark.parametrize("a, b, expected", COMPARISONS)
+def test_paired_comparison_against_hand_computed_figures(a, b, expected):
+    from segengine.train.paired import compare
+
+    text = compare(_cv_result("A", a), _cv_result("B", b))
+    for line in expected:
+        assert line in text, (line, text)
+
+
+def test_paired_comparison_ci_lies_within_the_differences_and_compares_variants():
+    """A bootstrap mean of resampled differences cannot leave [min, max] of the differences; with
+    ``variant_b`` one result's two scorings are compared (the component rule's use)."""
+    import re
+
+    from segengine.train.paired import compare
+
+    res = _cv_result("A", {"P1": 0.5, "P2": 0.6, "P3": 0.7})
+    res["variants"]["other"] = {"per_patient": {"P1": {"dsc": 0.6}, "P2": {"dsc": 0.6}, "P3": {"dsc": 0.4}}}
+    text = compare(res, res, "native_lcc", "other")
+    assert text.startswith("native_lcc vs other: 3 patients in common")
+    lo, hi = map(float, re.search(r"CI ([-+.\d]+) to ([-+.\d]+)", text).groups())
+    assert -0.3 <= lo < -0.2 / 3 < hi <= 0.1

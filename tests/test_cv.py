@@ -108,8 +108,16 @@ def test_tiny_cv_run_trains_scores_out_of_fold_and_compares(kaggle_root, tmp_pat
     worst = cv.worst_cases_figure(out, data, png, n=2)
     dscs_sorted = sorted(result["variants"]["native_lcc"]["per_patient"].items(), key=lambda kv: kv[1]["dsc"])
     assert worst == [p for p, _ in dscs_sorted[:2]] and png.stat().st_size > 1000
-    text = cv.compare(result, result)
-    assert "mean +0.0000" in text and f"{len(patients)} patients in common" in text
+    # `cv compare` of this result with a copy that scores the worst patient 0.09 higher (and one
+    # patient fewer): the mean difference over the 2 patients in common is 0.045 by hand
+    better = json.loads(json.dumps(result))
+    better["recipe"] = "better"
+    scored = better["variants"]["native_lcc"]["per_patient"]
+    del scored[dscs_sorted[-1][0]]
+    scored[worst[0]]["dsc"] += 0.09
+    text = cv.compare(result, better)
+    assert "2 patients in common" in text and "mean +0.0450" in text and "better on 1, worse on 0" in text, text
+    assert f"largest |difference|: {worst[0]} +0.09000" in text
     # the fold models ship as an ensemble: float16 members that verify and predict like the fold models
     models = tmp_path / "models"
     assert cv.main(["--data", str(data), "--out", str(out), "--folds", "2", "--score-only",

@@ -294,6 +294,13 @@ def test_calibration_slices_are_deterministic_training_slices(kaggle_root, int8_
     assert calib.shape == (16, 3, SIZE, SIZE) and calib.dtype == np.float32
     again = calibration_slices(kaggle_root, [CALIBRATION_PATIENT], n_slices=16, seed=0)
     np.testing.assert_array_equal(again, calib)
+    # each is one of the training patient's preprocessed slices (native protocol), 16 different ones
+    from segengine.engine.readers.registry import read_patient
+    from segengine.engine.preprocessing.preprocess import preprocess_patient
+
+    slices = preprocess_patient(read_patient(kaggle_root / CALIBRATION_PATIENT, with_mask=False), "native", SIZE).images
+    found = [[i for i, s in enumerate(slices) if np.array_equal(s, c)] for c in calib]
+    assert all(len(f) == 1 for f in found) and len({f[0] for f in found}) == 16, found
     assert side["quantization"]["calibration"]["patients"] == [CALIBRATION_PATIENT]
 
 

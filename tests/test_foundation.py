@@ -321,26 +321,47 @@ def test_hd95_equals_medpy_on_real_masks(kaggle_root, shift):
     assert hd95(pred, truth, (2.0, 1.0, 1.0)) == pytest.approx(medpy_hd95(pred, truth, voxelspacing=(2.0, 1.0, 1.0)), abs=1e-9)
 
 
-def test_ground_truth_scores_one_against_itself(kaggle_root):
-    vol = read_patient(kaggle_root / VAL_PATIENTS[0])
-    assert dsc(vol.mask, vol.mask) == 1.0
+def test_dsc_of_a_real_mask_and_one_of_its_slices_by_hand(kaggle_root):
+    """A prediction that keeps only the truth's largest slice (area a of T voxels): DSC = 2a / (T + a)."""
+    truth = read_patient(kaggle_root / VAL_PATIENTS[0]).mask > 0
+    areas = truth.sum(axis=(1, 2))
+    pred = np.zeros_like(truth)
+    k = int(np.argmax(areas))
+    pred[k] = truth[k]
+    a, t = int(areas[k]), int(areas.sum())
+    assert 0 < a < t
+    assert dsc(pred, truth) == pytest.approx(2 * a / (t + a), abs=1e-12)
+    assert dsc(truth, truth) == 1.0
 
 
 # ----------------------------------------------------------------- evaluate --pred
-def test_evaluate_ground_truth_against_itself(kaggle_root, val_patients_file, tmp_path):
+def test_evaluate_scores_given_masks_as_computed_by_hand(kaggle_root, val_patients_file, tmp_path):
+    """The ground truth as the prediction for one patient (DSC 1, HD95 0); for the other the truth
+    with its largest slice blanked (a of T voxels missed): DSC = 2 (T - a) / (2T - a)."""
     pred = tmp_path / "pred"
     for p in VAL_PATIENTS:
         (pred / p).mkdir(parents=True)
         for f in (kaggle_root / p).glob("*_mask.tif"):
             shutil.copy(f, pred / p / f.name)
+    changed = VAL_PATIENTS[0]
+    files = sorted((pred / changed).glob("*_mask.tif"))
+    masks = [tifffile.imread(f) > 0 for f in files]
+    areas = [int(m.sum()) for m in masks]
+    k = int(np.argmax(areas))
+    tifffile.imwrite(files[k], np.zeros_like(tifffile.imread(files[k])))
+    a, t = areas[k], sum(areas)
+    expected = 2 * (t - a) / (2 * t - a)
     out = tmp_path / "eval"
     res = CliRunner().invoke(main, ["evaluate", "--data", str(kaggle_root), "--pred", str(pred),
                                     "--patients-file", str(val_patients_file), "--out", str(out)])
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
+    rows = {r["patient"]: r for r in metrics["patients"]}
     assert [r["patient"] for r in metrics["patients"]] == VAL_PATIENTS
-    assert all(r["dsc"] == 1.0 and r["hd95"] == 0.0 for r in metrics["patients"])
-    assert metrics["summary"]["dsc"]["mean"] == 1.0 and (out / "dsc.png").stat().st_size > 1000
+    assert rows[changed]["dsc"] == pytest.approx(expected, abs=1e-9) and rows[changed]["hd95"] > 0
+    assert rows[VAL_PATIENTS[1]]["dsc"] == 1.0 and rows[VAL_PATIENTS[1]]["hd95"] == 0.0
+    assert metrics["summary"]["dsc"]["mean"] == pytest.approx((1 + expected) / 2, abs=1e-9)
+    assert (out / "dsc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_evaluate_reports_a_missing_prediction_in_one_line(kaggle_root, val_patients_file, tmp_path):

@@ -100,10 +100,15 @@ def test_sidecar_refuses_an_ill_formed_openvino_verdict(slot, words, tmp_path):
 
 @needs_openvino
 @pytest.mark.parametrize("backend, kind", [("openvino", "onnx"), ("openvino-int8", "onnx-int8")])
-def test_shipped_openvino_verdicts_hold_and_state_the_precision(backend, kind):
-    """The shipped sidecars carry a PASS for each OpenVINO backend beside ONNX Runtime's, naming
-    the precision OpenVINO ran in; both re-derived from their own figures and tolerances."""
+def test_shipped_openvino_verdicts_hold_and_state_the_precision(backend, kind, kaggle_root):
+    """The shipped sidecars carry a verdict for each OpenVINO backend beside ONNX Runtime's, naming
+    the precision OpenVINO ran in; where this CPU runs that precision, the verdict is re-earned
+    here: OpenVINO's mask of a real validation patient against the PyTorch weights' (their DSC,
+    computed in this test) at the backend's precision's tolerance."""
     from segengine.engine.inference.backends.openvino_backend import inference_precision
+    from segengine.engine.readers.registry import read_patient
+    from segengine.engine.inference.predict import model_input
+    from segengine.engine.preprocessing.preprocess import preprocess_patient
     from segengine.engine.inference.verdict import tolerances_for, why_untrusted
 
     spec = load_model_spec()
@@ -112,12 +117,17 @@ def test_shipped_openvino_verdicts_hold_and_state_the_precision(backend, kind):
     assert ov["backend"] == backend and ort["backend"].startswith("onnxruntime")
     assert ov["export_sha256"] == ort["export_sha256"] == sha256_file(spec.export_path(kind))
     assert ov["runtime"]["runtime"] == "openvino" and ov["runtime"]["inference_precision"] in ("bf16", "f32", "f16")
-    assert ov["tolerances"] == tolerances_for(registry.backend_class(backend).precision)
-    worst, tol = ov["worst"], ov["tolerances"]
-    assert ov["passed"] == (worst["abs_delta_dsc"] <= tol["max_abs_delta_dsc"] and worst["agreement"] >= tol["min_agreement"])
-    assert ov["passed"] and ov["patients_count"] == 10
-    if ov["runtime"]["inference_precision"] == inference_precision() or inference_precision() == "f32":
-        assert why_untrusted(spec, backend) is None
+    precision = {"openvino": "bf16", "openvino-int8": "int8"}[backend]  # what each backend is declared to run in
+    assert ov["precision"] == precision and ov["tolerances"] == tolerances_for(precision)
+    if not (ov["runtime"]["inference_precision"] == inference_precision() or inference_precision() == "f32"):
+        return  # another CPU's precision: auto distrusts it (test_auto_distrusts_an_openvino_verdict_measured_in_another_precision)
+    assert why_untrusted(spec, backend) is None
+    x = model_input(preprocess_patient(read_patient(kaggle_root / VAL_PATIENTS[1]), "native", spec.input_size), spec)
+    with registry.create("torch", spec, threads=1) as ref, registry.create(backend, spec, threads=1) as other:
+        a, b = ref.predict(x) > 0.5, other.predict(x) > 0.5
+    assert a.sum() > 1000  # the weights find this patient's tumor
+    agreement = 2 * (a & b).sum() / (a.sum() + b.sum())
+    assert agreement >= tolerances_for(precision)["min_agreement"], agreement
 
 
 # --------------------------------------------------------------------------- verdicts

@@ -186,16 +186,30 @@ def test_run_writes_the_estimate_for_a_real_patient_and_names_a_flair_copy(kaggl
 
 
 def test_tta_measures_how_much_the_views_agree(kaggle_root, tmp_path):
-    """With --tta the estimate uses the flip views' agreement, measured on this patient (a real
-    run: not 0, not exactly 1), and the tta calibration."""
+    """With --tta the estimate uses the flip views' agreement, measured on this patient and
+    recomputed here: the weights on the slices and on their mirror images (mirrored back), each
+    view's mask (p > 0.5) scored by Dice against the mask of the two views' mean."""
     from conftest import VAL_PATIENTS
+    from segengine.engine.inference.backends.torch_backend import TorchBackend
+    from segengine.engine.readers.registry import read_patient
+    from segengine.engine.model.spec import load_model_spec
+    from segengine.engine.inference.predict import model_input
+    from segengine.engine.preprocessing.preprocess import preprocess_patient
 
     p = VAL_PATIENTS[1]
     _run(["run", "--backend", "torch", "--threads", "1", "--tta", "--patient", str(kaggle_root / p),
           "--out", str(tmp_path / "o")])
     review = json.loads((tmp_path / "o" / p / "report.json").read_text())["review"]
-    assert 0.0 < review["features"]["views_disagreement"] < 0.5
     assert review["calibration"].startswith("out of fold") and "mirrored" in review["calibration"]
+    spec = load_model_spec()
+    x = model_input(preprocess_patient(read_patient(kaggle_root / p), "native", spec.input_size), spec)
+    with TorchBackend(spec, threads=1) as backend:
+        plain = backend.predict(x)
+        mirrored = backend.predict(np.ascontiguousarray(x[..., ::-1]))[..., ::-1]
+    mean = (plain + mirrored) / 2 > 0.5
+    dices = [2 * (v & mean).sum() / (v.sum() + mean.sum()) for v in (plain > 0.5, mirrored > 0.5)]
+    assert 0 < 1 - np.mean(dices) < 1
+    assert review["features"]["views_disagreement"] == pytest.approx(1 - np.mean(dices), abs=1e-4)  # a few pixels at p = 0.5 at most
 
 
 def test_views_agreement_is_the_mean_dice_of_each_view_with_the_mean():

@@ -2,31 +2,32 @@
 
 Chromium is Debian's ``chromium`` package (``.ci/run`` installs it), driven by Playwright
 pointed at that executable: nothing is downloaded at run time. Under CI=true a missing
-browser or driver fails the test; elsewhere it skips and says why.
+browser or driver fails the test; elsewhere it skips and says why. The run and the page
+driving are bench/docs_pictures.py's (the command that regenerates docs/review_*.png);
+screenshots taken here go to a temporary folder, never into docs/.
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 import shutil
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
+import tifffile
 from click.testing import CliRunner
 
-from conftest import REPO, TRAIN_PATIENT, VAL_PATIENTS, running_in_ci
-from segengine.bench.nifti_agreement import kaggle_to_input_grid
+from conftest import TRAIN_PATIENT, VAL_PATIENTS, running_in_ci
+from segengine.bench.docs_pictures import (INDEX_PICTURE, PATIENT_PICTURE, VIEWPORT, BrowserMissing, browser_context,
+                                           open_index, open_patient, review_run, take_pictures)
 from segengine.engine.cli import main
-from segengine.engine.readers.registry import read_patient
 from segengine.engine.outputs.review_page import IMAGE_BUDGET_BYTES, write_index
 from test_run import MODEL
 
-CHROMIUM = Path(os.environ.get("SEGENGINE_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 PATIENTS = sorted(VAL_PATIENTS + [TRAIN_PATIENT])
+SHOWN = VAL_PATIENTS[1]  # the patient given a forced flag and opened in the viewer
+RED, GREEN = (255, 40, 40), (0, 220, 0)  # the viewer's predicted and ground-truth outline colours
 
 
 def _missing(reason: str):
@@ -39,55 +40,44 @@ def _missing(reason: str):
 def reviewed_run(kaggle_root, tmp_path_factory):
     """`segengine run` over three real patients (two tif folders, one 4D NIfTI), then one report
     given issue 12's review field and the page regenerated with `segengine report`."""
-    root = tmp_path_factory.mktemp("review-root")
-    for p in VAL_PATIENTS:
-        shutil.copytree(kaggle_root / p, root / p)
-    # the third patient as a 4D NIfTI without ground truth: a row with mm3 and without DSC
-    data, affine = kaggle_to_input_grid(read_patient(kaggle_root / TRAIN_PATIENT).image)
-    nib.save(nib.Nifti1Image(data.astype(np.int16) * 9, affine), str(root / f"{TRAIN_PATIENT}.nii.gz"))
-    out = tmp_path_factory.mktemp("review-out") / "out"
-    res = CliRunner().invoke(main, ["run", "--model", str(MODEL), "--patients", str(root), "--out", str(out)])
-    assert res.exit_code == 0, res.output
+    out, _ = review_run(kaggle_root, tmp_path_factory.mktemp("review"), MODEL, VAL_PATIENTS, TRAIN_PATIENT)
     assert (out / "index.html").is_file()
-    report_path = out / VAL_PATIENTS[1] / "report.json"
+    by_rules = {p for p in PATIENTS if json.loads((out / p / "report.json").read_text())["review"]["flag"]}
+    report_path = out / SHOWN / "report.json"
     rep = json.loads(report_path.read_text())
     rep["review"] = {"flag": True, "reasons": ["example flag set by the browser test"], "features": {}}
     report_path.write_text(json.dumps(rep))
     res = CliRunner().invoke(main, ["report", str(out)])
-    # the forced flag plus whatever the shipped card's calibrated rules flag among the other two
-    flagged = sum(json.loads(r.read_text())["review"]["flag"] for r in out.glob("*/report.json"))
-    assert 1 <= flagged <= 3 and res.exit_code == 0 and f"3 patients, {flagged} flagged" in res.output, res.output
+    # the summary counts the reports on disk: the card's rules' flags from the run plus the forced one
+    assert res.exit_code == 0 and f"3 patients, {len(by_rules | {SHOWN})} flagged" in res.output, res.output
     return out
 
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        _missing(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
     try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _missing("Playwright for Python is not installed (pip install -e '.[dev]')")
-    import tempfile
-
-    with sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
-        context = pw.chromium.launch_persistent_context(profile, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
-                                                        headless=True, viewport={"width": 1150, "height": 820})
-        yield context
-        context.close()
+        with browser_context() as context:
+            yield context
+    except BrowserMissing as exc:
+        _missing(str(exc))
 
 
-def _open(context, url: str):
-    """A page at ``url`` that records console errors, page errors and every request it makes."""
-    page = context.new_page()
-    page.problems, page.requests = [], []
-    page.on("console", lambda m: page.problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None)
-    page.on("pageerror", lambda e: page.problems.append(f"page error: {e}"))
-    page.on("requestfailed", lambda r: page.problems.append(f"request failed: {r.url}"))
-    page.on("request", lambda r: page.requests.append(r.url))
-    page.goto(url)
-    page.wait_for_load_state("load")
-    return page
+def _pixels(png: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def _count(pixels: np.ndarray, rgb: tuple[int, int, int]) -> int:
+    return int((np.abs(pixels.astype(int) - rgb).max(axis=-1) <= 2).sum())
+
+
+def _outline(mask_tif: Path) -> np.ndarray:
+    """Pixels of the mask with a face neighbour outside it (the image edge counts as outside),
+    written here with plain numpy shifts, independently of the engine's scipy erosion."""
+    m = np.pad(tifffile.imread(mask_tif) > 0, 1)
+    inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    return m[1:-1, 1:-1] & ~inner
 
 
 def _column(page, index: int) -> list[str]:
@@ -96,13 +86,11 @@ def _column(page, index: int) -> list[str]:
 
 def test_index_rows_sort_and_filter(browser, reviewed_run):
     out = reviewed_run
-    page = _open(browser, (out / "index.html").as_uri())
+    page = open_index(browser, out)  # returns once every thumbnail is decoded from its file beside the page
     rows = page.locator("#patients tbody tr")
     assert rows.count() == 3
     assert page.locator("#shown").inner_text() == "3 of 3 shown"
-    # thumbnails: lazy, and really decoded from files beside the page
     assert page.eval_on_selector_all("#patients img", "is => is.every(i => i.loading === 'lazy')")
-    page.wait_for_function("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
     # sorting by tumor volume: ascending, then descending, against the reports on disk
     volumes = {p: json.loads((out / p / "report.json").read_text())["tumor_volume_px"] for p in PATIENTS}
     header = page.locator("#patients th", has_text="tumor volume px")
@@ -122,54 +110,90 @@ def test_index_rows_sort_and_filter(browser, reviewed_run):
     assert nifti_row.locator("td").nth(7).inner_text() == "—"  # no ground truth, no DSC
     page.check("#flagged")  # the forced flag, and any the shipped card's rules raised on the reports on disk
     flagged = [p for p in PATIENTS if json.loads((out / p / "report.json").read_text())["review"]["flag"]]
-    assert VAL_PATIENTS[1] in flagged and _column(page, 1) == [p.lower() for p in flagged]
-    forced = page.locator("#patients tbody tr:not(.hidden)", has_text=VAL_PATIENTS[1])
+    assert SHOWN in flagged and _column(page, 1) == [p.lower() for p in flagged]
+    forced = page.locator("#patients tbody tr:not(.hidden)", has_text=SHOWN)
     assert "example flag set by the browser test" in forced.inner_text()
     assert page.locator("#shown").inner_text() == f"{len(flagged)} of 3 shown"
     page.uncheck("#flagged")
     assert page.locator("#patients tbody tr:not(.hidden)").count() == 3
-    page.screenshot(path=str(REPO / "docs" / "review_page.png"), full_page=True)
     assert page.problems == []
     assert all(u.startswith(("file://", "data:")) for u in page.requests), page.requests  # no network
 
 
-def test_patient_viewer_slider_keys_and_toggles(browser, reviewed_run):
+def _viewer_state(page) -> tuple[np.ndarray, int]:
+    """The viewer's pixels as shown and the slice number it says it shows."""
+    return _pixels(page.locator(".viewer").screenshot()), int(page.locator("#flair").get_attribute("data-slice"))
+
+
+def _expected_outlines(out: Path, truth_root: Path, patient: str, n: int) -> tuple[int, int]:
+    """Screen pixels of red and green outline at slice ``n``, from the mask files: the 256-pixel
+    slice is drawn 512 px wide (2 x 2 screen pixels a voxel), the prediction over the truth."""
+    pred = _outline(out / patient / f"{patient}_{n}_mask.tif")
+    truth = _outline(truth_root / patient / f"{patient}_{n}_mask.tif")
+    return 4 * int(pred.sum()), 4 * int((truth & ~pred).sum())
+
+
+def test_patient_viewer_slider_keys_and_toggles(browser, reviewed_run, kaggle_root):
     out = reviewed_run
-    index = _open(browser, (out / "index.html").as_uri())
-    index.locator("#patients a", has_text=VAL_PATIENTS[1]).click()
-    index.wait_for_load_state("load")
-    page = index
-    assert page.url.endswith(f"{VAL_PATIENTS[1]}/review.html")
-    viewer = page.locator(".viewer")
-    report = json.loads((out / VAL_PATIENTS[1] / "report.json").read_text())
+    page = open_patient(open_index(browser, out), out, SHOWN)  # waits for the slice with the largest predicted area
+    assert page.url.endswith(f"{SHOWN}/review.html")
+    report = json.loads((out / SHOWN / "report.json").read_text())
     numbers, areas = report["slice_numbers"], report["tumor_area_px_per_slice"]
-    focus = max(numbers, key=lambda n: areas[str(n)])  # opens on the slice with the largest predicted area
-    page.wait_for_function(f"document.getElementById('flair').dataset.slice === '{focus}'")
+    focus = max(numbers, key=lambda n: areas[str(n)])
     assert f"predicted {areas[str(focus)]} px" in page.locator("#label").inner_text()
     assert "example flag set by the browser test" in page.locator(".facts").inner_text()  # re-rendered by `report`
-    before = viewer.screenshot()
+    # the outlines drawn are those of the mask files written, pixel for pixel
+    before, shown = _viewer_state(page)
+    assert shown == focus
+    red, green = _expected_outlines(out, kaggle_root, SHOWN, focus)
+    assert red > 0 and (_count(before, RED), _count(before, GREEN)) == (red, green)
     step = 1 if focus < numbers[-1] else -1
     page.keyboard.press("ArrowRight" if step == 1 else "ArrowLeft")
-    assert page.locator("#flair").get_attribute("data-slice") == str(focus + step)
-    assert viewer.screenshot() != before  # the shown slice changed, not only its label
+    after, shown = _viewer_state(page)
+    assert shown == focus + step
+    assert (_count(after, RED), _count(after, GREEN)) == _expected_outlines(out, kaggle_root, SHOWN, focus + step)
+    grey = (before == before[..., :1]).all(axis=-1) & (after == after[..., :1]).all(axis=-1)
+    assert (before[grey] != after[grey]).any()  # the FLAIR under the outlines changed, not only its label
     page.locator("#slider").fill("0")
     assert page.locator("#flair").get_attribute("data-slice") == str(numbers[0])
     assert page.locator("#label").inner_text().startswith(f"slice {numbers[0]} (1 of {len(numbers)})")
     page.locator("#slider").fill(str(numbers.index(focus)))
-    with_outlines = viewer.screenshot()
     page.uncheck("#show-pred")
+    hidden, _ = _viewer_state(page)
+    assert _count(hidden, RED) == 0 and _count(hidden, GREEN) == 4 * int(_outline(kaggle_root / SHOWN / f"{SHOWN}_{focus}_mask.tif").sum())
     page.uncheck("#show-truth")
-    assert viewer.screenshot() != with_outlines
-    page.check("#show-pred")
-    page.check("#show-truth")
-    page.screenshot(path=str(REPO / "docs" / "review_patient.png"))
+    bare, _ = _viewer_state(page)
+    assert _count(bare, RED) == _count(bare, GREEN) == 0
     # links to the masks and the NIfTI resolve to files that exist
     for href in page.eval_on_selector_all(".links a", "as => as.map(a => a.href)"):
         from urllib.parse import unquote, urlparse
 
         assert Path(unquote(urlparse(href).path)).exists(), href
-    assert page.problems == [] and index.problems == []
+    assert page.problems == []
     assert all(u.startswith(("file://", "data:")) for u in page.requests), page.requests
+
+
+def test_docs_pictures_show_the_pages(browser, reviewed_run, tmp_path):
+    """What `python -m segengine.bench.docs_pictures` writes into docs/, taken here into a temp
+    folder: the whole index (as tall as the page's layout says) and the viewer's window, with
+    the predicted outline drawn."""
+    pictures = take_pictures(browser, reviewed_run, SHOWN)
+    for name, png in pictures.items():
+        (tmp_path / name).write_bytes(png)
+    index, viewer = _pixels((tmp_path / INDEX_PICTURE).read_bytes()), _pixels((tmp_path / PATIENT_PICTURE).read_bytes())
+    page = open_index(browser, reviewed_run)
+    height = page.evaluate("document.documentElement.scrollHeight")
+    assert index.shape == (height, VIEWPORT["width"], 3) and height > 3 * 64  # three rows of thumbnails at least
+    assert viewer.shape == (VIEWPORT["height"], VIEWPORT["width"], 3) and _count(viewer, RED) > 0
+    assert (index.std(axis=(0, 1)) > 1).all()  # a rendered page, not a blank one
+
+
+def test_docs_pictures_command_refuses_a_missing_data_folder(tmp_path, capsys):
+    from segengine.bench import docs_pictures
+
+    assert docs_pictures.main(["--out", str(tmp_path), "--data", str(tmp_path / "absent")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no patient folder" in err and list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------ without a browser

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import imageio.v3 as imageio
 import nibabel as nib
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from click.testing import CliRunner
 
 from conftest import VAL_PATIENTS, copy_model, tree_hashes
 from segengine.engine.cli import main
-from segengine.engine.model.spec import shipped_model_path
+from segengine.engine.model.spec import sha256_file, shipped_model_path
 from segengine.engine.outputs.masks import write_mask_slices
 
 MODEL = Path(os.environ.get("SEGENGINE_TEST_MODEL", shipped_model_path()))
@@ -24,6 +25,11 @@ MODEL = Path(os.environ.get("SEGENGINE_TEST_MODEL", shipped_model_path()))
 
 def _run(args):
     return CliRunner().invoke(main, ["run", "--model", str(MODEL), *args])
+
+
+def _mask_stack(folder: Path, patient: str, n: int) -> np.ndarray:
+    """Slices 1..n of ``patient``'s <patient>_<k>_mask.tif files in ``folder``, decoded, in slice order."""
+    return np.stack([tifffile.imread(folder / f"{patient}_{k}_mask.tif") for k in range(1, n + 1)])
 
 
 def _dice(a, b):
@@ -54,13 +60,19 @@ def test_run_writes_every_output(run_out, patient):
         m = tifffile.imread(folder / s.name.replace(".tif", "_mask.tif"))
         assert m.dtype == np.uint8 and m.shape == tifffile.imread(s).shape[:2]
         assert set(np.unique(m)) <= {0, 255}
-    nii = nib.load(str(folder / f"{patient}_mask.nii.gz")).get_fdata()
+    masks = _mask_stack(folder, patient, len(slices))
+    # the NIfTI holds the same voxels as the tifs: stored (x = column, y = row, z = slice)
+    nii = np.asanyarray(nib.load(str(folder / f"{patient}_mask.nii.gz")).dataobj)
     assert nii.shape == (256, 256, len(slices))
-    assert (folder / "overlay.png").stat().st_size > 1000
+    np.testing.assert_array_equal(nii.transpose(2, 1, 0), masks > 0)
+    overlay = imageio.imread(folder / "overlay.png")
+    assert overlay.ndim == 3 and overlay.shape[2] in (3, 4) and overlay.std() > 10  # a decodable, non-blank picture
     report = json.loads((folder / "report.json").read_text())
-    assert report["slices"] == len(slices) and report["model_sha256"]
+    assert report["slices"] == len(slices) and report["model_sha256"] == sha256_file(MODEL)
     assert set(report["timings_s"]) >= {"read", "preprocess", "infer", "postprocess", "write"}
-    assert sum(report["tumor_area_px_per_slice"].values()) == report["tumor_volume_px"]
+    # the areas reported are the pixels of the mask files, slice by slice
+    assert report["tumor_area_px_per_slice"] == {str(n): int((m > 0).sum()) for n, m in enumerate(masks, 1)}
+    assert report["tumor_volume_px"] == int((masks > 0).sum())
 
 
 @pytest.mark.parametrize("patient", VAL_PATIENTS)
@@ -87,7 +99,9 @@ def test_single_patient_and_overwrite(kaggle_root, tmp_path):
     res = _run(args)
     assert res.exit_code == 0, res.output
     assert res.output.count("\n") == 1 and VAL_PATIENTS[1] in res.output and "DSC" in res.output
-    assert (out / VAL_PATIENTS[1] / "slices.gif").exists()
+    n = len([p for p in (kaggle_root / VAL_PATIENTS[1]).glob("*.tif") if not p.name.endswith("_mask.tif")])
+    gif = imageio.imread(out / VAL_PATIENTS[1] / "slices.gif", index=None)  # every frame decoded
+    assert gif.shape[:3] == (n, 256, 256)  # one frame a slice, at the slices' size
     again = _run(args)
     assert again.exit_code == 2 and "--overwrite" in again.output
     assert _run(args + ["--overwrite"]).exit_code == 0
@@ -272,4 +286,13 @@ def test_main_command_as_a_subprocess(kaggle_root, tmp_path):
     res = subprocess.run([str(exe), "run", "--patient", str(kaggle_root / VAL_PATIENTS[0]), "--out", str(tmp_path / "o")],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert (tmp_path / "o" / VAL_PATIENTS[0] / "report.json").exists()
+    # its masks, decoded, segment the patient as the ground truth does; its line and report say so
+    patient = kaggle_root / VAL_PATIENTS[0]
+    n = len([p for p in patient.glob("*.tif") if not p.name.endswith("_mask.tif")])
+    pred = _mask_stack(tmp_path / "o" / VAL_PATIENTS[0], VAL_PATIENTS[0], n)
+    truth = _mask_stack(patient, VAL_PATIENTS[0], n)
+    dsc = _dice(pred, truth)
+    assert dsc >= 0.8
+    report = json.loads((tmp_path / "o" / VAL_PATIENTS[0] / "report.json").read_text())
+    assert report["metrics"]["dsc"] == pytest.approx(dsc, abs=1e-9) and report["model_sha256"] == sha256_file(shipped_model_path())
+    assert VAL_PATIENTS[0] in res.stdout and f"DSC {dsc:.4f}" in res.stdout, res.stdout
