@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     post = PostprocessConfig()
     for folder in sorted(f for f in args.val_data.iterdir() if f.is_dir()):
         vol = read_patient(folder)
-        pre = preprocess_patient(vol, "native", spec.input_size)
+        pre = preprocess_patient(vol, "native", spec.preprocessing)
         x = model_input(pre, spec)
         st = finish_patient(vol, pre, ref.predict(x), "native", post, {})
         for k, cm in graphs.items():

@@ -213,7 +213,7 @@ def time_infer_alone(folders: list[Path], backend, spec, batch_size: int = E2E_B
     from segengine.engine.preprocessing.preprocess import preprocess_patient
     from segengine.engine.readers.registry import read_patient
 
-    inputs = [preprocess_patient(read_patient(f, with_mask=False), "native", spec.input_size) for f in folders]
+    inputs = [preprocess_patient(read_patient(f, with_mask=False), "native", spec.preprocessing) for f in folders]
     predict_patient(backend, inputs[0], batch_size)
     times = []
     for pre in inputs:

@@ -121,6 +121,17 @@ def main() -> None:
     """
 
 
+THREADS_HELP = "intra-op threads of the backend (default: all cores); also bounds the OpenMP/MKL pools"
+MODEL_HELP = "model .pt with its card beside it (default: the shipped model)"
+AUTO_HELP = ("auto = the fastest on this CPU (ms/slice from `segengine bench` or a one-time probe, cached in "
+             "~/.cache/segengine) of the backends available here that passed `segengine validate` for this model; "
+             "triton = the model served by a Triton server at $SEGENGINE_TRITON_URL")
+
+
+def threads_option(fn):
+    return click.option("--threads", type=click.IntRange(1, 256), default=None, help=THREADS_HELP)(fn)
+
+
 def accurate_mode_options(fn):
     """--ensemble [MANIFEST] and --tta, read by engine.ensemble.load_plan."""
     fn = click.option("--tta", is_flag=True, help="accurate mode: also average left-right mirrored slices")(fn)
@@ -185,14 +196,12 @@ def _load_spec(model: str | None):
               help="a folder of patients (kaggle_3m; NIfTI cases, nnU-Net imagesTs cases and DICOM study "
                    "folders may sit beside tif folders)")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="results go to OUT/<patient>/")
-@click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto", show_default=True,
-              help="auto = the fastest on this CPU (ms/slice from `segengine bench` or a one-time probe, cached in "
-                   "~/.cache/segengine) of the backends available here that passed `segengine validate` for this model; "
-                   "triton = the model served by a Triton server at $SEGENGINE_TRITON_URL")
-@click.option("--model", type=click.Path(path_type=Path), default=None, help="model .pt with its card (default: shipped)")
+@click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto", show_default=True, help=AUTO_HELP)
+@click.option("--model", type=click.Path(path_type=Path), default=None, help=MODEL_HELP)
 @accurate_mode_options
-@click.option("--batch-size", type=click.IntRange(1, 512), default=32, show_default=True)
-@click.option("--threads", type=click.IntRange(1, 256), default=None, help="intra-op threads (default: all cores)")
+@click.option("--batch-size", type=click.IntRange(1, 512), default=32, show_default=True,
+              help="slices per inference call (a patient's slices are split into equal batches of at most this)")
+@threads_option
 @click.option("--no-postprocess", is_flag=True, help="threshold only: keep every component")
 @click.option("--fill-holes", is_flag=True, help="also fill holes slice by slice after the largest-component step")
 @click.option("--gif", is_flag=True, help="also write slices.gif (all slices with outlines)")
@@ -292,17 +301,9 @@ def report(out):
     Example:
       segengine report results && xdg-open results/index.html
     """
-    from segengine.engine.core.errors import NoSlicesError, NotAFolderError
-    from segengine.engine.outputs.review_page import collect_reports, write_index
+    from segengine.engine.outputs.review_page import rewrite_index
 
-    if not out.is_dir():
-        raise NotAFolderError(f"{out}: no such folder" if not out.exists() else f"{out}: not a folder")
-    if collect_reports(out) == ([], []):  # e.g. a folder of inputs: no index.html is written there
-        raise NoSlicesError(f"{out}: no patient results (OUT/<patient>/report.json) in this folder; nothing written")
-    try:
-        path, n, flagged = write_index(out)
-    except OSError as exc:
-        fail(f"{out}: cannot write the review page ({exc.strerror or exc})")
+    path, n, flagged = rewrite_index(out)
     click.echo(f"wrote {path} ({n} patients, {flagged} flagged for review)")
 
 
@@ -314,10 +315,11 @@ def report(out):
               help="evaluate a model instead of --pred (bare --model: the shipped one)")
 @click.option("--protocol", type=click.Choice(["reference", "native"]), default="native", show_default=True,
               help="reference: course preprocessing, 256x256 grid, no first/last slice; native: every original slice")
-@click.option("--backend", type=click.Choice(BACKEND_NAMES), default="torch", show_default=True)
+@click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto", show_default=True,
+              help="with --model: as for run (" + AUTO_HELP.split(";")[0] + "; ...); torch scores the PyTorch weights")
 @click.option("--patients-file", type=click.Path(), help="only these patients (one id per line)")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="write metrics.json and dsc.png here")
-@click.option("--threads", type=click.IntRange(1, 256), default=None)
+@threads_option
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="with --model")
 @click.option("--no-postprocess", is_flag=True, help="with --model: keep every component")
 @click.option("--fill-holes", is_flag=True, help="with --model: fill holes slice by slice")
@@ -352,9 +354,7 @@ def evaluate(data_root, pred_root, model, protocol, backend, patients_file, out_
         result = score_predictions(data_root, pred_root, patients_file, limits=limits)
     else:
         from segengine.engine.evaluation.evaluate import evaluate_model
-        from segengine.engine.postprocessing.postprocess import PostprocessConfig
-
-        post = PostprocessConfig(threshold=threshold, largest_component=not no_postprocess, fill_holes_2d=fill_holes)
+        post = {"threshold": threshold, "largest_component": not no_postprocess, "fill_holes_2d": fill_holes}
         result = evaluate_model(data_root, model or None, protocol, backend, patients_file, threads, post,
                                 ensemble=ensemble, tta=tta, limits=limits)
     click.echo(format_table(result))
@@ -367,12 +367,14 @@ def evaluate(data_root, pred_root, model, protocol, backend, patients_file, out_
 
 # --------------------------------------------------------------------------- validate
 @main.command()
-@click.option("--data", "data_root", required=True, type=click.Path(path_type=Path))
+@click.option("--data", "data_root", required=True, type=click.Path(path_type=Path),
+              help="ground truth: a folder of patients (Kaggle layout, NIfTI or DICOM)")
 @click.option("--patients-file", type=click.Path(), help="only these patients (default: every patient under --data)")
-@click.option("--backend", required=True, type=click.Choice(BACKEND_NAMES[1:]))
-@click.option("--against", type=click.Choice(BACKEND_NAMES[1:]), default="torch", show_default=True)
-@click.option("--model", type=click.Path(path_type=Path), default=None)
-@click.option("--threads", type=click.IntRange(1, 256), default=None)
+@click.option("--backend", required=True, type=click.Choice(BACKEND_NAMES[1:]), help="the backend under test")
+@click.option("--against", type=click.Choice(BACKEND_NAMES[1:]), default="torch", show_default=True,
+              help="the backend it must segment like (a verdict is recorded only against torch)")
+@click.option("--model", type=click.Path(path_type=Path), default=None, help=MODEL_HELP)
+@threads_option
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write every figure here")
 @click.option("--record", is_flag=True, help="store the verdict in the export's sidecar (what --backend auto trusts)")
 @max_memory_option
@@ -411,13 +413,14 @@ def validate(data_root, patients_file, backend, against, model, threads, json_pa
 
 # --------------------------------------------------------------------------- export
 @main.command()
-@click.option("--model", type=click.Path(path_type=Path), default=None, help="model .pt (default: shipped)")
+@click.option("--model", type=click.Path(path_type=Path), default=None, help=MODEL_HELP)
 @click.option("--kinds", default="onnx,onnx-int8,onnx-fp16,tensorrt-fp16", show_default=True,
               help="comma list of onnx, onnx-int8, onnx-fp16, tensorrt-fp16")
 @click.option("--data", "data_root", type=click.Path(path_type=Path), help="training patients for INT8 calibration")
 @click.option("--train-list", type=click.Path(), help="calibration patients (training split only)")
-@click.option("--calibration-slices", type=int, default=300, show_default=True)
-@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--calibration-slices", type=int, default=300, show_default=True,
+              help="INT8: training slices whose activation ranges set the quantization scales")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset of the exported graph")
 @click.option("--triton", "triton_repo", type=click.Path(path_type=Path),
               help="instead of exporting, write a Triton model repository here from the current exports")
 @click.option("--triton-device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
@@ -469,16 +472,20 @@ def export(model, kinds, data_root, train_list, calibration_slices, opset, trito
 # --------------------------------------------------------------------------- bench
 @main.command()
 @click.option("--data", "data_root", type=click.Path(path_type=Path), help="patients to time (default: synthetic slices, no end-to-end)")
-@click.option("--patients", "n_patients", type=click.IntRange(1, 1000), default=10, show_default=True)
-@click.option("--backends", default="torch,onnxruntime,onnxruntime-int8,openvino,openvino-int8,tensorrt", show_default=True)
-@click.option("--batch-sizes", default="1,8,32", show_default=True)
-@click.option("--threads", type=click.IntRange(1, 256), default=None)
-@click.option("--warmup", type=click.IntRange(0, 1000), default=3, show_default=True)
-@click.option("--iterations", type=click.IntRange(1, 100000), default=20, show_default=True)
+@click.option("--patients", "n_patients", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="patients timed end to end (the first also warms up)")
+@click.option("--backends", default="torch,onnxruntime,onnxruntime-int8,openvino,openvino-int8,tensorrt", show_default=True,
+              help="comma list: torch and every backend auto may pick (those not usable here are listed with the "
+                   "reason, not timed); onnxruntime-fp16, a CPU emulation of the FP16 numerics, is timed only by name")
+@click.option("--batch-sizes", default="1,8,32", show_default=True, help="comma list of slices per inference call")
+@threads_option
+@click.option("--warmup", type=click.IntRange(0, 1000), default=3, show_default=True, help="untimed calls first")
+@click.option("--iterations", type=click.IntRange(1, 100000), default=20, show_default=True, help="timed calls per figure")
 @click.option("--no-reference", is_flag=True, help="skip timing the course's reference pipeline")
-@click.option("--model", type=click.Path(path_type=Path), default=None)
-@click.option("--json", "json_path", type=click.Path(path_type=Path))
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path))
+@click.option("--model", type=click.Path(path_type=Path), default=None, help=MODEL_HELP)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="write every figure here (with the CPU "
+              "and the model's SHA-256)")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="write the latency/throughput chart here")
 @accurate_mode_options
 @user_errors
 def bench(data_root, n_patients, backends, batch_sizes, threads, warmup, iterations, no_reference, model, json_path, plot_path,

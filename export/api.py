@@ -3,7 +3,7 @@
 ``export_model`` writes ``<name>.onnx`` (fp32), ``<name>.int8.onnx`` (static QDQ, calibrated on
 training patients), ``<name>.fp16.onnx`` (float16, unsafe nodes by the FP16 range rule kept
 float32) and ``<name>.fp16.plan`` (TensorRT, where a GPU and TensorRT 10 exist), each with a
-sidecar ``<file>.json``. Verdicts of `segengine validate` are engine/verdict.py's business.
+sidecar ``<file>.json``. Verdicts of `segengine validate` are engine/inference/verdict.py's business.
 """
 from __future__ import annotations
 

@@ -21,14 +21,12 @@ import numpy as np
 
 from segengine.engine.core.atomic import atomic_file, now_iso, temp_path_beside
 from segengine.engine.core.errors import ExportError, ToleranceExceededError
+from segengine.engine.inference.onnx_numerics import INPUT_NAME, ort_run, ort_session
 from segengine.engine.model.spec import ModelSpec, sha256_file
 from segengine.export.onnx_export import (
-    INPUT_NAME,
     check_images,
     compare_outputs,
     count_ops,
-    ort_run,
-    ort_session,
     set_metadata,
     sidecar_identity,
     tool_versions,
@@ -88,7 +86,7 @@ def calibration_slices(
     ``train_list`` is a patient-list file (one id a line) or a sequence of ids. Patients are
     read with ``read_patient`` and preprocessed as the engine runs them (native protocol,
     every slice); with ``context_slices`` K > 0 each patient's slices are stacked with their
-    K neighbours on each side (``preprocess.stack_context``, what ``pipeline.model_input``
+    K neighbours on each side (``preprocess.stack_context``, what ``inference.predict.model_input``
     feeds a 2.5D model: C = 3 * (2K + 1)) before slices are sampled, so no input mixes patients.
     Raises ExportError when the list contains a reference-validation patient (or one of
     ``exclude``), or when no listed patient is found. With ``return_info`` returns

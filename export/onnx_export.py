@@ -19,13 +19,8 @@ import numpy as np
 
 from segengine.engine.core.atomic import atomic_file, now_iso, temp_path_beside, write_json_atomic
 from segengine.engine.core.errors import ExportError, ExportToolMissing, ShapeMismatchError, ToleranceExceededError
+from segengine.engine.inference.onnx_numerics import INPUT_NAME, OUTPUT_NAME, ort_run, ort_session
 from segengine.engine.model.spec import SLICE_CHANNELS, ModelSpec, sha256_file, sidecar_path
-
-INPUT_NAME = "images"
-
-
-OUTPUT_NAME = "probabilities"
-
 
 DYNAMIC_AXES = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
 
@@ -86,29 +81,6 @@ def compare_outputs(expected: np.ndarray, got: np.ndarray, atol: float, what: st
     if not max_diff <= atol:
         raise ToleranceExceededError(what, max_diff, atol)
     return max_diff
-
-
-def ort_session(path: Path | str | bytes, threads: int | None = None, level: str = "all"):
-    """An ONNX Runtime CPU session (``threads`` intra-op threads; None = ORT default)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[level]
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    source = str(path) if isinstance(path, (str, os.PathLike)) else path
-    return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def ort_run(session, images: np.ndarray) -> np.ndarray:
-    (out,) = session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})
-    return out
 
 
 def count_ops(model_or_path) -> dict[str, int]:
@@ -219,7 +191,7 @@ def export_onnx(
 ) -> dict[str, Any]:
     """Export ``spec``'s weights to an fp32 ONNX file of probabilities; returns the sidecar.
 
-    ``verify_images``: (N, C, S, S) float32 model input (``pipeline.model_input`` of preprocessed
+    ``verify_images``: (N, C, S, S) float32 model input (``inference.predict.model_input`` of preprocessed
     patients) to compare with PyTorch on (repeated to reach each batch size); None uses a
     deterministic synthetic batch.
     ``exporter``: "torchscript", "dynamo", or "auto" (TorchScript, dynamo if it is unavailable).

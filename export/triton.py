@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from segengine.engine.core.errors import ExportError
+from segengine.engine.core.errors import ExportError, TritonRepositoryError
+from segengine.engine.inference.onnx_numerics import INPUT_NAME, OUTPUT_NAME
 from segengine.engine.model.spec import ModelSpec
 from segengine.engine.outputs.results_dir import atomic_dir
-from segengine.export.onnx_export import INPUT_NAME, OUTPUT_NAME
+from segengine.engine.inference.backends.triton_backend import WEIGHTS_SHA256_PARAMETER
 
 # Triton's file name per platform inside a version folder.
 DEFAULT_FILENAMES = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan"}
@@ -35,13 +36,8 @@ TRITON_EXPORTS = (
     ("tensorrt-fp16", "_trt_fp16", "tensorrt_plan"),
 )
 FALLBACK_PREFERRED = (8, 32)
-WEIGHTS_SHA256_PARAMETER = "segengine.source_sha256"
 BENCH_BACKEND = {"onnx": "onnxruntime", "onnx-int8": "onnxruntime-int8", "onnx-fp16": "onnxruntime-fp16",
                  "tensorrt-fp16": "tensorrt"}
-
-
-class TritonRepositoryError(ExportError):
-    """The generated repository does not parse as Triton's ModelConfig or breaks its layout."""
 
 
 @dataclass

@@ -175,7 +175,7 @@ def test_bench_times_a_context_model_on_its_own_input(context_model, kaggle_root
     from segengine.engine.preprocessing.preprocess import preprocess_patient
 
     spec = load_model_spec(context_model)
-    slices = preprocess_patient(read_patient(kaggle_root / PATIENT, with_mask=False), "native", spec.input_size).images
+    slices = preprocess_patient(read_patient(kaggle_root / PATIENT, with_mask=False), "native", spec.preprocessing).images
     x, info = input_slices(spec, [kaggle_root / PATIENT], 4, log=lambda *_: None)
     n = len(slices)
     assert x.shape == (n, 9, 64, 64) and info["source"] == "real" and info["slices"] == n

@@ -137,7 +137,7 @@ def test_tiny_cv_run_trains_scores_out_of_fold_and_compares(kaggle_root, tmp_pat
 
         state = torch.load(member.weights, weights_only=True)["state_dict"]
         assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
-        x = model_input(preprocess_patient(vol, "native", member.input_size), member)[:4]
+        x = model_input(preprocess_patient(vol, "native", member.preprocessing), member)[:4]
         with TorchBackend(member, threads=1) as a, TorchBackend(load_model_spec(out / f"fold{k}" / "model" / f"tiny_fold{k}.pt"), threads=1) as b:
             np.testing.assert_allclose(a.predict(x), b.predict(x), atol=2e-2)
     # out-of-fold probabilities again from the shipped members alone: each patient by the member
@@ -163,11 +163,11 @@ def test_tiny_cv_run_trains_scores_out_of_fold_and_compares(kaggle_root, tmp_pat
 
 @pytest.mark.parametrize("context", [0, 1, 2])
 def test_training_neighbours_match_what_inference_stacks(context):
-    """train.context_index over concatenated patients == stack_context per patient."""
+    """context_index over concatenated patients (training) == stack_context per patient (inference)."""
     import numpy as np
 
     from segengine.engine.preprocessing.preprocess import stack_context
-    from segengine.train.train import context_index
+    from segengine.engine.preprocessing.preprocess import context_index
 
     sizes = [1, 4, 2, 5]
     patient_index = np.repeat(np.arange(len(sizes)), sizes)

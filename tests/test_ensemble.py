@@ -43,7 +43,7 @@ def test_ensemble_is_the_mean_of_its_members(kaggle_root, two_member_ensemble, t
     """The averaging runner against each member run on its own (and mirrored by the pipeline's TTA rule)."""
     plan = load_ensemble(two_member_ensemble, tta=tta)
     vol = read_patient(kaggle_root / VAL_PATIENTS[0])
-    images = model_input(preprocess_patient(vol, "native", plan.input_size), plan)[:12]
+    images = model_input(preprocess_patient(vol, "native", plan.preprocessing), plan)[:12]
     members = [_grid(m, "torch", images, tta) for m in plan.members]
     assert not np.allclose(members[0], members[1], atol=1e-2)  # the two members really differ
     got = _grid(plan, "torch", images)
@@ -55,7 +55,7 @@ def test_tta_alone_averages_the_mirrored_slices(kaggle_root):
     plan = load_plan(None, None, tta=True)
     assert isinstance(plan, InferencePlan) and plan.members[0].sha256 == spec.sha256 and plan.sha256 != spec.sha256
     vol = read_patient(kaggle_root / VAL_PATIENTS[1])
-    images = model_input(preprocess_patient(vol, "native", spec.input_size), spec)[:8]
+    images = model_input(preprocess_patient(vol, "native", spec.preprocessing), spec)[:8]
     np.testing.assert_allclose(_grid(plan, "torch", images), _grid(spec, "torch", images, tta=True), atol=1e-5)
 
 
@@ -120,7 +120,7 @@ def test_members_must_see_the_same_input(tmp_path):
     shipped = load_model_spec(copy_model(shipped_model_path(), tmp_path))
     other = shipped.context_slices + 1  # the shipped model's architecture, one more neighbour each side
     save_random_model(tmp_path, "ctx", shipped.architecture | {"in_channels": 3 * (2 * other + 1)}, context_slices=other)
-    with pytest.raises(ModelError, match="members differ in input size or context slices"):
+    with pytest.raises(ModelError, match="members differ in their preprocessing plan"):
         load_ensemble(_manifest(tmp_path, {"kind": "ensemble", "members": ["resunet16.pt", "ctx.pt"]}))
 
 

@@ -94,7 +94,7 @@ def test_onnx_passes_checker_has_dynamic_batch_and_no_batchnorm(exported):
 
 @pytest.mark.parametrize("batch", [1, 7, 32])
 def test_onnx_matches_torch_at_batch_size(exported, torch_reference, batch):
-    from segengine.export.onnx_export import ort_run, ort_session
+    from segengine.engine.inference.onnx_numerics import ort_run, ort_session
 
     spec, _ = exported
     images, expected = torch_reference
@@ -109,7 +109,8 @@ def test_onnx_sidecar_figures_are_recomputed(exported):
 
     from segengine.engine.model.spec import load_torch_model
     from segengine.engine.model.network import ProbabilityModel
-    from segengine.export.onnx_export import ort_run, ort_session, repeat_to, synthetic_images
+    from segengine.engine.inference.onnx_numerics import ort_run, ort_session
+    from segengine.export.onnx_export import repeat_to, synthetic_images
 
     spec, side = exported
     assert side["source_sha256"] == sha256_file(spec.weights) and side["sha256"] == sha256_file(spec.export_path("onnx"))
@@ -307,7 +308,8 @@ def test_calibration_slices_are_deterministic_training_slices(kaggle_root, int8_
 def test_int8_export_is_qdq_and_agrees_with_fp32(int8_export):
     import onnx
 
-    from segengine.export.onnx_export import count_ops, ort_run, ort_session
+    from segengine.export.onnx_export import count_ops
+    from segengine.engine.inference.onnx_numerics import ort_run, ort_session
 
     spec, side, _, check = int8_export
     path = check_export(spec, "onnx-int8")
@@ -331,7 +333,7 @@ def test_int8_floors_are_checked_against_the_measured_figures(int8_export, tmp_p
     """The mask DSC and mean |dP| the export measures are recomputed here from the written file;
     a mean-diff tolerance just below the measured value must then make the same export fail."""
     from segengine.export.int8 import export_int8
-    from segengine.export.onnx_export import ort_run, ort_session
+    from segengine.engine.inference.onnx_numerics import ort_run, ort_session
 
     spec, _, calib, check = int8_export
     out = tmp_path / "floor.int8.onnx"
@@ -413,8 +415,8 @@ def test_fp16_storage_emulation_rounds_every_tensor_to_float16(fp16_export, int8
     """On the CPU the backend must see FP16 rounding after every node, not ORT's silent fp32."""
     import onnx
 
-    from segengine.export.fp16 import _elem_types, _with_outputs, storage_emulation
-    from segengine.export.onnx_export import ort_session
+    from segengine.engine.inference.onnx_numerics import _elem_types, _with_outputs, storage_emulation
+    from segengine.engine.inference.onnx_numerics import ort_session
 
     spec, _ = fp16_export
     _, _, _, check = int8_export
@@ -431,8 +433,8 @@ def test_fp16_storage_emulation_rounds_every_tensor_to_float16(fp16_export, int8
 def test_fp16_range_report_is_recomputed_from_an_extracted_subgraph(exported, int8_export, tmp_path):
     import onnx.utils
 
-    from segengine.export.fp16 import FP16_MIN_NORMAL, RangeMeter
-    from segengine.export.onnx_export import ort_session
+    from segengine.engine.inference.onnx_numerics import FP16_MIN_NORMAL, RangeMeter
+    from segengine.engine.inference.onnx_numerics import ort_session
 
     spec, _ = exported
     _, _, calib, _ = int8_export
@@ -458,7 +460,8 @@ def test_fp16_unsafe_node_is_found_and_kept_float32(exported, int8_export, tmp_p
     import onnx
     from onnx import numpy_helper
 
-    from segengine.export.fp16 import MAX_SUBNORMAL_SHARE, SAFE_MAX, RangeMeter, convert_to_fp16
+    from segengine.engine.inference.onnx_numerics import MAX_SUBNORMAL_SHARE, SAFE_MAX, RangeMeter
+    from segengine.export.fp16 import convert_to_fp16
 
     spec, _ = exported
     _, _, calib, _ = int8_export
@@ -782,7 +785,7 @@ def test_model_card_gives_the_channel_count(context_model, random_model):
 
 @pytest.mark.parametrize("kind", CONTEXT_KINDS)
 def test_context_exports_take_the_cards_channel_count(context_exports, kind):
-    from segengine.export.onnx_export import ort_session
+    from segengine.engine.inference.onnx_numerics import ort_session
 
     spec, results = context_exports
     path = check_export(spec, kind)
@@ -971,7 +974,8 @@ def test_run_refuses_a_card_whose_context_does_not_fit_the_model(context_copy, k
 
 
 def test_triton_config_declares_the_cards_channels(context_copy, tmp_path):
-    from segengine.export.triton import TritonRepositoryError, _onnx_io_matches, check_model_dir, write_repository
+    from segengine.engine.core.errors import TritonRepositoryError
+    from segengine.export.triton import _onnx_io_matches, check_model_dir, write_repository
 
     (folder,) = write_repository(context_copy, tmp_path / "repo", kinds=("onnx",), log=None)
     cfg = check_model_dir(folder)
@@ -982,7 +986,8 @@ def test_triton_config_declares_the_cards_channels(context_copy, tmp_path):
 
 def test_tensorrt_build_and_backend_take_the_channels_of_the_onnx_input(context_copy, fake_trt, tmp_path):
     from segengine.engine.inference.backends.tensorrt_backend import TensorRTBackend
-    from segengine.export.onnx_export import ort_run, ort_session, synthetic_images
+    from segengine.engine.inference.onnx_numerics import ort_run, ort_session
+    from segengine.export.onnx_export import synthetic_images
     from segengine.export.tensorrt_build import build_tensorrt_engine
 
     spec = context_copy

@@ -19,7 +19,7 @@ from reference_impl import reference_preprocess
 from segengine.engine.readers import kaggle as io
 from segengine.engine.cli import main
 from segengine.engine.evaluation.metrics import dsc, hd95, precision, recall, volume_metrics
-from segengine.engine.postprocessing.postprocess import (PostprocessConfig, fill_holes_2d, fill_holes_3d, largest_component, postprocess, remove_small_components)
+from segengine.engine.postprocessing.postprocess import (PostprocessConfig, fill_holes_2d, largest_component, postprocess)
 from segengine.engine.core.errors import EmptyVolumeError
 from segengine.engine.preprocessing.preprocess import preprocess_volume, to_original_grid
 from segengine.engine.readers.registry import list_patients, read_patient
@@ -263,23 +263,21 @@ def test_largest_component_uses_face_connectivity():
     assert largest_component(np.zeros((2, 4, 4), bool)).sum() == 0
 
 
-def test_hole_filling_2d_and_3d():
+def test_hole_filling_is_per_slice():
     enclosed = np.zeros((5, 7, 7), bool)
     enclosed[1:4, 1:6, 1:6] = True
-    enclosed[2, 3, 3] = False  # a cavity closed in 3D and within its slice
-    assert fill_holes_3d(enclosed)[2, 3, 3] and fill_holes_2d(enclosed)[2, 3, 3]
+    enclosed[2, 3, 3] = False  # a cavity closed within its slice
+    assert fill_holes_2d(enclosed)[2, 3, 3] and fill_holes_2d(enclosed).sum() == enclosed.sum() + 1
     tunnel = np.zeros((5, 7, 7), bool)
     tunnel[:, 1:6, 1:6] = True
-    tunnel[:, 3, 3] = False  # a channel through every slice: a hole in 2D, open to the outside in 3D
+    tunnel[:, 3, 3] = False  # a channel through every slice: a hole in each slice (--fill-holes fills it)
     assert fill_holes_2d(tunnel)[:, 3, 3].all()
-    assert not fill_holes_3d(tunnel)[:, 3, 3].any()
 
 
-def test_min_component_size_and_pipeline():
+def test_threshold_and_largest_component_pipeline():
     m = np.zeros((2, 10, 10), np.float32)
     m[0, :4, :4] = 0.9
     m[1, 8:, 8:] = 0.8  # 4 voxels
-    assert remove_small_components(m > 0.5, 5).sum() == 16
     assert postprocess(m, PostprocessConfig()).sum() == 16
     assert postprocess(m, PostprocessConfig.none()).sum() == 20
     assert postprocess(m, PostprocessConfig(threshold=0.85, largest_component=False)).sum() == 16
@@ -370,3 +368,30 @@ def test_evaluate_reports_a_missing_prediction_in_one_line(kaggle_root, val_pati
                                     "--patients-file", str(val_patients_file)])
     assert res.exit_code == 2
     assert "predicted mask missing" in res.output and "Traceback" not in res.output
+
+
+def test_the_model_card_carries_the_preprocessing_plan(kaggle_root):
+    """The plan comes from the card (size, context, constants); a stricter threshold crops a smaller box."""
+    from segengine.engine.preprocessing.plan import PreprocessingPlan
+
+    assert PreprocessingPlan.from_card({"input_size": 128, "context_slices": 1}) == PreprocessingPlan(128, 1)
+    plan = PreprocessingPlan.from_card({"input_size": 64, "preprocessing": {"threshold_fraction": 0.5,
+                                                                          "percentiles": [5, 95], "unknown": 1}})
+    assert (plan.input_size, plan.threshold_fraction, plan.percentiles) == (64, 0.5, (5, 95))
+    vol = read_patient(kaggle_root / VAL_PATIENTS[0])
+    loose = preprocess_volume(vol.image, drop_ends=False, plan=PreprocessingPlan(64)).geometry
+    strict = preprocess_volume(vol.image, drop_ends=False, plan=PreprocessingPlan(64, threshold_fraction=0.5)).geometry
+    assert (strict.y1 - strict.y0) * (strict.x1 - strict.x0) < (loose.y1 - loose.y0) * (loose.x1 - loose.x0)
+    bright = np.maximum.reduce([vol.image[..., c] for c in range(3)])
+    assert strict.y0 == int(np.flatnonzero((bright >= np.ceil(bright.max() * 0.5)).any(axis=(0, 2)))[0])
+
+
+@pytest.mark.parametrize("patient_index, context, expected", [
+    ([0, 0, 0], 1, [[0, 0, 1], [0, 1, 2], [1, 2, 2]]),
+    ([0, 0, 1, 1, 1], 1, [[0, 0, 1], [0, 1, 1], [2, 2, 3], [2, 3, 4], [3, 4, 4]]),
+    ([5, 7, 7], 2, [[0, 0, 0, 0, 0], [1, 1, 1, 2, 2], [1, 1, 2, 2, 2]]),
+])
+def test_context_index_never_crosses_a_patient(patient_index, context, expected):
+    from segengine.engine.preprocessing.preprocess import context_index
+
+    np.testing.assert_array_equal(context_index(np.array(patient_index), context), expected)

@@ -52,7 +52,7 @@ def test_exports_are_current_and_agree_with_the_weights(spec, kaggle_root, kind,
     assert side["source_sha256"] == sha256_file(spec.weights)
     assert side["sha256"] == sha256_file(spec.export_path(kind))
     assert why_untrusted(spec, backend) is None and side["validation"]["precision"] == precision
-    x = model_input(preprocess_patient(read_patient(kaggle_root / VAL_PATIENTS[1]), "native", spec.input_size), spec)
+    x = model_input(preprocess_patient(read_patient(kaggle_root / VAL_PATIENTS[1]), "native", spec.preprocessing), spec)
     with registry.create("torch", spec, threads=1) as ref, registry.create(backend, spec, threads=1) as other:
         a, b = ref.predict(x) > 0.5, other.predict(x) > 0.5
     assert a.sum() > 1000  # the weights find this patient's tumor

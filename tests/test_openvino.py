@@ -122,7 +122,7 @@ def test_shipped_openvino_verdicts_hold_and_state_the_precision(backend, kind, k
     if not (ov["runtime"]["inference_precision"] == inference_precision() or inference_precision() == "f32"):
         return  # another CPU's precision: auto distrusts it (test_auto_distrusts_an_openvino_verdict_measured_in_another_precision)
     assert why_untrusted(spec, backend) is None
-    x = model_input(preprocess_patient(read_patient(kaggle_root / VAL_PATIENTS[1]), "native", spec.input_size), spec)
+    x = model_input(preprocess_patient(read_patient(kaggle_root / VAL_PATIENTS[1]), "native", spec.preprocessing), spec)
     with registry.create("torch", spec, threads=1) as ref, registry.create(backend, spec, threads=1) as other:
         a, b = ref.predict(x) > 0.5, other.predict(x) > 0.5
     assert a.sum() > 1000  # the weights find this patient's tumor
@@ -376,7 +376,7 @@ def test_the_fold_ensemble_runs_on_int8_backends_like_torch(kaggle_root, backend
     plan = load_ensemble()
     assert all(why_untrusted(m, backend) is None for m in plan.members)
     vol = read_patient(kaggle_root / VAL_PATIENTS[0])
-    pre = preprocess_patient(vol, "native", plan.input_size)
+    pre = preprocess_patient(vol, "native", plan.preprocessing)
     x = model_input(pre, plan)
     segs = {}
     for name in (backend, "torch"):

@@ -202,7 +202,7 @@ def test_tta_measures_how_much_the_views_agree(kaggle_root, tmp_path):
     review = json.loads((tmp_path / "o" / p / "report.json").read_text())["review"]
     assert review["calibration"].startswith("out of fold") and "mirrored" in review["calibration"]
     spec = load_model_spec()
-    x = model_input(preprocess_patient(read_patient(kaggle_root / p), "native", spec.input_size), spec)
+    x = model_input(preprocess_patient(read_patient(kaggle_root / p), "native", spec.preprocessing), spec)
     with TorchBackend(spec, threads=1) as backend:
         plain = backend.predict(x)
         mirrored = backend.predict(np.ascontiguousarray(x[..., ::-1]))[..., ::-1]

@@ -231,7 +231,8 @@ def test_triton_gpu_instance_group(exported_model, tmp_path):
 ])
 def test_triton_repository_check_refuses(exported_model, tmp_path, damage, words):
     pytest.importorskip("tritonclient.grpc")
-    from segengine.export.triton import TritonRepositoryError, check_repository, write_repository
+    from segengine.engine.core.errors import TritonRepositoryError
+    from segengine.export.triton import check_repository, write_repository
 
     write_repository(load_model_spec(exported_model), tmp_path / "repo", kinds=["onnx"], log=None)
     damage(tmp_path / "repo" / "resunet16")

@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from segengine.engine.core.atomic import write_json_atomic
+from segengine.engine.core.errors import CvInputError, FoldError
 from segengine.engine.evaluation.evaluate import summarize_rows
 from segengine.engine.evaluation.metrics import volume_metrics
 from segengine.engine.postprocessing.postprocess import PostprocessConfig, postprocess
 from segengine.engine.readers.registry import read_patient
-from segengine.train.folds import DEFAULT_DATA, DEFAULT_FOLD_SEED, FoldError, fold_dir, load_or_write_folds, splits_dir
+from segengine.train.folds import DEFAULT_DATA, DEFAULT_FOLD_SEED, fold_dir, load_or_write_folds, splits_dir
 from segengine.train.paired import bootstrap_mean_ci, compare  # noqa: F401 - cv compare's, re-exported
 
 # Post-processing variants scored on every out-of-fold patient (native protocol).
@@ -101,7 +102,7 @@ def score_model(spec, data: Path, held_out: list[str], k: int, run: Path, thread
     with registry.create("torch", spec, threads=threads) as backend:
         for patient in held_out:
             vol = read_patient(data / patient)
-            pre = preprocess_patient(vol, "native", spec.input_size)
+            pre = preprocess_patient(vol, "native", spec.preprocessing)
             x = model_input(pre, spec)
             grid, grid_flipped = backend.predict(x), predict_flipped(backend, x)
             seg = finish_patient(vol, pre, grid, "native", none, {})
@@ -315,10 +316,6 @@ def flair_only_scores(cv_out: Path, data: Path, k: int, threads: int | None = No
             given, only = segment(vol, backend), segment(replace(vol, image=flair), backend)
             rows.append((r["patient"], dsc(given.mask, given.truth), dsc(only.mask, only.truth)))
     return rows
-
-
-class CvInputError(ValueError):
-    """A CV run folder or cv.json that cannot be compared; one line."""
 
 
 def read_cv_result(run: str | Path, variants: tuple[str, ...] = ()) -> dict:

@@ -12,15 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from segengine.engine.core.errors import FoldError
 from segengine.engine.readers.volume import read_patient_list
 
 FOLDS_DIR = Path(__file__).resolve().parent / "folds"
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lgg"  # ../shared beside the checkout
 DEFAULT_FOLD_SEED = 0
-
-
-class FoldError(ValueError):
-    """Fold files are missing, inconsistent, or do not match the train list."""
 
 
 def make_folds(patients: list[str], n_folds: int, seed: int = DEFAULT_FOLD_SEED) -> list[list[str]]:

@@ -1,4 +1,4 @@
-"""Fit the quality estimate (``engine/quality.py``) on out-of-fold CV patients, per mode.
+"""Fit the quality estimate (``engine/postprocessing/quality.py``) on out-of-fold CV patients, per mode.
 
     segengine cv calibrate-review runs/cv/v2_rescore --data DATA --record docs/cv/v2_quality.json \\
         --write-card models/resunet16.json --write-manifest models/resunet16v2_folds.ensemble.json

@@ -24,7 +24,7 @@ from segengine.engine.evaluation.metrics import dsc
 from segengine.engine.model.network import build_model, count_flops
 from segengine.engine.model.spec import SLICE_CHANNELS, input_channels
 from segengine.engine.postprocessing.postprocess import largest_component
-from segengine.engine.preprocessing.preprocess import stack_context
+from segengine.engine.preprocessing.preprocess import context_index, stack_context
 from segengine.engine.readers.volume import read_patient_list
 from segengine.train import robust_aug
 from segengine.train.data import VolumeSet, load_volume_set
@@ -224,21 +224,6 @@ def slice_weights(masks: np.ndarray, tumor_share: float) -> np.ndarray:
     tumor = area / area.sum() if area.sum() > 0 else uniform
     w = (1 - tumor_share) * uniform + tumor_share * tumor
     return w / w.sum()
-
-
-def context_index(patient_index: np.ndarray, context: int) -> np.ndarray:
-    """(N, 2K+1) slice indices of each slice's neighbours within its own patient, as
-    ``stack_context`` takes them at inference (nearest slice repeated at the ends)."""
-    n = len(patient_index)
-    idx = np.arange(n)[:, None] + np.arange(-context, context + 1)[None, :]
-    idx = np.clip(idx, 0, n - 1)
-    for j in range(idx.shape[1]):  # never cross into the neighbouring patient: step back towards i
-        while True:
-            wrong = patient_index[idx[:, j]] != patient_index
-            if not wrong.any():
-                break
-            idx[wrong, j] += np.sign(np.arange(n)[wrong] - idx[wrong, j])
-    return idx
 
 
 def init_weights(model: torch.nn.Module, path: str) -> None:

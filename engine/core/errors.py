@@ -134,3 +134,23 @@ class ToleranceExceededError(ExportError):
 
 class ExportToolMissing(ExportError):
     """A tool the export needs (TensorRT, a CUDA GPU, an exporter backend) is not available here."""
+
+
+class NiftiError(DataError):
+    """A NIfTI input that cannot be used; one line naming the file."""
+
+
+class TritonRepositoryError(ExportError):
+    """The generated repository does not parse as Triton's ModelConfig or breaks its layout."""
+
+
+class ConverterMissing(ExportToolMissing):
+    """onnxconverter-common (the float16 converter) is not installed."""
+
+
+class CvInputError(ValueError):
+    """A CV run folder or cv.json that cannot be compared; one line."""
+
+
+class FoldError(ValueError):
+    """Fold files are missing, inconsistent, or do not match the train list."""

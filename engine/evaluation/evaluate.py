@@ -20,14 +20,16 @@ from segengine.engine.readers.volume import DEFAULT_LIMITS, SliceLimits, read_pa
 
 
 def evaluate_model(data_root: Path, model: str | None, protocol: str, backend_name: str = "torch",
-                   patients_file: str | None = None, threads: int | None = None, post: PostprocessConfig = PostprocessConfig(),
+                   patients_file: str | None = None, threads: int | None = None, post: dict | None = None,
                    progress=None, ensemble: bool | Path | None = None, tta: bool = False,
                    limits: SliceLimits = DEFAULT_LIMITS) -> dict:
-    """Per-patient metrics of a model (or an ensemble / TTA plan) in the reference or native protocol."""
-    from segengine.engine.evaluation.evaluate import select_patients, summarize_rows
+    """Per-patient metrics of a model (or an ensemble / TTA plan) in the reference or native protocol.
 
+    Post-processing is the model card's, as ``run`` does it, with ``post`` (the CLI's --threshold,
+    --no-postprocess, --fill-holes) on top: the scores are those of the masks ``run`` writes."""
     folders = select_patients(Path(data_root), patients_file)
     spec = load_plan(model, ensemble, tta)
+    post = PostprocessConfig.from_card(spec.card, **(post or {}))
     name = registry.resolve(backend_name, spec, threads)
     rows = []
     with registry.create(name, spec, threads=threads) as backend:

@@ -43,7 +43,7 @@ def compute(spec: ModelSpec, data_root: Path, patients_file: str | None, backend
             vol = read_patient(folder, limits=limits or DEFAULT_LIMITS)
             if vol.mask is None:
                 raise DataError(f"{folder}: no ground-truth masks; validate needs them")
-            pre = preprocess_patient(vol, "native", spec.input_size)
+            pre = preprocess_patient(vol, "native", spec.preprocessing)
             x = model_input(pre, spec)  # with neighbouring slices as channels for 2.5D models
             pa, pb = a.predict(x), b.predict(x)
             if ranges is not None:
@@ -83,7 +83,7 @@ def _range_meter(spec: ModelSpec, backend_cls, threads: int | None):
     """A RangeMeter over the fp32 ONNX export for FP16 backends (their verdict includes it), else None."""
     if getattr(backend_cls, "precision", None) != "fp16":
         return None
-    from segengine.export.fp16 import RangeMeter
+    from segengine.engine.inference.onnx_numerics import RangeMeter
 
     try:
         path = check_export(spec, "onnx")

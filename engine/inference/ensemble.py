@@ -70,6 +70,11 @@ class InferencePlan:
         return self.members[0].input_size
 
     @property
+    def preprocessing(self):
+        """The members' plan (``load_ensemble`` refuses members whose inputs differ)."""
+        return self.members[0].preprocessing
+
+    @property
     def context_slices(self) -> int:
         return self.members[0].context_slices
 
@@ -128,9 +133,10 @@ def load_ensemble(manifest: str | os.PathLike | None = None, tta: bool = False) 
     from segengine.engine.postprocessing.quality import QualityModel
 
     QualityModel.from_card(card, "ensemble", str(path))  # a manifest's calibration is checked before any work
-    shapes = {(s.input_size, s.context_slices) for s in specs}
-    if len(shapes) != 1:
-        raise ModelError(f"{path}: members differ in input size or context slices ({sorted(shapes)})")
+    plans = {s.preprocessing for s in specs}
+    if len(plans) != 1:
+        shown = sorted((p.input_size, p.context_slices) for p in plans)
+        raise ModelError(f"{path}: members differ in their preprocessing plan (input size, context slices: {shown})")
     return InferencePlan(members=specs, tta=tta, card=card, source=path)
 
 

@@ -76,7 +76,7 @@ def entry_key(cpu: str, model_sha256: str, threads: int | None) -> str:
 
 def _read_file(path: Path) -> dict[str, Any]:
     """The cache file as {"entries": ..., "facts": ...}; an absent, unreadable or foreign file reads
-    as empty. Read as every file the engine reads (fsguard.read_regular): a FIFO or device planted
+    as empty. Read as every file the engine reads (core.fsguard.read_regular): a FIFO or device planted
     as the cache (a shared HOME, $SEGENGINE_CACHE_DIR) would block every `--backend auto`."""
     from segengine.engine.core.errors import DataError
     from segengine.engine.core.fsguard import read_regular

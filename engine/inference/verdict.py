@@ -76,7 +76,7 @@ def format_result(result: dict[str, Any]) -> str:
     lines.append(f"{'mean':<26}{m['dsc_backend']:>22.4f}{m['dsc_against']:>14.4f}{m['abs_delta_dsc']:>10.5f}"
                  f"{m['agreement']:>11.5f}{m['max_abs_delta_prob']:>10.5f}")
     if result.get("fp16_ranges"):
-        from segengine.export.fp16 import format_ranges
+        from segengine.engine.inference.onnx_numerics import format_ranges
 
         lines.append("\n" + format_ranges(result["fp16_ranges"]))
     if result.get("numerics"):

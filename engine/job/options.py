@@ -1,6 +1,6 @@
 """Per-run input/output choices that ride along with the header limits.
 
-``RunOptions`` is an :class:`io.SliceLimits` with more fields, so it travels wherever the
+``RunOptions`` is an :class:`readers.volume.SliceLimits` with more fields, so it travels wherever the
 limits already travel (``PatientJob``, ``read_patient``, Ray workers) without changing those
 signatures while other branches harden them; readers and writers read the fields they know
 with ``getattr(limits, name, default)``, so a plain ``SliceLimits`` means "none chosen".

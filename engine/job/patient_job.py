@@ -120,7 +120,7 @@ class PatientJob:
 
     def preprocess(self, setup: RunSetup) -> None:
         with self._stage("preprocess", "preprocessing"):
-            self.pre = preprocess_patient(self.volume, "native", setup.spec.input_size)
+            self.pre = preprocess_patient(self.volume, "native", setup.spec.preprocessing)
 
     def infer(self, setup: RunSetup) -> None:
         with self._stage("infer", "segmenting"):
@@ -212,7 +212,7 @@ def segment(volume: PatientVolume, backend: Backend, protocol: str = "native", b
         raise ValueError(f"unknown protocol {protocol!r}")
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    pre = preprocess_patient(volume, protocol, backend.spec.input_size)
+    pre = preprocess_patient(volume, protocol, backend.spec.preprocessing)
     timings["preprocess"] = time.perf_counter() - t
     t = time.perf_counter()
     grid_prob = predict_patient(backend, pre, batch_size)

@@ -1,7 +1,7 @@
 """`segengine run --patients ROOT --out OUT --ray [ADDRESS]`: an archive spread over a Ray cluster.
 
 Each worker is a long-lived Ray actor that loads the model once and segments one patient
-per call with the same code as a local run (``patient_job.process_patient``: patient id, lock,
+per call with the same code as a local run (``job.patient_job.process_patient``: patient id, lock,
 atomic write into ``OUT/<patient>/``). The driver hands patients
 out one at a time (pull model), so a slow node never hoards work. A worker that dies
 mid-patient (node lost, OOM, killed) is replaced and its patient is put back at the front

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from segengine.engine.core.errors import ModelError
+from segengine.engine.preprocessing.plan import PreprocessingPlan
 
 SHIPPED_MODEL_NAME = "resunet16"
 
@@ -173,6 +174,11 @@ class ModelSpec:
     @property
     def input_size(self) -> int:
         return int(self.card.get("input_size", 256))
+
+    @property
+    def preprocessing(self) -> PreprocessingPlan:
+        """The plan that turns slices into this model's input (carried by the card)."""
+        return PreprocessingPlan.from_card(self.card)
 
     @property
     def context_slices(self) -> int:

@@ -20,6 +20,7 @@ from urllib.parse import quote
 import numpy as np
 
 from segengine.engine.core.atomic import write_text_atomic
+from segengine.engine.core.errors import NoSlicesError, NotAFolderError, OutputError
 from segengine.engine.postprocessing.postprocess import border
 from segengine.engine.readers.volume import PatientVolume
 
@@ -480,3 +481,16 @@ PATIENT_TEMPLATE = """<!DOCTYPE html>
 }})();
 </script></body></html>
 """
+
+
+def rewrite_index(out: Path) -> tuple[Path, int, int]:
+    """`segengine report`: OUT/index.html of a results folder, refused (one line) for a folder
+    that holds no results (e.g. the inputs: nothing is written there)."""
+    if not out.is_dir():
+        raise NotAFolderError(f"{out}: no such folder" if not out.exists() else f"{out}: not a folder")
+    if collect_reports(out) == ([], []):
+        raise NoSlicesError(f"{out}: no patient results (OUT/<patient>/report.json) in this folder; nothing written")
+    try:
+        return write_index(out)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write the review page ({exc.strerror or exc})") from None

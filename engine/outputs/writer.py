@@ -17,7 +17,7 @@ from segengine.engine.readers.volume import PatientVolume
 def write_patient(out: Path, volume: PatientVolume, seg: Segmentation, report: dict, overwrite: bool = False,
                   gif: bool = False, probabilities: bool = False) -> Path:
     """Write every output of one patient into ``out/<patient>/``, all or nothing
-    (with ``probabilities``, also the probability map: see extra_outputs)."""
+    (with ``probabilities``, also the probability map: see write_extra_outputs)."""
     import nibabel as nib
     from PIL import Image
 

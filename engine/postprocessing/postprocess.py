@@ -15,8 +15,6 @@ class PostprocessConfig:
     threshold: float = 0.5
     largest_component: bool = True
     fill_holes_2d: bool = False
-    fill_holes_3d: bool = False
-    min_component_size: int = 0  # voxels; components smaller than this are dropped
     # the component rule (with largest_component): which 3D component comes first ("size": the
     # largest, "mass": the most probability mass), and which others are kept beside it (mass at
     # least keep_mass_ratio of the first's and peak probability at least keep_min_peak; a ratio
@@ -126,39 +124,19 @@ def keep_components(prob: np.ndarray, mask: np.ndarray, rank_by: str = "size", k
     return keep[labels]
 
 
-def remove_small_components(mask: np.ndarray, min_size: int, structure: np.ndarray = FACE_CONNECTIVITY_3D) -> np.ndarray:
-    if min_size <= 1:
-        return mask.astype(bool)
-    labels, n = ndi.label(mask, structure=structure)
-    if n == 0:
-        return mask.astype(bool)
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_size
-    keep[0] = False
-    return keep[labels]
-
-
 def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
     """Fill holes slice by slice (enclosed background within a slice)."""
     return np.stack([ndi.binary_fill_holes(s) for s in mask]) if mask.size else mask.astype(bool)
 
 
-def fill_holes_3d(mask: np.ndarray) -> np.ndarray:
-    return ndi.binary_fill_holes(mask)
-
-
 def postprocess(prob: np.ndarray, config: PostprocessConfig = PostprocessConfig()) -> np.ndarray:
     """Turn a (D, H, W) probability volume into a boolean mask."""
     mask = prob > config.threshold
-    if config.min_component_size > 1:
-        mask = remove_small_components(mask, config.min_component_size)
     if config.largest_component:
         if config.rank_by == "size" and config.keep_mass_ratio > 1:
             mask = largest_component(mask)
         else:
             mask = keep_components(prob, mask, config.rank_by, config.keep_mass_ratio, config.keep_min_peak)
-    if config.fill_holes_3d:
-        mask = fill_holes_3d(mask)
     if config.fill_holes_2d:
         mask = fill_holes_2d(mask)
     return mask

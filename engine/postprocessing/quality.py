@@ -62,7 +62,7 @@ def channel_means(image: np.ndarray, head: np.ndarray | None = None) -> list[flo
 
 def flair_copies(image: np.ndarray, head: np.ndarray | None = None) -> list[str]:
     """Names of the channels that are copies of FLAIR (a missing sequence filled in, as 10 of the 90
-    training patients and ``nifti_io``'s FLAIR-only cases arrive); ``image`` is (D, H, W, 3)."""
+    training patients and ``readers.nifti``'s FLAIR-only cases arrive); ``image`` is (D, H, W, 3)."""
     head = head_mask(image) if head is None else head
     if not head.any():
         return []

@@ -15,17 +15,17 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from segengine.engine.core.errors import EmptyVolumeError
+from segengine.engine.preprocessing.plan import PreprocessingPlan
 from segengine.engine.readers.volume import PatientVolume
 
 
-def preprocess_patient(volume: PatientVolume, protocol: str, size: int) -> Preprocessed:
-    """The model-grid slices; the ground truth is resized too only in the reference protocol,
+def preprocess_patient(volume: PatientVolume, protocol: str, plan: PreprocessingPlan | int) -> Preprocessed:
+    """The model-grid slices by the model's plan (``ModelSpec.preprocessing``; a bare size: the
+    reference plan at that size); the ground truth is resized too only in the reference protocol,
     the one protocol that scores on the grid (native scores on the original slices)."""
     reference = protocol == "reference"
-    return preprocess_volume(volume.image, volume.mask if reference else None, size=size, drop_ends=reference)
-
-
-REFERENCE_SIZE = 256
+    return preprocess_volume(volume.image, volume.mask if reference else None, drop_ends=reference,
+                             plan=PreprocessingPlan.of(plan))
 
 
 # Spline weights smaller than this are dropped from the resize matrices (see resize_matrix).
@@ -177,14 +177,14 @@ def percentiles(values: np.ndarray, qs: tuple[float, ...], sample_size: int = 20
     return out
 
 
-def normalize_volume(volume: np.ndarray) -> np.ndarray:
+def normalize_volume(volume: np.ndarray, clip_percentiles: tuple[float, float] = (10.0, 99.0)) -> np.ndarray:
     """Rescale (D, C, H, W) between its 10th and 99th percentile, clip, z-normalize per channel (in place).
 
     The rescale to [0, 1] is affine, so it cancels in the z-normalization: clipping to
     [p10, p99] and z-normalizing with that channel's own mean and std gives the same
     values in two passes instead of five. Means and variances come from sums in float64.
     """
-    p10, p99 = percentiles(volume, (10, 99))
+    p10, p99 = percentiles(volume, clip_percentiles)
     span = p99 - p10 if p99 > p10 else 1.0  # the reference divides only by a positive range
     np.clip(volume, p10, p10 + span, out=volume)
     n = volume.size // volume.shape[1]
@@ -203,16 +203,20 @@ def normalize_volume(volume: np.ndarray) -> np.ndarray:
 def preprocess_volume(
     image: np.ndarray,
     mask: np.ndarray | None = None,
-    size: int = REFERENCE_SIZE,
+    size: int | None = None,
     drop_ends: bool = True,
+    plan: PreprocessingPlan | None = None,
 ) -> Preprocessed:
     """Map a (D, H, W, 3) uint8 volume onto the model grid (``image`` and ``mask`` are not modified).
 
     ``drop_ends=True`` is the reference protocol (first and last slice dropped);
     ``drop_ends=False`` is the native protocol (every slice kept, mapped back later).
     Only the cropped part is copied (once as uint8, once as float32); padding is folded
-    into the resize.
+    into the resize. ``plan`` holds the constants (default: the reference program's); ``size``
+    overrides its grid size.
     """
+    plan = plan or PreprocessingPlan()
+    size = size or plan.input_size
     if image.ndim != 4 or image.shape[-1] != 3:
         raise ValueError(f"expected a (D, H, W, 3) volume, got {image.shape}")
     d, h, w = image.shape[:3]
@@ -224,7 +228,7 @@ def preprocess_volume(
     top = brightest.max()
     if not top > 0:
         raise EmptyVolumeError("volume is empty (no voxel above 10% of its maximum)")
-    threshold = top * 0.1  # the reference zeroes voxels below it, then crops to what is left
+    threshold = top * plan.threshold_fraction  # the reference zeroes voxels below it, then crops to what is left
     if np.issubdtype(slab.dtype, np.integer):
         threshold = math.ceil(threshold)  # for integers, v < t <=> v < ceil(t)
     z0, z1, y0, y1, x0, x1 = crop_box(brightest >= threshold)
@@ -238,7 +242,8 @@ def preprocess_volume(
         pad_x = (int(np.floor(diff)), int(np.ceil(diff)))
     elif b > a:
         pad_y = (int(np.floor(diff)), int(np.ceil(diff)))
-    images = normalize_volume(resize_slices(volume.transpose(0, 3, 1, 2), size, 2, pad_y, pad_x))  # channels first
+    images = normalize_volume(resize_slices(volume.transpose(0, 3, 1, 2), size, plan.image_order, pad_y, pad_x),
+                              plan.percentiles)  # channels first
     grid_mask = None
     if mask is not None:
         m = (mask[lo:hi][box] > 0).astype(np.float32)
@@ -268,17 +273,32 @@ def to_original_grid(prob: np.ndarray, geometry: Geometry) -> np.ndarray:
     return out
 
 
+def context_index(patient_index: np.ndarray, context: int) -> np.ndarray:
+    """(N, 2K+1) indices of each slice's neighbours i-K..i+K within its own patient (patients
+    are contiguous runs of ``patient_index``), the nearest slice repeated at a patient's ends.
+
+    The one 2.5D neighbour rule: inference stacks one patient with it, training samples
+    slices of many patients with it."""
+    patient_index = np.asarray(patient_index)
+    n = len(patient_index)
+    starts = np.flatnonzero(np.r_[True, patient_index[1:] != patient_index[:-1]]) if n else np.zeros(0, int)
+    run = np.cumsum(np.r_[True, patient_index[1:] != patient_index[:-1]]) - 1 if n else np.zeros(0, int)
+    lo = starts[run]
+    hi = np.r_[starts[1:], n][run] - 1
+    idx = np.arange(n)[:, None] + np.arange(-context, context + 1)[None, :]
+    return np.clip(idx, lo[:, None], hi[:, None])
+
+
 def stack_context(images: np.ndarray, context: int) -> np.ndarray:
-    """(D, C, S, S) slices -> (D, C * (2 * context + 1), S, S): each slice with its ``context``
-    neighbours on either side as extra channels (2.5D input), nearest slice repeated at the ends.
+    """(D, C, S, S) slices of one patient -> (D, C * (2 * context + 1), S, S): each slice with its
+    ``context`` neighbours on either side as extra channels (2.5D input, ``context_index``).
 
     Channel order is slice i-context, ..., i, ..., i+context, each with its C modalities.
     """
     if context <= 0:
         return images
-    d = len(images)
-    idx = np.clip(np.arange(d)[:, None] + np.arange(-context, context + 1)[None, :], 0, d - 1)
-    return images[idx].reshape(d, -1, *images.shape[2:])
+    idx = context_index(np.zeros(len(images), dtype=np.int64), context)
+    return images[idx].reshape(len(images), -1, *images.shape[2:])
 
 
 def centre_slice(stacked: np.ndarray, context: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The memory a patient will take, estimated from its file headers before anything is decoded.
 
-The side and slice limits (``io.SliceLimits``) bound each number alone, yet within them one
+The side and slice limits (``readers.volume.SliceLimits``) bound each number alone, yet within them one
 patient could still take 9 GB (512 slices of 1024 x 1024) and a float64 NIfTI 4 GB. So every
 patient is also checked against a byte budget, ``SliceLimits.max_memory`` (``--max-memory``,
 default ``io.DEFAULT_MAX_MEMORY_GB``), from what its headers claim:
@@ -12,7 +12,7 @@ default ``io.DEFAULT_MAX_MEMORY_GB``), from what its headers claim:
 - the model-grid arrays per slice (:data:`GRID_BYTES_PER_SLICE`: normalized slices, the 2.5D
   model input with its neighbours as channels, the grid probabilities).
 
-A batch holds at most one patient per stage (``engine.stages``: read, infer, write), so its
+A batch holds at most one patient per stage (``job.stages``: read, infer, write), so its
 peak stays within a few budgets whatever the patients.
 """
 from __future__ import annotations

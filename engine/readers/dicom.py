@@ -5,7 +5,7 @@ files by the ``DICM`` marker, never by name. Every header is read first without 
 (``stop_before_pixels``) and checked: files grouped by SeriesInstanceUID, the FLAIR,
 pre-contrast and post-contrast series told from their descriptions and sequence tags (or
 ``--series ROLE=<uid or description>``), slices ordered by position along the slice normal,
-one shared geometry, sizes against :class:`io.SliceLimits` and the transfer syntax against
+one shared geometry, sizes against :class:`readers.volume.SliceLimits` and the transfer syntax against
 the decoders installed. Only then are pixels decoded. The volume is built on a RAS affine
 derived from ImageOrientationPatient/ImagePositionPatient, so :class:`DicomGrid` maps it to
 the model's display layout exactly as a NIfTI input's affine is (it is a ``NiftiGrid``); the
@@ -505,7 +505,7 @@ def check_series(s: Series, limits: SliceLimits) -> SeriesGrid:
 
 
 class _Header:
-    """What nifti_io.check_limits reads: a shape and an affine."""
+    """What readers.nifti.check_limits reads: a shape and an affine."""
 
     def __init__(self, shape: tuple[int, int, int], affine: np.ndarray) -> None:
         self.shape, self.affine = shape, affine

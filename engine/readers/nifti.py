@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segengine.engine.core.errors import DataError, SliceLimitError
+from segengine.engine.core.errors import NiftiError, SliceLimitError
 from segengine.engine.readers.volume import DEFAULT_LIMITS, PatientVolume, SliceLimits
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
@@ -54,15 +54,11 @@ _MM_PER_UNIT = {"mm": 1.0, "unknown": 1.0, "meter": 1000.0, "micron": 0.001}
 AFFINE_ATOL_MM = 1e-3
 
 
-class NiftiError(DataError):
-    """A NIfTI input that cannot be used; one line naming the file."""
-
-
 def is_nifti_file(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_ENDINGS)
 
 
-# where a NIfTI case's patient id comes from and how to change it, for io.check_patient_id's message
+# where a NIfTI case's patient id comes from and how to change it, for readers.volume.check_patient_id's message
 CASE_ID_SOURCE = ("the NIfTI case's file name without .nii[.gz], or its folder's name", "rename the case")
 
 

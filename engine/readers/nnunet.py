@@ -7,7 +7,7 @@ and ``--patients imagesTs`` lists one patient per case.
 The channel order comes from a ``dataset.json`` beside the files (in the case folder, or the
 folder or dataset folder above it: ``channel_names`` of nnU-Net v2 or ``modality`` of v1),
 otherwise the Kaggle order (0000 pre-contrast, 0001 FLAIR, 0002 post-contrast). The files
-are then read by nifti_io as a three-file case.
+are then read by readers.nifti as a three-file case.
 """
 from __future__ import annotations
 

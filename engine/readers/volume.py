@@ -47,7 +47,7 @@ class PatientVolume:
     mask: np.ndarray | None = None  # (D, H, W) uint8 0/255, or None without ground truth
     image_paths: list[Path] = field(default_factory=list)
     spacing_mm: tuple[float, float, float] | None = None  # (slice, row, column); unknown for Kaggle slices
-    source_grid: object | None = None  # NIfTI input: nifti_io.NiftiGrid, to write masks back onto its grid
+    source_grid: object | None = None  # NIfTI input: readers.nifti.NiftiGrid, to write masks back onto its grid
 
     @property
     def num_slices(self) -> int:
@@ -61,7 +61,7 @@ def check_patient_id(patient_id: str, folder: Path, source: tuple[str, str] = SL
     """The one rule for patient ids: a plain, visible folder name in OUT.
 
     ``source`` says where the id came from and how to change it (the slices' prefix here;
-    a NIfTI case's file or folder name in ``nifti_io``).
+    a NIfTI case's file or folder name in ``readers.nifti``).
     """
     why = None
     if patient_id in (".", "..") or patient_id.startswith("."):

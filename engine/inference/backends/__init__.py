@@ -21,7 +21,7 @@ REGISTRY: dict[str, str] = {
 NAMES = ["auto", *REGISTRY]
 
 
-# What auto chooses among, by ms/slice measured on this CPU (engine/speed.py), once trusted and
+# What auto chooses among, by ms/slice measured on this CPU (inference/speed.py), once trusted and
 # available; torch, the reference of every verdict, when none of them is.
 AUTO_CANDIDATES = ["tensorrt", "openvino-int8", "openvino", "onnxruntime-int8", "onnxruntime"]
 

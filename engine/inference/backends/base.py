@@ -15,7 +15,7 @@ class Backend(abc.ABC):
     """load() once, infer(batch) many times, close() at the end.
 
     ``infer`` takes (N, C, S, S) float32 normalized slices (``spec.input_shape``: C = 3, or 3 per
-    slice of a 2.5D model's context, as ``pipeline.model_input`` stacks them) and returns
+    slice of a 2.5D model's context, as ``inference.predict.model_input`` stacks them) and returns
     (N, S, S) float32 probabilities. Heavy runtimes are imported in ``load``, never at module import.
     """
 

@@ -92,7 +92,7 @@ class OnnxRuntimeFp16Backend(OnnxRuntimeBackend):
             return str(path)
         import onnx
 
-        from segengine.export.fp16 import storage_emulation
+        from segengine.engine.inference.onnx_numerics import storage_emulation
 
         self.numerics = "float16 storage emulated on the CPU (fp32 arithmetic, every tensor rounded to fp16)"
         return storage_emulation(onnx.load(str(path))).SerializeToString()

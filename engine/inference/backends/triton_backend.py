@@ -17,6 +17,8 @@ import numpy as np
 from segengine.engine.core.errors import BackendUnavailable
 from segengine.engine.inference.backends.base import Backend
 
+WEIGHTS_SHA256_PARAMETER = "segengine.source_sha256"  # the weights' SHA-256 in a served model's config (`segengine export --triton`)
+
 
 def server_url() -> str:
     return os.environ.get("SEGENGINE_TRITON_URL", "localhost:8000")
@@ -62,7 +64,6 @@ class TritonBackend(Backend):
 
     def check_identity(self, config: dict, url: str) -> None:
         """Refuse a served model whose config does not name these weights' SHA-256."""
-        from segengine.export.triton import WEIGHTS_SHA256_PARAMETER
 
         served = ((config or {}).get("parameters") or {}).get(WEIGHTS_SHA256_PARAMETER, {}).get("string_value")
         if not served:

@@ -1,0 +1,39 @@
+"""The preprocessing plan: every constant that turns a patient's slices into model input.
+
+In nnU-Net's spirit one object owns the plan instead of constants scattered through the
+code. The model card carries it (``input_size``, ``context_slices`` and an optional
+``preprocessing`` block overriding the reference program's constants), so training, the
+export checks and the engine preprocess a model's inputs the way it was trained.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+REFERENCE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class PreprocessingPlan:
+    input_size: int = REFERENCE_SIZE  # the model grid is input_size x input_size
+    context_slices: int = 0  # 2.5D: neighbouring slices on each side stacked as channels
+    threshold_fraction: float = 0.1  # voxels below this share of the volume's maximum are zeroed, then cropped away
+    percentiles: tuple[float, float] = (10.0, 99.0)  # intensities clipped to these, then z-normalized per channel
+    image_order: int = 2  # spline order of the image resize (the mask is resized with order 0)
+
+    @classmethod
+    def from_card(cls, card: dict[str, Any]) -> "PreprocessingPlan":
+        """The plan a model card states; a card without a ``preprocessing`` block uses the reference constants."""
+        extra = card.get("preprocessing") if isinstance(card.get("preprocessing"), dict) else {}
+        known = {f.name for f in fields(cls)} - {"input_size", "context_slices"}
+        given = {k: (tuple(v) if k == "percentiles" else v) for k, v in extra.items() if k in known}
+        return cls(input_size=int(card.get("input_size", REFERENCE_SIZE)),
+                   context_slices=int(card.get("context_slices", 0)), **given)
+
+    @classmethod
+    def of(cls, plan: "PreprocessingPlan | int") -> "PreprocessingPlan":
+        """A plan, or a bare grid size standing for the reference plan at that size."""
+        return plan if isinstance(plan, cls) else cls(input_size=int(plan))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
