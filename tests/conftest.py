@@ -140,3 +140,17 @@ def lgg_root() -> Path:
             pytest.fail(f"shared data not found at {root}: CI needs ../shared beside the clone")
         pytest.skip(f"shared data not found at {root}")
     return root
+
+
+def mask_agreement_with_torch(spec, backend: str, folder: Path) -> tuple[int, float]:
+    """(torch's tumor pixels, Dice of ``backend``'s grid masks with torch's) on one real patient:
+    an export's verdict re-earned in the test instead of read back from its sidecar."""
+    from segengine.engine.inference import registry
+    from segengine.engine.inference.predict import model_input
+    from segengine.engine.preprocessing.preprocess import preprocess_patient
+    from segengine.engine.readers.registry import read_patient
+
+    x = model_input(preprocess_patient(read_patient(folder), "native", spec.preprocessing), spec)
+    with registry.create("torch", spec, threads=1) as ref, registry.create(backend, spec, threads=1) as other:
+        a, b = ref.predict(x) > 0.5, other.predict(x) > 0.5
+    return int(a.sum()), float(2 * (a & b).sum() / (a.sum() + b.sum()))

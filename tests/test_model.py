@@ -6,7 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from conftest import VAL_PATIENTS, copy_model, save_random_model
+from conftest import VAL_PATIENTS, copy_model, save_random_model, mask_agreement_with_torch
 from segengine.engine.inference import registry
 from segengine.engine.cli import main
 from segengine.engine.model.spec import load_model_spec, sha256_file, shipped_model_path
@@ -43,20 +43,14 @@ def test_exports_are_current_and_agree_with_the_weights(spec, kaggle_root, kind,
     """Each shipped export's checksums recomputed, and its mask of a real validation patient
     compared here with the PyTorch weights' (their DSC, the verdict's "agreement", computed in
     this test) at its precision's tolerance: the sidecar's verdict is re-earned, not read back."""
-    from segengine.engine.readers.registry import read_patient
-    from segengine.engine.inference.predict import model_input
-    from segengine.engine.preprocessing.preprocess import preprocess_patient
     from segengine.engine.inference.verdict import tolerances_for, why_untrusted
 
     side = spec.sidecar(kind)
     assert side["source_sha256"] == sha256_file(spec.weights)
     assert side["sha256"] == sha256_file(spec.export_path(kind))
     assert why_untrusted(spec, backend) is None and side["validation"]["precision"] == precision
-    x = model_input(preprocess_patient(read_patient(kaggle_root / VAL_PATIENTS[1]), "native", spec.preprocessing), spec)
-    with registry.create("torch", spec, threads=1) as ref, registry.create(backend, spec, threads=1) as other:
-        a, b = ref.predict(x) > 0.5, other.predict(x) > 0.5
-    assert a.sum() > 1000  # the weights find this patient's tumor
-    agreement = 2 * (a & b).sum() / (a.sum() + b.sum())
+    tumor, agreement = mask_agreement_with_torch(spec, backend, kaggle_root / VAL_PATIENTS[1])
+    assert tumor > 1000  # the weights find this patient's tumor
     assert agreement >= tolerances_for(precision)["min_agreement"], agreement
 
 

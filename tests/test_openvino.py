@@ -13,7 +13,7 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from conftest import VAL_PATIENTS, copy_model
+from conftest import VAL_PATIENTS, copy_model, mask_agreement_with_torch
 from segengine.engine.inference import registry
 from segengine.engine.inference import speed
 from segengine.engine.core.errors import ModelError
@@ -106,9 +106,6 @@ def test_shipped_openvino_verdicts_hold_and_state_the_precision(backend, kind, k
     here: OpenVINO's mask of a real validation patient against the PyTorch weights' (their DSC,
     computed in this test) at the backend's precision's tolerance."""
     from segengine.engine.inference.backends.openvino_backend import inference_precision
-    from segengine.engine.readers.registry import read_patient
-    from segengine.engine.inference.predict import model_input
-    from segengine.engine.preprocessing.preprocess import preprocess_patient
     from segengine.engine.inference.verdict import tolerances_for, why_untrusted
 
     spec = load_model_spec()
@@ -122,11 +119,8 @@ def test_shipped_openvino_verdicts_hold_and_state_the_precision(backend, kind, k
     if not (ov["runtime"]["inference_precision"] == inference_precision() or inference_precision() == "f32"):
         return  # another CPU's precision: auto distrusts it (test_auto_distrusts_an_openvino_verdict_measured_in_another_precision)
     assert why_untrusted(spec, backend) is None
-    x = model_input(preprocess_patient(read_patient(kaggle_root / VAL_PATIENTS[1]), "native", spec.preprocessing), spec)
-    with registry.create("torch", spec, threads=1) as ref, registry.create(backend, spec, threads=1) as other:
-        a, b = ref.predict(x) > 0.5, other.predict(x) > 0.5
-    assert a.sum() > 1000  # the weights find this patient's tumor
-    agreement = 2 * (a & b).sum() / (a.sum() + b.sum())
+    tumor, agreement = mask_agreement_with_torch(spec, backend, kaggle_root / VAL_PATIENTS[1])
+    assert tumor > 1000  # the weights find this patient's tumor
     assert agreement >= tolerances_for(precision)["min_agreement"], agreement
 
 
@@ -434,8 +428,8 @@ def test_running_openvino_starts_no_telemetry(tmp_path):
 
     code = (
         "import sys, threading\n"
-        "from segengine.engine import backends as registry\n"
-        "from segengine.engine.model import load_model_spec\n"
+        "from segengine.engine.inference import registry\n"
+        "from segengine.engine.model.spec import load_model_spec\n"
         "from segengine.export.onnx_export import synthetic_images\n"
         "spec = load_model_spec()\n"
         "with registry.create('openvino-int8', spec, threads=1) as b:\n"
