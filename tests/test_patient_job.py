@@ -593,3 +593,29 @@ def test_evaluate_refuses_a_huge_prediction_before_decoding(root, tmp_path):
     res = _cli("evaluate", "--data", str(root), "--pred", str(pred.parent))
     assert res.exit_code == 2
     _one_line(res, "20000x20000 differs from the ground truth 256x256")
+
+
+@pytest.mark.parametrize("layout", ["kaggle", "nifti"])
+def test_a_patient_is_opened_once(kaggle_root, tmp_path, monkeypatch, layout):
+    """`run --patient` checks a patient's headers once (before the model loads) and reads it
+    without checking them again: one header pass per patient, whatever the layout."""
+    from segengine.engine.readers import nifti
+
+    if layout == "kaggle":
+        source, target, name = kaggle_root / SMALL, io, "check_headers"
+    else:
+        source = tmp_path / "case.nii.gz"
+        nib_case(read_patient(kaggle_root / SMALL), source)
+        target, name = nifti, "_open_case"
+    real, calls = getattr(target, name), []
+    monkeypatch.setattr(target, name, lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    res = _run("--patient", str(source), "--out", str(tmp_path / "out"), "--backend", "torch", "--threads", "1")
+    assert res.exit_code == 0, res.output
+    assert calls == [source]
+
+
+def nib_case(vol, path: Path) -> None:
+    """A 4D NIfTI case (x, y, z, 3) holding a Kaggle patient's slices."""
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(vol.image.transpose(2, 1, 0, 3)), np.eye(4)), str(path))

@@ -331,20 +331,19 @@ def _check_memory(path: Path, images: dict, limits: SliceLimits) -> None:
                  f"{slices} slices of {cols}x{rows}, {np.dtype(img.get_data_dtype())} voxels")
 
 
-def check_nifti_case(path: str | Path, limits: SliceLimits = DEFAULT_LIMITS) -> list[Path]:
-    """Headers only: fail early (before a model loads) on a case whose shapes, affines or sizes are wrong.
+def open_nifti_case(path: str | Path, limits: SliceLimits = DEFAULT_LIMITS,
+                    with_mask: bool = True) -> tuple[list[Path], tuple[dict, dict[str, Path]]]:
+    """(the case's files, its checked headers for ``read_nifti_case(opened=...)``): opened once."""
+    opened = _open_case(Path(path), with_mask, limits)
+    return list(opened[1].values()), opened
 
-    Returns the case's files (what ``PatientJob`` keeps OUT/<id> away from).
-    """
+
+def read_nifti_case(path: str | Path, with_mask: bool = True, limits: SliceLimits = DEFAULT_LIMITS,
+                    opened: tuple[dict, dict[str, Path]] | None = None) -> PatientVolume:
+    """Read a 4D ``case.nii[.gz]`` or a folder of per-sequence volumes into the Kaggle layout
+    (``opened``: the headers ``open_nifti_case`` checked, so they are not read again)."""
     path = Path(path)
-    _, files = _open_case(path, with_mask=True, limits=limits)
-    return list(files.values())  # a 4D file: {"stack": path}
-
-
-def read_nifti_case(path: str | Path, with_mask: bool = True, limits: SliceLimits = DEFAULT_LIMITS) -> PatientVolume:
-    """Read a 4D ``case.nii[.gz]`` or a folder of per-sequence volumes into the Kaggle layout."""
-    path = Path(path)
-    images, files = _open_case(path, with_mask, limits)
+    images, files = opened if opened is not None else _open_case(path, with_mask, limits)
     if "stack" in images:
         img = images["stack"]
         grid = _grid(img, {s: str(path) for s in SEQUENCES}, ())

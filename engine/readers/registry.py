@@ -24,7 +24,7 @@ class Reader:
     name: str
     matches: Callable[[Path], bool]
     patient_id: Callable[[Path], str]
-    check: Callable[[Path, SliceLimits, bool], tuple[list[Path], Any]]  # (input files, what read() needs)
+    check: Callable[[Path, SliceLimits, bool], tuple[list[Path], Any]]  # (input files, what read() needs: no re-check)
     read: Callable[[Path, Any, bool, SliceLimits], PatientVolume]
 
 
@@ -48,8 +48,8 @@ def _kaggle_check(path: Path, limits: SliceLimits, with_mask: bool) -> tuple[lis
 
 READERS: tuple[Reader, ...] = (
     Reader("nifti", lambda p: _missing_nifti(p) or nifti.is_nifti_case(p), _nifti_id,
-           lambda p, limits, with_mask: (nifti.check_nifti_case(p, limits), None),
-           lambda p, _, with_mask, limits: nifti.read_nifti_case(p, with_mask, limits)),
+           lambda p, limits, with_mask: nifti.open_nifti_case(p, limits, with_mask),
+           lambda p, opened, with_mask, limits: nifti.read_nifti_case(p, with_mask, limits, opened)),
     Reader("dicom", dicom.is_dicom_study, lambda p: check_patient_id(dicom.study_id(p), p, dicom.STUDY_ID_SOURCE),
            lambda p, limits, with_mask: (dicom.check_dicom_study(p, limits), None),
            lambda p, _, with_mask, limits: dicom.read_dicom_study(p, with_mask, limits)),
