@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from segengine.engine.core.atomic import write_json_atomic
-from segengine.engine.core.runtime import BLAS_ENV_VARS, _bound_thread_pools, _threads_from_argv
+from segengine.engine.core.runtime import BLAS_ENV_VARS, bound_thread_pools, threads_from_argv
 from segengine.engine.inference.backends import NAMES as BACKEND_NAMES
 
 
@@ -18,7 +18,7 @@ class SegengineGroup(click.Group):
     """Sets the thread variables from --threads before any command runs, hence before numpy loads."""
 
     def main(self, args=None, *rest, **kwargs):
-        _bound_thread_pools(_threads_from_argv(list(sys.argv[1:] if args is None else args)))
+        bound_thread_pools(threads_from_argv(list(sys.argv[1:] if args is None else args)))
         for var in BLAS_ENV_VARS:
             os.environ.setdefault(var, "1")
         from segengine.engine.core.terminal import safe_streams
@@ -54,15 +54,8 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         import threading
 
-        from segengine.engine.core.errors import (
-            BackendUnavailable,
-            DataError,
-            EmptyVolumeError,
-            ModelError,
-            OutputError,
-            PatientBusyError,
-            ResourceError,
-        )
+        from segengine.engine.core.errors import (BackendUnavailable, DataError, EmptyVolumeError, ModelError,
+                                                  OutputError, PatientBusyError, ResourceError)
 
         in_main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
@@ -88,7 +81,7 @@ def user_errors(fn):
 def _set_threads(threads: int | None) -> None:
     """Thread env for libraries not loaded yet (SegengineGroup.main already did this from the arguments)."""
     if threads:
-        _bound_thread_pools(str(threads))
+        bound_thread_pools(str(threads))
 
 
 def _check_paths(files: dict[str, Path | None] | None = None, folders: dict[str, Path | None] | None = None) -> None:

@@ -30,27 +30,11 @@ import numpy as np
 
 from segengine.engine.core.atomic import atomic_file, now_iso
 from segengine.engine.core.errors import ConverterMissing, ExportError
-from segengine.engine.inference.onnx_numerics import (
-    _FLOAT,
-    _FLOAT16,
-    SAFETY_RULE,
-    RangeMeter,
-    emulation_session,
-    float_nodes,
-    ort_run,
-    ort_session,
-)
+from segengine.engine.inference.onnx_numerics import (_FLOAT, _FLOAT16, SAFETY_RULE, RangeMeter, emulation_session,
+                                                      float_nodes, ort_run, ort_session)
 from segengine.engine.model.spec import ModelSpec, check_export, sha256_file
-from segengine.export.onnx_export import (
-    check_images,
-    compare_outputs,
-    count_ops,
-    set_metadata,
-    sidecar_identity,
-    synthetic_images,
-    tool_versions,
-    write_sidecar,
-)
+from segengine.export.onnx_export import (check_images, compare_outputs, count_ops, set_metadata, sidecar_identity,
+                                          synthetic_images, tool_versions, write_sidecar)
 
 FP16_ATOL = 2e-2  # max |dP| of an FP16 export vs fp32 ONNX on the verification slices (also TensorRT's)
 

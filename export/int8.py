@@ -23,15 +23,8 @@ from segengine.engine.core.atomic import atomic_file, now_iso, temp_path_beside
 from segengine.engine.core.errors import ExportError, ToleranceExceededError
 from segengine.engine.inference.onnx_numerics import INPUT_NAME, ort_run, ort_session
 from segengine.engine.model.spec import ModelSpec, sha256_file
-from segengine.export.onnx_export import (
-    check_images,
-    compare_outputs,
-    count_ops,
-    set_metadata,
-    sidecar_identity,
-    tool_versions,
-    write_sidecar,
-)
+from segengine.export.onnx_export import (check_images, compare_outputs, count_ops, set_metadata, sidecar_identity,
+                                          tool_versions, write_sidecar)
 
 # The 10 patients of the reference program's validation split (random.seed(42) sample of the
 # 110 Kaggle patients; shared/data/lgg/splits/reference_validation.txt). Never calibrate on them:

@@ -18,14 +18,8 @@ from segengine.engine.core.errors import ExportError, ExportToolMissing
 from segengine.engine.inference.onnx_numerics import ort_run, ort_session
 from segengine.engine.model.spec import sha256_file, sidecar_path
 from segengine.export.fp16 import FP16_ATOL
-from segengine.export.onnx_export import (
-    check_images,
-    compare_outputs,
-    repeat_to,
-    synthetic_images,
-    tool_versions,
-    write_sidecar,
-)
+from segengine.export.onnx_export import (check_images, compare_outputs, repeat_to, synthetic_images, tool_versions,
+                                          write_sidecar)
 
 
 def _import_tensorrt():

@@ -1,4 +1,5 @@
-"""engine/core/runtime.py"""
+"""The process's runtime environment: thread pools bounded before numpy loads, SIGINT/SIGTERM
+held over steps that must not be split, peak memory. A leaf: imports nothing from the project."""
 from __future__ import annotations
 
 import os
@@ -53,7 +54,7 @@ THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 BLAS_ENV_VARS = ("OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 
 
-def _threads_from_argv(argv: list[str]) -> str | None:
+def threads_from_argv(argv: list[str]) -> str | None:
     for i, arg in enumerate(argv):
         if arg == "--threads" and i + 1 < len(argv):
             return argv[i + 1]
@@ -62,7 +63,7 @@ def _threads_from_argv(argv: list[str]) -> str | None:
     return None
 
 
-def _bound_thread_pools(threads: str | None) -> None:
+def bound_thread_pools(threads: str | None) -> None:
     """--threads bounds the OpenMP/MKL pools too: they read these once, when first loaded."""
     if threads and threads.isdigit() and int(threads) > 0:
         for var in THREAD_ENV_VARS:

@@ -1,4 +1,8 @@
-"""engine/evaluation/validate.py"""
+"""`segengine validate`: run a backend and torch on every listed patient and judge the export.
+
+The comparison runs the engine's own preprocessing and post-processing on both (native
+protocol), so the verdict is about the export alone; the tolerances and recording rules are
+``inference.verdict``'s."""
 from __future__ import annotations
 
 import datetime as _dt

@@ -1,4 +1,7 @@
-"""engine/inference/predict.py"""
+"""A patient's grid probabilities from a runner: 2.5D stacking, balanced batches, mirroring for TTA.
+
+`run --patient`, `--patients`, Ray workers, validate and bench batch a patient's slices by this
+one rule, so the same backend and threads give the same masks."""
 from __future__ import annotations
 
 import math

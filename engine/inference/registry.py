@@ -1,4 +1,5 @@
-"""engine/inference/registry.py"""
+"""Pick and create a backend by name: availability for a model or plan, ``auto`` as the fastest
+trusted backend measured on this CPU, one averaging runner over per-member runners for a plan."""
 from __future__ import annotations
 
 from segengine.engine.core.errors import BackendUnavailable

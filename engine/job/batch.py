@@ -8,16 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from segengine.engine.core.errors import (
-    DataError,
-    DiskFullError,
-    EmptyVolumeError,
-    NotAFolderError,
-    OutputError,
-    PatientBusyError,
-    ResourceError,
-    ResultsExistError,
-)
+from segengine.engine.core.errors import (DataError, DiskFullError, EmptyVolumeError, NotAFolderError, OutputError,
+                                          PatientBusyError, ResourceError, ResultsExistError)
 from segengine.engine.core.fsguard import check_out_dir
 from segengine.engine.core.runtime import peak_rss_mb
 from segengine.engine.inference import registry

@@ -1,4 +1,4 @@
-"""engine/outputs/dicom_seg.py"""
+"""The DICOM SEG of a DICOM study (highdicom): one segment referencing the FLAIR instances."""
 from __future__ import annotations
 
 from pathlib import Path

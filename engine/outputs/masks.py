@@ -1,4 +1,4 @@
-"""engine/outputs/masks.py"""
+"""The Kaggle-named mask slices: ``<patient>_<n>_mask.tif``, uint8 0/255, one per input slice."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""engine/outputs/nifti.py"""
+"""Masks and probabilities as NIfTI on the input's own grid (a NIfTI input's affine, or the Kaggle
+display layout with unit spacing)."""
 from __future__ import annotations
 
 import numpy as np

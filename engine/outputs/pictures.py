@@ -1,4 +1,4 @@
-"""engine/outputs/pictures.py"""
+"""overlay.png and slices.gif: FLAIR with the prediction's outline (red) and the truth's (green)."""
 from __future__ import annotations
 
 import math

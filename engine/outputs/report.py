@@ -1,4 +1,5 @@
-"""engine/outputs/report.py"""
+"""report.json of one patient: volumes, slices with tumor, model and backend, timings, the quality
+estimate (``review``) and, with ground truth, the metrics."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,7 @@
-"""engine/outputs/results_dir.py"""
+"""OUT's layout rules, in one place: a patient's folder appears complete or not at all
+(``atomic_dir``), one writer per patient (``PatientLock``), a killed writer's leftovers repaired
+(``recover_interrupted``, ``tidy_out``), results never inside an input (``refuse_overlap``) and
+the one "results exist" rule (``refuse_existing``)."""
 from __future__ import annotations
 
 import fcntl
@@ -11,14 +14,8 @@ from typing import Iterator
 
 from segengine.engine.core.atomic import current_umask, fsync_path, fsync_tree
 from segengine.engine.core.errors import ForeignEntryError, OutputError, PatientBusyError, ResultsExistError
-from segengine.engine.core.fsguard import (
-    check_result_entry,
-    disown,
-    entry_kind,
-    is_owned_dir,
-    make_owned_dir,
-    open_lock_file,
-)
+from segengine.engine.core.fsguard import (check_result_entry, disown, entry_kind, is_owned_dir, make_owned_dir,
+                                           open_lock_file)
 from segengine.engine.core.runtime import deferred_signals
 
 LOCK_SUFFIX = ".segengine-lock"

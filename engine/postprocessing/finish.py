@@ -1,4 +1,5 @@
-"""engine/postprocessing/finish.py"""
+"""From grid probabilities to a patient's result: map back onto the original slices, threshold,
+keep components (the card's rule). Every path (run, --patients, evaluate, validate, cv) ends here."""
 from __future__ import annotations
 
 import time

@@ -15,17 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from segengine.engine.core.errors import (
-    DataError,
-    NoSlicesError,
-    NotAFolderError,
-    OrphanMaskError,
-    SliceFormatError,
-    SliceLimitError,
-    SliceNumberingError,
-    SliceShapeError,
-    UnreadableSliceError,
-)
+from segengine.engine.core.errors import (DataError, NoSlicesError, NotAFolderError, OrphanMaskError, SliceFormatError,
+                                          SliceLimitError, SliceNumberingError, SliceShapeError, UnreadableSliceError)
 from segengine.engine.readers.volume import ACCEPTED_LAYOUTS, PatientVolume, SliceLimits, check_patient_id
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".webp")

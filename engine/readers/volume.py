@@ -1,4 +1,5 @@
-"""engine/readers/volume.py"""
+"""What every reader returns and checks: the patient volume, the header limits and the one
+rule for patient ids (a plain, visible folder name in OUT); patient lists from text files."""
 from __future__ import annotations
 
 import os
