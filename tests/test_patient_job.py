@@ -609,9 +609,12 @@ def test_a_patient_is_opened_once(kaggle_root, tmp_path, monkeypatch, layout):
         target, name = nifti, "_open_case"
     real, calls = getattr(target, name), []
     monkeypatch.setattr(target, name, lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real_listing, listings = io.list_slices, []
+    monkeypatch.setattr(io, "list_slices", lambda folder: listings.append(folder) or real_listing(folder))
     res = _run("--patient", str(source), "--out", str(tmp_path / "out"), "--backend", "torch", "--threads", "1")
     assert res.exit_code == 0, res.output
     assert calls == [source]
+    assert listings == ([source] if layout == "kaggle" else [])  # a slice folder is listed once, id included
 
 
 def nib_case(vol, path: Path) -> None:

@@ -1,4 +1,4 @@
-"""`segengine run` and `segengine evaluate --model`: patients through the pipeline, stages overlapped."""
+"""`segengine run`: one patient, or a folder of patients with the job's stages overlapped."""
 from __future__ import annotations
 
 import sys

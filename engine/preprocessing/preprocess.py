@@ -281,8 +281,9 @@ def context_index(patient_index: np.ndarray, context: int) -> np.ndarray:
     slices of many patients with it."""
     patient_index = np.asarray(patient_index)
     n = len(patient_index)
-    starts = np.flatnonzero(np.r_[True, patient_index[1:] != patient_index[:-1]]) if n else np.zeros(0, int)
-    run = np.cumsum(np.r_[True, patient_index[1:] != patient_index[:-1]]) - 1 if n else np.zeros(0, int)
+    new_patient = np.r_[True, patient_index[1:] != patient_index[:-1]] if n else np.zeros(0, bool)
+    starts = np.flatnonzero(new_patient)
+    run = np.cumsum(new_patient) - 1
     lo = starts[run]
     hi = np.r_[starts[1:], n][run] - 1
     idx = np.arange(n)[:, None] + np.arange(-context, context + 1)[None, :]

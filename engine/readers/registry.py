@@ -24,7 +24,8 @@ class Reader:
     name: str
     matches: Callable[[Path], bool]
     patient_id: Callable[[Path], str]
-    check: Callable[[Path, SliceLimits, bool], tuple[list[Path], Any]]  # (input files, what read() needs: no re-check)
+    # (patient id, input files, what read() needs so it checks nothing again), from one pass over the input
+    check: Callable[[Path, SliceLimits, bool], tuple[str, list[Path], Any]]
     read: Callable[[Path, Any, bool, SliceLimits], PatientVolume]
 
 
@@ -39,19 +40,23 @@ def _nifti_id(path: Path) -> str:
     return check_patient_id(nifti.case_id(path), path, nifti.CASE_ID_SOURCE)
 
 
-def _kaggle_check(path: Path, limits: SliceLimits, with_mask: bool) -> tuple[list[Path], Any]:
-    patient_id, images, masks = kaggle.list_slices(path)
+def _dicom_id(path: Path) -> str:
+    return check_patient_id(dicom.study_id(path), path, dicom.STUDY_ID_SOURCE)
+
+
+def _kaggle_check(path: Path, limits: SliceLimits, with_mask: bool) -> tuple[str, list[Path], Any]:
+    patient_id, images, masks = kaggle.list_slices(path)  # the folder is listed once: the id comes with it
     masks = masks if with_mask else {}
     kaggle.check_headers(path, images, masks, limits)  # bad sizes refused before a model is even loaded
-    return [*images.values(), *masks.values()], (patient_id, images, masks)
+    return patient_id, [*images.values(), *masks.values()], (patient_id, images, masks)
 
 
 READERS: tuple[Reader, ...] = (
     Reader("nifti", lambda p: _missing_nifti(p) or nifti.is_nifti_case(p), _nifti_id,
-           lambda p, limits, with_mask: nifti.open_nifti_case(p, limits, with_mask),
+           lambda p, limits, with_mask: (_nifti_id(p), *nifti.open_nifti_case(p, limits, with_mask)),
            lambda p, opened, with_mask, limits: nifti.read_nifti_case(p, with_mask, limits, opened)),
-    Reader("dicom", dicom.is_dicom_study, lambda p: check_patient_id(dicom.study_id(p), p, dicom.STUDY_ID_SOURCE),
-           lambda p, limits, with_mask: (dicom.check_dicom_study(p, limits), None),
+    Reader("dicom", dicom.is_dicom_study, _dicom_id,
+           lambda p, limits, with_mask: (_dicom_id(p), dicom.check_dicom_study(p, limits), None),
            lambda p, _, with_mask, limits: dicom.read_dicom_study(p, with_mask, limits)),
     Reader("kaggle", lambda p: True, lambda p: kaggle.list_slices(p)[0], _kaggle_check,
            lambda p, listing, with_mask, limits: kaggle.read_slices(p, *listing, limits)),
@@ -88,8 +93,7 @@ def open_patient(path: str | os.PathLike, limits: SliceLimits = DEFAULT_LIMITS, 
     """Id, input files and every header checked against ``limits``; raises DataError for ill input."""
     path = Path(path)
     reader = reader_for(path)
-    patient_id = reader.patient_id(path)
-    files, listing = reader.check(path, limits, with_mask)
+    patient_id, files, listing = reader.check(path, limits, with_mask)
     return OpenedPatient(path, patient_id, files, reader, limits, with_mask, listing)
 
 
