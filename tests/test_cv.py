@@ -202,3 +202,23 @@ def test_fold_placeholder_in_training_options_names_each_fold(tmp_path, monkeypa
         cv.train_fold(SPLITS.parent, tmp_path / "run", 5, k, 0, ["--init-from", "m_fold{fold}.pt", "--steps", "7"])
     assert [a[a.index("--init-from") + 1] for a in seen] == ["m_fold1.pt", "m_fold3.pt"]
     assert [a[a.index("--fold") + 1] for a in seen] == ["1", "3"]
+
+
+def test_failure_kind_table_reads_each_group_before_and_after():
+    """Hand-computed: two of the missed tumors, an unnamed patient that drops below 0.70, one that stays good."""
+    from segengine.train.paired import by_failure_kind
+
+    def result(name, scores):
+        return {"recipe": name, "variants": {"native_lcc": {"per_patient": {p: {"dsc": d} for p, d in scores.items()}}}}
+
+    before = result("old", {"TCGA_DU_7306_19930512": 0.1, "TCGA_DU_7018_19911220": 0.3, "TCGA_XX_0001_2000": 0.8,
+                            "TCGA_XX_0002_2000": 0.9})
+    after = result("new", {"TCGA_DU_7306_19930512": 0.5, "TCGA_DU_7018_19911220": 0.6, "TCGA_XX_0001_2000": 0.6,
+                           "TCGA_XX_0002_2000": 0.95})
+    lines = by_failure_kind(before, after).splitlines()
+    missed = [r for r in lines if r.startswith("| missed tumor |")]
+    assert missed == ["| missed tumor | DU_7306 0.100 -> 0.500, DU_7018 0.300 -> 0.600 | 0.200 | 0.550 | +0.350 |"]
+    assert [r for r in lines if r.startswith("| other")] == [
+        "| other, below 0.70 in either | XX_0001 0.800 -> 0.600 | 0.800 | 0.600 | -0.200 |"]
+    assert lines[-1] == "| patients below 0.70 | of 4 | 2 | 3 | +1 |"  # 0.5, 0.6, 0.6 after
+    assert not any("dark FLAIR" in r or "XX_0002" in r for r in lines)  # absent groups and good patients left out

@@ -126,7 +126,7 @@ def test_slice_errors_counts_misses_and_their_flair():
 def test_init_from_loads_a_shipped_models_weights_and_refuses_another_architecture(tmp_path):
     """Fine-tuning starts from the shipped fold model: every weight it has is copied, the dropped heads stay fresh."""
     from pathlib import Path
-    shipped = Path(__file__).resolve().parents[1] / "models" / "resunet16v2_folds_fold3.pt"
+    (shipped,) = (Path(__file__).resolve().parents[1] / "models").glob("*_fold3.pt")  # the shipped ensemble's member
     state = torch.load(shipped, map_location="cpu", weights_only=True)["state_dict"]
     model = build_model({"name": "resunet", "base_channels": 16, "in_channels": 9, "deep_supervision": True})
     train_mod.init_weights(model, str(shipped))
@@ -137,3 +137,21 @@ def test_init_from_loads_a_shipped_models_weights_and_refuses_another_architectu
     narrow = build_model({"name": "resunet", "base_channels": 8, "in_channels": 9, "deep_supervision": True})
     with pytest.raises(SystemExit, match="do not fit"):
         train_mod.init_weights(narrow, str(shipped))
+
+
+def test_a_fine_tunes_card_names_its_starting_weights_after_they_are_replaced(tiny_run_args):
+    """v3 fine-tunes the shipped file it then replaces: the card keeps that file's SHA-256 and the lr."""
+    from segengine.engine.model.spec import sha256_file
+    from segengine.train.ship import ship_run
+
+    d, args = tiny_run_args
+    assert train_mod.main(args("ft_base")) == 0
+    start = d / "ft_base" / "final_weights.pt"
+    start_sha = sha256_file(start)
+    assert train_mod.main(args("ft", "--init-from", str(start), "--lr", "0.001")) == 0
+    start.write_bytes(b"replaced")
+    card = ship_run(d / "ft", d / "ft.pt")
+    assert card["training"]["init_from"] == {"weights": str(start), "sha256": start_sha}
+    assert card["training"]["lr"] == 0.001
+    assert f" --lr 0.001 --init-from {start}" in card["training"]["command"]
+    assert "init_from_sha256" not in json.loads((d / "ft_base" / "config.json").read_text())

@@ -373,10 +373,16 @@ def _main(argv: list[str] | None = None) -> int:
         ap.add_argument("runs", nargs=2, help="two CV run folders (or their cv.json files)")
         ap.add_argument("--variant", default="native_lcc")
         ap.add_argument("--variant-b", default=None, help="score the second run with this variant (e.g. native_lcc_fill2d)")
+        ap.add_argument("--by-kind", action="store_true",
+                        help="also print a markdown table by failure kind (the patients issue 23 named in v2)")
         args = ap.parse_args(argv[1:])
         res = [read_cv_result(args.runs[0], (args.variant,)),
                read_cv_result(args.runs[1], (args.variant_b or args.variant,))]
         print(compare(res[0], res[1], args.variant, args.variant_b))
+        if args.by_kind:
+            from segengine.train.paired import by_failure_kind
+
+            print(by_failure_kind(res[0], res[1], args.variant))
         return 0
     if argv[:1] == ["component-rule"]:
         from segengine.train.component_rule import main as component_rule_main

@@ -42,3 +42,39 @@ def bootstrap_mean_ci(values: np.ndarray, n: int = 10_000, level: float = 0.95, 
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, values.size, size=(n, values.size))].mean(axis=1)
     return (float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2)))
+
+
+# The failure kinds issue 23 diagnosed in v2's out-of-fold masks (inputs to the table, not results):
+# which patients belong to each is fixed, so every later recipe is read against the same groups.
+FAILURE_KINDS: dict[str, tuple[str, ...]] = {
+    "missed tumor, dark FLAIR": ("TCGA_HT_A61A_20000127",),
+    "missed tumor": ("TCGA_DU_7306_19930512", "TCGA_DU_7018_19911220"),
+    "over-segmentation": ("TCGA_CS_5395_19981004", "TCGA_DU_7299_19910417", "TCGA_DU_8165_19970205"),
+    "misplaced": ("TCGA_DU_5852_19950709", "TCGA_CS_6665_20010817"),
+    "FLAIR-copy input (pre/post replaced by FLAIR)": (
+        "TCGA_DU_6407_19860514", "TCGA_DU_7013_19860523", "TCGA_FG_A60K_20040224", "TCGA_DU_7301_19911112",
+        "TCGA_HT_A616_19991226", "TCGA_HT_7877_19980917", "TCGA_HT_A61B_19991127", "TCGA_DU_8165_19970205",
+        "TCGA_FG_7634_20000128", "TCGA_HT_8105_19980826"),
+}
+LOW = 0.70
+
+
+def by_failure_kind(a: dict, b: dict, variant: str = "native_lcc") -> str:
+    """Markdown table: each failure kind's patients scored by ``a`` (before) and ``b`` (after),
+    plus every other patient below 0.70 in either and the count below 0.70."""
+    pa, pb = a["variants"][variant]["per_patient"], b["variants"][variant]["per_patient"]
+    common = set(pa) & set(pb)
+    named = {p for group in FAILURE_KINDS.values() for p in group}
+    others = tuple(sorted(p for p in common - named if min(pa[p]["dsc"], pb[p]["dsc"]) < LOW))
+    rows = [f"| failure kind | patients ({variant}) | {a['recipe']} | {b['recipe']} | difference |", "|---|---|---|---|---|"]
+    for kind, group in [*FAILURE_KINDS.items(), (f"other, below {LOW:.2f} in either", others)]:
+        present = [p for p in group if p in common]
+        if not present:
+            continue
+        da, db = np.array([pa[p]["dsc"] for p in present]), np.array([pb[p]["dsc"] for p in present])
+        who = ", ".join(f"{p.split('_')[1]}_{p.split('_')[2]} {x:.3f} -> {y:.3f}" for p, x, y in zip(present, da, db))
+        rows.append(f"| {kind} | {who} | {da.mean():.3f} | {db.mean():.3f} | {db.mean() - da.mean():+.3f} |")
+    low_a = sum(pa[p]["dsc"] < LOW for p in common)
+    low_b = sum(pb[p]["dsc"] < LOW for p in common)
+    rows.append(f"| patients below {LOW:.2f} | of {len(common)} | {low_a} | {low_b} | {low_b - low_a:+d} |")
+    return "\n".join(rows)

@@ -22,6 +22,16 @@ from segengine.engine.core.atomic import write_json_atomic
 from segengine.engine.model.network import build_model, count_flops
 from segengine.engine.model.spec import card_path, input_channels, sha256_file
 from segengine.train import robust_aug
+from segengine.train.train import DEFAULT_LR
+
+
+def _init_from(config: dict) -> dict | None:
+    """The weights a fine-tune started from (``--init-from``): file name and SHA-256."""
+    path = config.get("init_from")
+    if not path:
+        return None
+    sha = config.get("init_from_sha256") or (sha256_file(Path(path)) if Path(path).is_file() else None)
+    return {"weights": str(path), "sha256": sha}
 
 
 def ship_run(run: Path, out: Path, data_split: dict | None = None) -> dict:
@@ -32,6 +42,7 @@ def ship_run(run: Path, out: Path, data_split: dict | None = None) -> dict:
     """
     config = json.loads((run / "config.json").read_text())
     history = json.loads((run / "history.json").read_text())
+    init = _init_from(config)  # before ``out`` is written: a fine-tune may replace its own starting weights
     final = torch.load(run / "final_weights.pt", map_location="cpu", weights_only=True)
     arch = dict(final["architecture"])
     state = {k: v for k, v in final["state_dict"].items() if not k.startswith("aux_heads")}
@@ -77,6 +88,7 @@ def ship_run(run: Path, out: Path, data_split: dict | None = None) -> dict:
             "cpu_minutes": round(history[-1]["elapsed_s"] / 60, 1),
             "machine": f"{platform.processor() or platform.machine()}, CPU only",
             "checkpoint": "last step (not selected on validation patients)",
+            **({"init_from": init} if init else {}),
             "command": f"segengine train --data ../shared/data/lgg --out {run} --steps {config['steps']}" + fold
                        + (f" --crop {config['crop']}" if config.get("crop") else "")
                        + (f" --refine-channels {refine}" if refine else "")
@@ -89,6 +101,8 @@ def ship_run(run: Path, out: Path, data_split: dict | None = None) -> dict:
                        + "".join(f" --{k[:-2].replace('_', '-')}-p {config[k]}" for k in robust_aug.TRANSFORMS
                                  if config.get(k))
                        + (f" --amp {config['amp']}" if config.get("amp", "none") != "none" else "")
+                       + (f" --lr {config['lr']:g}" if config["lr"] != DEFAULT_LR else "")
+                       + (f" --init-from {init['weights']}" if init else "")
                        + (f" --epoch-steps {config['epoch_steps']}" if config.get("epoch_steps", 250) != 250 else ""),
         },
         "validation_history_reference_protocol": [{"step": h["step"], "dsc": round(h["val_dsc_reference"], 4)} for h in history],

@@ -22,13 +22,15 @@ import torch.nn.functional as F
 from segengine.engine.core.atomic import atomic_file, write_json_atomic
 from segengine.engine.evaluation.metrics import dsc
 from segengine.engine.model.network import build_model, count_flops
-from segengine.engine.model.spec import SLICE_CHANNELS, input_channels
+from segengine.engine.model.spec import SLICE_CHANNELS, input_channels, sha256_file
 from segengine.engine.postprocessing.postprocess import largest_component
 from segengine.engine.preprocessing.preprocess import context_index, stack_context
 from segengine.engine.readers.volume import read_patient_list
 from segengine.train import robust_aug
 from segengine.train.data import VolumeSet, load_volume_set
 from segengine.train.folds import split_for_fold, splits_dir
+
+DEFAULT_LR = 3e-3  # one-cycle peak; the card's command names --lr only when it differs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=5000)
     ap.add_argument("--epoch-steps", type=int, default=250, help="steps between checkpoints/validation")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=DEFAULT_LR)
     ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--tumor-sampling", type=float, default=0.5,
                     help="share of draws weighted by tumor area (the rest uniform over slices)")
@@ -302,6 +304,8 @@ def main(argv=None) -> int:
     config = {**vars(args), "architecture": arch, "flops_per_slice": flops,
               "params": sum(p.numel() for p in model.parameters()),
               "train_patients": train_patients, "val_patients": val_patients}
+    if args.init_from:  # the card must name the starting weights even after that file is replaced
+        config["init_from_sha256"] = sha256_file(args.init_from)
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
     from torch.utils.tensorboard import SummaryWriter
