@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from segengine.engine.core.errors import ModelError
-from segengine.engine.postprocessing.postprocess import (PostprocessConfig, component_stats, largest_component, postprocess)
+from segengine.engine.postprocessing.postprocess import (PostprocessConfig, component_stats, largest_component, postprocess,
+                                                        postprocess_with_sizes)
 
 
 def _volume() -> np.ndarray:
@@ -32,6 +33,23 @@ def test_rules_keep_the_components_they_say(rule, kept):
     assert mask.sum() == sum({"big": 6, "sure": 4, "speck": 1}[k] for k in kept)  # whole components only
     if rule == {}:
         assert np.array_equal(mask, largest_component(prob > 0.5))
+
+
+@pytest.mark.parametrize("config, sizes", [
+    (PostprocessConfig(), [6, 4, 1]),
+    (PostprocessConfig(rank_by="mass"), [6, 4, 1]),
+    (PostprocessConfig(threshold=0.7), [4, 1]),  # the 0.6 component is below the threshold
+    (PostprocessConfig.none(), None),  # no component step: the quality features label it themselves
+])
+def test_postprocess_hands_the_component_sizes_to_the_quality_features(config, sizes):
+    """Labelled once: the sizes post-processing returns are the ones the quality features would count."""
+    from segengine.engine.postprocessing.quality import prediction_features
+
+    prob = _volume()
+    mask, got = postprocess_with_sizes(prob, config)
+    assert np.array_equal(mask, postprocess(prob, config))
+    assert (got is None) == (sizes is None) and (got is None or list(got) == sizes)
+    assert prediction_features(prob, mask, config.threshold, got) == prediction_features(prob, mask, config.threshold)
 
 
 def test_component_stats_by_hand():

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from segengine.engine.postprocessing.postprocess import PostprocessConfig, postprocess
+from segengine.engine.postprocessing.postprocess import PostprocessConfig, postprocess_with_sizes
 from segengine.engine.preprocessing.preprocess import Geometry, Preprocessed, to_original_grid
 from segengine.engine.readers.volume import PatientVolume
 
@@ -24,6 +24,7 @@ class Segmentation:
     geometry: Geometry
     timings: dict[str, float] = field(default_factory=dict)
     views_agreement: float | None = None  # accurate mode: mean Dice of each averaged view with the mean
+    component_sizes: np.ndarray | None = None  # voxels per thresholded component (the quality features reuse them)
 
 
 def finish_patient(volume: PatientVolume, pre: Preprocessed, grid_prob: np.ndarray, protocol: str,
@@ -36,6 +37,6 @@ def finish_patient(volume: PatientVolume, pre: Preprocessed, grid_prob: np.ndarr
     else:
         prob = to_original_grid(grid_prob, pre.geometry)
         truth = volume.mask > 0 if volume.mask is not None else None
-    mask = postprocess(prob, post)
+    mask, sizes = postprocess_with_sizes(prob, post)
     timings["postprocess"] = time.perf_counter() - t
-    return Segmentation(volume.patient_id, protocol, prob, mask, truth, pre.geometry, timings, views_agreement)
+    return Segmentation(volume.patient_id, protocol, prob, mask, truth, pre.geometry, timings, views_agreement, sizes)

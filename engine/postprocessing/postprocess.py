@@ -114,16 +114,6 @@ def chosen_components(stats: dict[str, np.ndarray], rank_by: str, keep_mass_rati
     return keep
 
 
-def keep_components(prob: np.ndarray, mask: np.ndarray, rank_by: str = "size", keep_mass_ratio: float = 2.0,
-                    keep_min_peak: float = 1.0) -> np.ndarray:
-    """The component rule on a thresholded mask (rank_by="size", ratio > 1: the largest component)."""
-    labels, stats = component_stats(prob, mask)
-    if len(stats["size"]) <= 1:
-        return mask.astype(bool)
-    keep = np.concatenate([[False], chosen_components(stats, rank_by, keep_mass_ratio, keep_min_peak)])
-    return keep[labels]
-
-
 def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
     """Fill holes slice by slice (enclosed background within a slice)."""
     return np.stack([ndi.binary_fill_holes(s) for s in mask]) if mask.size else mask.astype(bool)
@@ -131,12 +121,27 @@ def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
 
 def postprocess(prob: np.ndarray, config: PostprocessConfig = PostprocessConfig()) -> np.ndarray:
     """Turn a (D, H, W) probability volume into a boolean mask."""
+    return postprocess_with_sizes(prob, config)[0]
+
+
+def postprocess_with_sizes(prob: np.ndarray, config: PostprocessConfig = PostprocessConfig()
+                           ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``postprocess`` plus the voxel counts of the thresholded components (before any was
+    removed), which the quality estimate needs: the volume is labelled once for both. Sizes are
+    None when no component step ran."""
     mask = prob > config.threshold
+    sizes = None
     if config.largest_component:
-        if config.rank_by == "size" and config.keep_mass_ratio > 1:
-            mask = largest_component(mask)
-        else:
-            mask = keep_components(prob, mask, config.rank_by, config.keep_mass_ratio, config.keep_min_peak)
+        labels, stats = component_stats(prob, mask)
+        sizes = stats["size"]
+        if len(sizes) > 1:
+            if config.rank_by == "size" and config.keep_mass_ratio > 1:
+                keep = np.zeros(len(sizes) + 1, dtype=bool)
+                keep[1 + int(np.argmax(sizes))] = True
+            else:
+                keep = np.concatenate([[False], chosen_components(stats, config.rank_by, config.keep_mass_ratio,
+                                                                  config.keep_min_peak)])
+            mask = keep[labels]
     if config.fill_holes_2d:
         mask = fill_holes_2d(mask)
-    return mask
+    return mask, sizes

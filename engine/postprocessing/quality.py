@@ -88,13 +88,15 @@ def intensity_z(means: list[float], reference: dict | None) -> tuple[float | Non
     return best, which
 
 
-def prediction_features(prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
-    """What the probabilities and the kept mask say: confidence, size, margin, fragmentation."""
+def prediction_features(prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5,
+                        component_sizes: np.ndarray | None = None) -> dict[str, Any]:
+    """What the probabilities and the kept mask say: confidence, size, margin, fragmentation.
+    ``component_sizes``: the thresholded components' voxel counts, when post-processing has them."""
     mask = np.asarray(mask, dtype=bool)
     n = int(mask.sum())
     above = prob > threshold
     mass_above = float(prob[above].sum())
-    sizes = component_stats(prob, above)[1]["size"]
+    sizes = component_stats(prob, above)[1]["size"] if component_sizes is None else component_sizes
     uncertain = int(((prob > 0.2) & (prob < 0.8)).sum())
     return {
         "volume_px": n,
@@ -108,13 +110,14 @@ def prediction_features(prob: np.ndarray, mask: np.ndarray, threshold: float = 0
 
 
 def quality_features(image: np.ndarray, prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5,
-                     reference: dict | None = None, views_agreement: float | None = None) -> dict[str, Any]:
+                     reference: dict | None = None, views_agreement: float | None = None,
+                     component_sizes: np.ndarray | None = None) -> dict[str, Any]:
     """Every feature of one patient, from its (D, H, W, 3) input, native probabilities and mask."""
     head = head_mask(image)  # once for both input features
     means = channel_means(image, head)
     z, z_channel = intensity_z(means, reference)
     copies = flair_copies(image, head)
-    return {**prediction_features(prob, mask, threshold), "flair_copies": len(copies), "copied_channels": copies,
+    return {**prediction_features(prob, mask, threshold, component_sizes), "flair_copies": len(copies), "copied_channels": copies,
             "channel_means": [round(m, 2) for m in means], "intensity_z": z, "intensity_z_channel": z_channel,
             "views_disagreement": None if views_agreement is None else 1.0 - views_agreement}
 
@@ -272,6 +275,6 @@ class Review:
         return cls(mode, QualityModel.from_card(card, mode, where), reference_stats(card))
 
     def assess(self, image: np.ndarray, prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5,
-               views_agreement: float | None = None) -> dict:
-        features = quality_features(image, prob, mask, threshold, self.reference, views_agreement)
+               views_agreement: float | None = None, component_sizes: np.ndarray | None = None) -> dict:
+        features = quality_features(image, prob, mask, threshold, self.reference, views_agreement, component_sizes)
         return assess(features, self.model, self.mode, self.reference)
