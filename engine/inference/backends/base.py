@@ -32,6 +32,14 @@ class Backend(abc.ABC):
         """None when usable here, else the reason it is not."""
         return None
 
+    @classmethod
+    def missing_export(cls, spec: ModelSpec | None, how: str = "run `segengine export`") -> str | None:
+        """Why ``spec`` has no ``cls.export_kind`` file beside its weights (None: it has one, or no spec)."""
+        kind = getattr(cls, "export_kind", None)
+        if spec is None or kind is None or spec.export_path(kind).exists():
+            return None
+        return f"no {kind} export beside {spec.weights.name} ({how})"
+
     @abc.abstractmethod
     def load(self) -> "Backend": ...
 

@@ -19,9 +19,7 @@ class OnnxRuntimeBackend(Backend):
     def availability(cls, spec=None):
         if not importlib.util.find_spec("onnxruntime"):
             return "onnxruntime is not installed"
-        if spec is not None and not spec.export_path(cls.export_kind).exists():
-            return f"no {cls.export_kind} export beside {spec.weights.name} (run `segengine export`)"
-        return None
+        return cls.missing_export(spec)
 
     def providers(self) -> list[str]:
         import onnxruntime as ort

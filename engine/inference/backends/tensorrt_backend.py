@@ -185,9 +185,7 @@ class TensorRTBackend(Backend):
         why = tensorrt_missing_reason()
         if why:
             return why
-        if spec is not None and not spec.export_path(cls.export_kind).exists():
-            return f"no {cls.export_kind} export beside {spec.weights.name} (run `segengine export` on a GPU machine)"
-        return None
+        return cls.missing_export(spec, "run `segengine export` on a GPU machine")
 
     def load(self):
         why = tensorrt_missing_reason()
