@@ -155,3 +155,33 @@ def test_a_fine_tunes_card_names_its_starting_weights_after_they_are_replaced(ti
     assert card["training"]["lr"] == 0.001
     assert f" --lr 0.001 --init-from {start}" in card["training"]["command"]
     assert "init_from_sha256" not in json.loads((d / "ft_base" / "config.json").read_text())
+
+
+def test_average_init_is_the_mean_of_the_start_and_the_trained_weights(tiny_run_args):
+    """--average-init 0.5: every float tensor the midpoint of start and trained; a second average is refused."""
+    from segengine.train import soup
+    from segengine.train.ship import ship_run
+
+    d, args = tiny_run_args
+    assert train_mod.main(args("soup_base")) == 0
+    start = d / "soup_base" / "final_weights.pt"
+    assert train_mod.main(args("soup", "--init-from", str(start), "--lr", "0.001", "--average-init", "0.5")) == 0
+    s0 = torch.load(start, weights_only=True)["state_dict"]
+    trained = torch.load(d / "soup" / soup.TRAINED, weights_only=True)["state_dict"]
+    final = torch.load(d / "soup" / "final_weights.pt", weights_only=True)["state_dict"]
+    moved = 0
+    for name, t in trained.items():
+        if t.is_floating_point():
+            assert torch.allclose(final[name], (s0[name] + t) / 2, atol=1e-7), name
+            moved += int(not torch.equal(s0[name], t))
+        else:
+            assert torch.equal(final[name], t), name
+    assert moved > 0  # training changed weights, so the average is neither end
+    card = ship_run(d / "soup", d / "soup.pt")
+    assert "--average-init 0.5" in card["training"]["command"]
+    assert card["training"]["weight_averaging"].startswith("0.5 x the starting weights")
+    with pytest.raises(soup.SoupError, match="already averaged"):
+        soup.average_with_start(d / "soup", 0.5)
+    assert soup.main([str(d / "soup_base")]) == 2  # trained from scratch: one line, exit 2
+    with pytest.raises(SystemExit, match="needs --init-from"):
+        train_mod.main(args("soup_bad", "--average-init", "0.5"))

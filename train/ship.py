@@ -89,6 +89,9 @@ def ship_run(run: Path, out: Path, data_split: dict | None = None) -> dict:
             "machine": f"{platform.processor() or platform.machine()}, CPU only",
             "checkpoint": "last step (not selected on validation patients)",
             **({"init_from": init} if init else {}),
+            **({"weight_averaging": f"{1 - config['average_init']:g} x the starting weights + "
+                                    f"{config['average_init']:g} x the trained ones (train/soup.py)"}
+               if config.get("average_init") else {}),
             "command": f"segengine train --data ../shared/data/lgg --out {run} --steps {config['steps']}" + fold
                        + (f" --crop {config['crop']}" if config.get("crop") else "")
                        + (f" --refine-channels {refine}" if refine else "")
@@ -103,6 +106,7 @@ def ship_run(run: Path, out: Path, data_split: dict | None = None) -> dict:
                        + (f" --amp {config['amp']}" if config.get("amp", "none") != "none" else "")
                        + (f" --lr {config['lr']:g}" if config["lr"] != DEFAULT_LR else "")
                        + (f" --init-from {init['weights']}" if init else "")
+                       + (f" --average-init {config['average_init']:g}" if config.get("average_init") else "")
                        + (f" --epoch-steps {config['epoch_steps']}" if config.get("epoch_steps", 250) != 250 else ""),
         },
         "validation_history_reference_protocol": [{"step": h["step"], "dsc": round(h["val_dsc_reference"], 4)} for h in history],

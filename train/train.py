@@ -88,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--init-from", default=None, metavar="PT",
                     help="start from these weights (a shipped model's .pt) instead of random ones: fine-tuning; "
                          "the deep-supervision heads that shipped models drop start fresh")
+    ap.add_argument("--average-init", type=float, default=None, metavar="W",
+                    help="with --init-from: the final weights are (1 - W) x the start + W x the trained ones "
+                         "(train/soup.py; v3 uses 0.5)")
     ap.add_argument("--stop-after", type=int, default=0, metavar="STEP",
                     help="exit after checkpointing at this step (a multiple of --epoch-steps) to split a run "
                          "across sessions; --resume continues it exactly")
@@ -251,6 +254,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data)
     splits = splits_dir(data)
+    if args.average_init is not None and not (args.init_from and 0.0 < args.average_init < 1.0):
+        raise SystemExit("--average-init W needs --init-from and 0 < W < 1")
     if (args.fold is None) != (not args.folds):
         raise SystemExit("give --folds N and --fold K together")
     if args.folds:
@@ -378,6 +383,11 @@ def main(argv=None) -> int:
         return 0
     model = model.to(memory_format=torch.contiguous_format)  # shipped weights in the layout every exporter expects
     torch.save({"architecture": arch, "state_dict": model.state_dict()}, out / "final_weights.pt")
+    if args.average_init is not None:
+        from segengine.train.soup import average_with_start
+
+        average_with_start(out, args.average_init)
+        print(f"averaged with {args.init_from} ({1 - args.average_init:g} / {args.average_init:g})", flush=True)
     print(f"done: {step} steps in {elapsed / 60:.1f} min -> {out / 'final_weights.pt'}", flush=True)
     return 0
 
