@@ -4,8 +4,8 @@ slices (flip test-time augmentation), behind the same Backend interface as one m
 An ensemble is a manifest ``<name>.ensemble.json`` beside ordinary member models (each a
 ``.pt`` with its card and SHA-256, verified on load like any model)::
 
-    {"name": "resunet16v2_folds", "kind": "ensemble",
-     "members": ["resunet16v2_fold0.pt", ...], "review": {"modes": {"ensemble": ...}}, "cross_validation": {...}}
+    {"name": "resunet16v3_folds", "kind": "ensemble",
+     "members": ["resunet16v3_folds_fold0.pt", ...], "review": {"modes": {"ensemble": ...}}, "cross_validation": {...}}
 
 Averaging happens on the model grid, before the result is mapped back and post-processed,
 so every code path (run, Ray, bench, validate) stays the one pipeline.
