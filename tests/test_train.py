@@ -140,7 +140,8 @@ def test_init_from_loads_a_shipped_models_weights_and_refuses_another_architectu
 
 
 def test_a_fine_tunes_card_names_its_starting_weights_after_they_are_replaced(tiny_run_args):
-    """v3 fine-tunes the shipped file it then replaces: the card keeps that file's SHA-256 and the lr."""
+    """v3 fine-tunes the shipped file it then replaces: the card keeps that file's SHA-256 (also across
+    --stop-after / --resume) and the lr."""
     from segengine.engine.model.spec import sha256_file
     from segengine.train.ship import ship_run
 
@@ -148,8 +149,9 @@ def test_a_fine_tunes_card_names_its_starting_weights_after_they_are_replaced(ti
     assert train_mod.main(args("ft_base")) == 0
     start = d / "ft_base" / "final_weights.pt"
     start_sha = sha256_file(start)
-    assert train_mod.main(args("ft", "--init-from", str(start), "--lr", "0.001")) == 0
-    start.write_bytes(b"replaced")
+    assert train_mod.main(args("ft", "--init-from", str(start), "--lr", "0.001", "--stop-after", "2")) == 0
+    start.write_bytes(b"replaced")  # between sessions: the resumed run must keep the first start's hash
+    assert train_mod.main(args("ft", "--init-from", str(start), "--lr", "0.001", "--resume")) == 0
     card = ship_run(d / "ft", d / "ft.pt")
     assert card["training"]["init_from"] == {"weights": str(start), "sha256": start_sha}
     assert card["training"]["lr"] == 0.001

@@ -33,7 +33,7 @@ from segengine.engine.evaluation.metrics import volume_metrics
 from segengine.engine.postprocessing.postprocess import PostprocessConfig, postprocess
 from segengine.engine.readers.registry import read_patient
 from segengine.train.folds import DEFAULT_DATA, DEFAULT_FOLD_SEED, fold_dir, load_or_write_folds, splits_dir
-from segengine.train.paired import bootstrap_mean_ci, compare  # noqa: F401 - cv compare's, re-exported
+from segengine.train.paired import LOW_DSC, bootstrap_mean_ci, by_failure_kind, compare  # noqa: F401 - cv compare's, re-exported
 
 # Post-processing variants scored on every out-of-fold patient (native protocol).
 POST_VARIANTS = {
@@ -41,7 +41,6 @@ POST_VARIANTS = {
     "lcc_fill2d": PostprocessConfig(fill_holes_2d=True),
     "none": PostprocessConfig.none(),
 }
-LOW_DSC = 0.70
 
 
 def fold_run(out: Path, k: int) -> Path:
@@ -380,8 +379,6 @@ def _main(argv: list[str] | None = None) -> int:
                read_cv_result(args.runs[1], (args.variant_b or args.variant,))]
         print(compare(res[0], res[1], args.variant, args.variant_b))
         if args.by_kind:
-            from segengine.train.paired import by_failure_kind
-
             print(by_failure_kind(res[0], res[1], args.variant))
         return 0
     if argv[:1] == ["component-rule"]:

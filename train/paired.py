@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+LOW_DSC = 0.70  # a "badly wrong" mask: CV summaries count the patients below it
+
 
 def compare(a: dict, b: dict, variant: str = "native_lcc", variant_b: str | None = None) -> str:
     """Paired per-patient comparison of two CV results on the patients both scored (or, with
@@ -56,25 +58,22 @@ FAILURE_KINDS: dict[str, tuple[str, ...]] = {
         "TCGA_HT_A616_19991226", "TCGA_HT_7877_19980917", "TCGA_HT_A61B_19991127", "TCGA_DU_8165_19970205",
         "TCGA_FG_7634_20000128", "TCGA_HT_8105_19980826"),
 }
-LOW = 0.70
-
-
 def by_failure_kind(a: dict, b: dict, variant: str = "native_lcc") -> str:
     """Markdown table: each failure kind's patients scored by ``a`` (before) and ``b`` (after),
     plus every other patient below 0.70 in either and the count below 0.70."""
     pa, pb = a["variants"][variant]["per_patient"], b["variants"][variant]["per_patient"]
     common = set(pa) & set(pb)
     named = {p for group in FAILURE_KINDS.values() for p in group}
-    others = tuple(sorted(p for p in common - named if min(pa[p]["dsc"], pb[p]["dsc"]) < LOW))
+    others = tuple(sorted(p for p in common - named if min(pa[p]["dsc"], pb[p]["dsc"]) < LOW_DSC))
     rows = [f"| failure kind | patients ({variant}) | {a['recipe']} | {b['recipe']} | difference |", "|---|---|---|---|---|"]
-    for kind, group in [*FAILURE_KINDS.items(), (f"other, below {LOW:.2f} in either", others)]:
+    for kind, group in [*FAILURE_KINDS.items(), (f"other, below {LOW_DSC:.2f} in either", others)]:
         present = [p for p in group if p in common]
         if not present:
             continue
         da, db = np.array([pa[p]["dsc"] for p in present]), np.array([pb[p]["dsc"] for p in present])
         who = ", ".join(f"{p.split('_')[1]}_{p.split('_')[2]} {x:.3f} -> {y:.3f}" for p, x, y in zip(present, da, db))
         rows.append(f"| {kind} | {who} | {da.mean():.3f} | {db.mean():.3f} | {db.mean() - da.mean():+.3f} |")
-    low_a = sum(pa[p]["dsc"] < LOW for p in common)
-    low_b = sum(pb[p]["dsc"] < LOW for p in common)
-    rows.append(f"| patients below {LOW:.2f} | of {len(common)} | {low_a} | {low_b} | {low_b - low_a:+d} |")
+    low_a = sum(pa[p]["dsc"] < LOW_DSC for p in common)
+    low_b = sum(pb[p]["dsc"] < LOW_DSC for p in common)
+    rows.append(f"| patients below {LOW_DSC:.2f} | of {len(common)} | {low_a} | {low_b} | {low_b - low_a:+d} |")
     return "\n".join(rows)

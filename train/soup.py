@@ -76,10 +76,9 @@ def average_with_start(run: Path, weight: float) -> dict:
     except BaseException:
         (run / TRAINED).unlink(missing_ok=True)
         raise
-    record = {"weight": weight, "start": str(start_path), "start_sha256": start_sha}
-    config.update(init_from_sha256=start_sha, average_init=weight, soup=record)
+    config.update(init_from_sha256=start_sha, average_init=weight)  # what the card names
     write_json_atomic(config_file, config)
-    return record
+    return {"weight": weight, "start": str(start_path), "start_sha256": start_sha}
 
 
 def main(argv: list[str] | None = None) -> int:

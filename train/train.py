@@ -309,8 +309,10 @@ def main(argv=None) -> int:
     config = {**vars(args), "architecture": arch, "flops_per_slice": flops,
               "params": sum(p.numel() for p in model.parameters()),
               "train_patients": train_patients, "val_patients": val_patients}
-    if args.init_from:  # the card must name the starting weights even after that file is replaced
-        config["init_from_sha256"] = sha256_file(args.init_from)
+    if args.init_from:  # the card must name the starting weights even after that file is replaced,
+        # also when that happens between --stop-after and --resume: the first start's hash stays
+        previous = json.loads((out / "config.json").read_text()) if args.resume and step else {}
+        config["init_from_sha256"] = previous.get("init_from_sha256") or sha256_file(args.init_from)
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
     from torch.utils.tensorboard import SummaryWriter
