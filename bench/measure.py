@@ -88,14 +88,13 @@ def input_slices(spec, folders: list[Path], need: int, log) -> tuple[np.ndarray,
     from segengine.engine.preprocessing.preprocess import preprocess_patient
     from segengine.engine.readers.registry import read_patient
 
-    size = spec.input_size
     if not folders:
         x = np.random.default_rng(0).standard_normal((need, *spec.input_shape)).astype(np.float32)
         return x, {"source": "synthetic", "detail": "standard normal noise (no --data)", "slices": need}
     parts, used = [], []
     for folder in folders:
         vol = read_patient(folder, with_mask=False)
-        parts.append(model_input(preprocess_patient(vol, "native", size), spec))
+        parts.append(model_input(preprocess_patient(vol, "native", spec.preprocessing), spec))
         used.append(folder.name)
         if sum(len(p) for p in parts) >= need:
             break

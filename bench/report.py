@@ -7,6 +7,7 @@ import numpy as np
 
 from segengine.bench.machine import describe_cpu
 from segengine.bench.measure import E2E_BATCH_SIZE, STAGES
+from segengine.engine.core.atomic import atomic_file
 
 
 def _fmt(v, spec: str = ".1f", none: str = "-") -> str:
@@ -163,5 +164,6 @@ def plot(result: dict, path) -> Path:
     fig.suptitle(f"segengine bench: {result['model']['name']}, {result['settings']['threads'] or 'default'} threads; "
                  f"{describe_cpu(result['machine'])}", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_file(path, "plot") as tmp:  # PNG under exactly the given name (savefig would add .png to a bare one)
+        fig.savefig(tmp, dpi=110, format="png")
     return path

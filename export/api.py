@@ -17,6 +17,19 @@ from segengine.engine.core.errors import ExportError, ExportToolMissing, ModelEr
 from segengine.engine.model.spec import ModelSpec, check_export
 
 KINDS = ("onnx", "onnx-int8", "onnx-fp16", "tensorrt-fp16")
+# Each export kind under the name of the backend that runs it (`segengine export --kinds` takes either;
+# the files, sidecars and verdicts keep the kind names)
+KIND_BACKENDS = {"onnx": "onnxruntime", "onnx-int8": "onnxruntime-int8", "onnx-fp16": "onnxruntime-fp16",
+                 "tensorrt-fp16": "tensorrt"}
+
+
+def export_kind(name: str) -> str:
+    """The export kind a ``--kinds`` name means: a backend name (onnxruntime-int8) or a kind (onnx-int8)."""
+    by_backend = {backend: kind for kind, backend in KIND_BACKENDS.items()}
+    if name in KINDS or name in by_backend:
+        return by_backend.get(name, name)
+    raise ExportError(f"unknown export kind {name!r} (known: {', '.join(KIND_BACKENDS.values())}; "
+                      f"or the older {', '.join(KINDS)})")
 N_VERIFY_INT8 = 32  # held-out slices (not used for calibration) to check INT8 against fp32
 N_VERIFY_ONNX = 8
 
@@ -34,7 +47,7 @@ def _real_slices(spec: ModelSpec, data_root, train_list, n: int, log) -> tuple[n
     from segengine.engine.readers.registry import list_patients
     from segengine.export.int8 import _resolve_root, calibration_slices, reference_validation_ids
 
-    as_model_input = {"size": spec.input_size, "context_slices": spec.context_slices, "return_info": True}
+    as_model_input = {"size": spec.preprocessing, "context_slices": spec.context_slices, "return_info": True}
     if train_list is not None:
         return calibration_slices(data_root, train_list, n_slices=n, **as_model_input)
     root = Path(data_root)
@@ -70,10 +83,7 @@ def export_model(
     export fails or does not verify.
     """
     say = log or (lambda *_: None)
-    kinds = tuple(dict.fromkeys(kinds))
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown:
-        raise ExportError(f"unknown export kind(s) {', '.join(unknown)} (known: {', '.join(KINDS)})")
+    kinds = tuple(dict.fromkeys(export_kind(k) for k in kinds))  # backend names too; unknown ones refused
     folder = spec.weights.parent
     if not os.access(folder, os.W_OK):
         raise ExportError(f"{folder}: not writable; copy {spec.weights.name} and its card elsewhere and export there")

@@ -15,7 +15,7 @@ import contextlib
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
@@ -41,6 +41,9 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 
 # --------------------------------------------------------------------------- calibration data
+if TYPE_CHECKING:
+    from segengine.engine.preprocessing.plan import PreprocessingPlan
+
 def reference_validation_ids(train_list: str | os.PathLike | None = None) -> set[str]:
     """The reference validation patients: the built-in list, plus any list file found beside
     ``train_list`` or in ``../shared/data/lgg/splits`` of the repository."""
@@ -68,13 +71,16 @@ def calibration_slices(
     train_list: str | os.PathLike | Iterable[str],
     n_slices: int = 300,
     seed: int = 0,
-    size: int = 256,
+    size: "int | PreprocessingPlan" = 256,
     *,
     context_slices: int = 0,
     exclude: Iterable[str] | None = None,
     return_info: bool = False,
 ):
     """``n_slices`` training model inputs (n, C, size, size) float32, sampled deterministically.
+
+    ``size`` is the model's preprocessing plan (a bare grid size: plan v1 at that size), so a
+    plan v2 model is calibrated on the inputs it will see.
 
     ``train_list`` is a patient-list file (one id a line) or a sequence of ids. Patients are
     read with ``read_patient`` and preprocessed as the engine runs them (native protocol,

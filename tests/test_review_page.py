@@ -27,7 +27,7 @@ from test_run import MODEL
 
 PATIENTS = sorted(VAL_PATIENTS + [TRAIN_PATIENT])
 SHOWN = VAL_PATIENTS[1]  # the patient given a forced flag and opened in the viewer
-RED, GREEN = (255, 40, 40), (0, 220, 0)  # the viewer's predicted and ground-truth outline colours
+ORANGE, BLUE = (230, 159, 0), (86, 180, 233)  # the viewer's predicted and ground-truth outline colours
 
 
 def _missing(reason: str):
@@ -113,6 +113,15 @@ def test_index_rows_sort_and_filter(browser, reviewed_run):
     assert SHOWN in flagged and _column(page, 1) == [p.lower() for p in flagged]
     forced = page.locator("#patients tbody tr:not(.hidden)", has_text=SHOWN)
     assert "example flag set by the browser test" in forced.inner_text()
+    assert forced.locator(".flag").get_attribute("title").startswith("flagged for review")
+    # the legend says what the review column means: the estimate, its interval, the flag's rule, "check input"
+    legend = page.locator("#legend")
+    assert "How to read the review column" in legend.inner_text()
+    page.locator("#legend summary").click()
+    text = legend.inner_text()
+    for words in ("expected DSC", "90% interval", "set when the expected DSC is below 0.80", "check input",
+                  "uncalibrated", "training patients' median"):
+        assert words in text, words
     assert page.locator("#shown").inner_text() == f"{len(flagged)} of 3 shown"
     page.uncheck("#flagged")
     assert page.locator("#patients tbody tr:not(.hidden)").count() == 3
@@ -142,16 +151,19 @@ def test_patient_viewer_slider_keys_and_toggles(browser, reviewed_run, kaggle_ro
     focus = max(numbers, key=lambda n: areas[str(n)])
     assert f"predicted {areas[str(focus)]} px" in page.locator("#label").inner_text()
     assert "example flag set by the browser test" in page.locator(".facts").inner_text()  # re-rendered by `report`
+    controls = page.locator(".controls").inner_text()
+    assert "predicted (orange)" in controls and "ground truth (blue)" in controls
+    assert "How to read the review column" in page.locator("#legend").inner_text()
     # the outlines drawn are those of the mask files written, pixel for pixel
     before, shown = _viewer_state(page)
     assert shown == focus
     red, green = _expected_outlines(out, kaggle_root, SHOWN, focus)
-    assert red > 0 and (_count(before, RED), _count(before, GREEN)) == (red, green)
+    assert red > 0 and (_count(before, ORANGE), _count(before, BLUE)) == (red, green)
     step = 1 if focus < numbers[-1] else -1
     page.keyboard.press("ArrowRight" if step == 1 else "ArrowLeft")
     after, shown = _viewer_state(page)
     assert shown == focus + step
-    assert (_count(after, RED), _count(after, GREEN)) == _expected_outlines(out, kaggle_root, SHOWN, focus + step)
+    assert (_count(after, ORANGE), _count(after, BLUE)) == _expected_outlines(out, kaggle_root, SHOWN, focus + step)
     grey = (before == before[..., :1]).all(axis=-1) & (after == after[..., :1]).all(axis=-1)
     assert (before[grey] != after[grey]).any()  # the FLAIR under the outlines changed, not only its label
     page.locator("#slider").fill("0")
@@ -160,10 +172,10 @@ def test_patient_viewer_slider_keys_and_toggles(browser, reviewed_run, kaggle_ro
     page.locator("#slider").fill(str(numbers.index(focus)))
     page.uncheck("#show-pred")
     hidden, _ = _viewer_state(page)
-    assert _count(hidden, RED) == 0 and _count(hidden, GREEN) == 4 * int(_outline(kaggle_root / SHOWN / f"{SHOWN}_{focus}_mask.tif").sum())
+    assert _count(hidden, ORANGE) == 0 and _count(hidden, BLUE) == 4 * int(_outline(kaggle_root / SHOWN / f"{SHOWN}_{focus}_mask.tif").sum())
     page.uncheck("#show-truth")
     bare, _ = _viewer_state(page)
-    assert _count(bare, RED) == _count(bare, GREEN) == 0
+    assert _count(bare, ORANGE) == _count(bare, BLUE) == 0
     # links to the masks and the NIfTI resolve to files that exist
     for href in page.eval_on_selector_all(".links a", "as => as.map(a => a.href)"):
         from urllib.parse import unquote, urlparse
@@ -184,7 +196,7 @@ def test_docs_pictures_show_the_pages(browser, reviewed_run, tmp_path):
     page = open_index(browser, reviewed_run)
     height = page.evaluate("document.documentElement.scrollHeight")
     assert index.shape == (height, VIEWPORT["width"], 3) and height > 3 * 64  # three rows of thumbnails at least
-    assert viewer.shape == (VIEWPORT["height"], VIEWPORT["width"], 3) and _count(viewer, RED) > 0
+    assert viewer.shape == (VIEWPORT["height"], VIEWPORT["width"], 3) and _count(viewer, ORANGE) > 0
     assert (index.std(axis=(0, 1)) > 1).all()  # a rendered page, not a blank one
 
 
@@ -259,3 +271,42 @@ def test_report_rewrites_a_patient_page_only_under_its_lock(reviewed_run, tmp_pa
     index = (out / "index.html").read_text()
     assert f"reason for {busy}" in index and f"reason for {free}" in index  # the index reads every report
     assert not [p.name for p in out.iterdir() if p.name.endswith(LOCK_SUFFIX)]  # locks go with their holders
+
+
+CALIBRATED = {"expected_dsc": 0.9, "interval": [0.8, 0.95], "calibration": "out of fold, 90 patients"}
+
+
+@pytest.mark.parametrize("report, label, why", [
+    ({"review": {**CALIBRATED, "flag": False, "reasons": [], "features": {}}}, "ok", None),
+    ({"review": {**CALIBRATED, "flag": False, "reasons": ["pre-contrast is a copy of FLAIR (a missing sequence filled in)"],
+                 "features": {"copied_channels": ["pre-contrast"]}}}, "⚠ check input", "pre-contrast is a copy of FLAIR"),
+    ({"review": {**CALIBRATED, "flag": False, "reasons": [],
+                 "features": {"intensity_z": 4.25, "intensity_z_channel": "FLAIR"}}}, "⚠ check input", "robust z 4.2"),
+    ({"review": {"flag": None, "reasons": [], "features": {}}, "nifti": {"filled_with_flair": ["pre", "post"]}},
+     "⚠ check input", "pre and post filled with FLAIR"),
+    ({"review": {**CALIBRATED, "expected_dsc": 0.61, "flag": True, "reasons": ["mask of 40 voxels (training patients' "
+                 "median 9000)"], "features": {"copied_channels": ["post-contrast"]}}}, "⚑ review", "mask of 40 voxels"),
+], ids=["ok", "copied-channel", "intensity", "filled-uncalibrated", "flagged"])
+def test_review_cell_explains_itself_and_never_says_ok_for_an_odd_input(report, label, why):
+    """Every label and reason carries a tooltip; an input anomaly is "check input", never a plain "ok"."""
+    import re
+
+    from segengine.engine.outputs.review_page import _review_cell, patient_html
+
+    cell = _review_cell(report)
+    labels = re.findall(r'<span class="(\w+)" title="([^"]+)">([^<]+)</span>', cell)
+    assert labels and labels[0][2] == label
+    assert all(tip for _, tip, _ in labels)
+    if label != "ok":
+        assert 'class="ok"' not in cell
+    if label == "⚑ review":
+        assert "expected DSC 0.610 is below 0.80" in labels[0][1]
+    if report["review"].get("expected_dsc") is not None:
+        est = next(tip for cls, tip, _ in labels if cls == "est")
+        assert "Dice overlap" in est and "90% interval" in est and "cross-validation" in est
+    reasons = re.findall(r'<div class="why" title="([^"]+)">([^<]+)</div>', cell)
+    if why:
+        assert any(why in html_text.replace("&#x27;", "'") for _, html_text in reasons), reasons
+        assert all(tip for tip, _ in reasons)
+    page = patient_html("p", {**report, "patient": "p"})
+    assert 'id="legend"' in page and "90% interval" in page

@@ -98,7 +98,9 @@ def test_single_patient_and_overwrite(kaggle_root, tmp_path):
     args = ["--patient", str(kaggle_root / VAL_PATIENTS[1]), "--out", str(out), "--gif"]
     res = _run(args)
     assert res.exit_code == 0, res.output
-    assert res.output.count("\n") == 1 and VAL_PATIENTS[1] in res.output and "DSC" in res.output
+    # the patient's line, then the review page's path (issue 31)
+    assert res.output.count("\n") == 2 and VAL_PATIENTS[1] in res.output and "DSC" in res.output
+    assert res.output.splitlines()[-1] == f"review page: {out / 'index.html'}"
     n = len([p for p in (kaggle_root / VAL_PATIENTS[1]).glob("*.tif") if not p.name.endswith("_mask.tif")])
     gif = imageio.imread(out / VAL_PATIENTS[1] / "slices.gif", index=None)  # every frame decoded
     assert gif.shape[:3] == (n, 256, 256)  # one frame a slice, at the slices' size

@@ -65,8 +65,41 @@ def test_overlay_outlines_are_the_mask_borders(written):
         rgb = np.asarray(im.convert("RGB"))
     tiled = np.flatnonzero(pred.any(axis=(1, 2)) | truth.any(axis=(1, 2)))
     assert 0 < tiled.size <= 20  # every slice with tumor is a tile
-    red = (rgb == PRED_COLOR).all(axis=-1).sum()
-    green = (rgb == TRUTH_COLOR).all(axis=-1).sum()
-    pred_border, truth_border = border(pred[tiled], per_slice=True), border(truth[tiled], per_slice=True)
-    assert red == pred_border.sum() > 0
-    assert green == (truth_border & ~pred_border).sum() > 0  # the prediction is drawn over the truth
+    orange = (rgb == PRED_COLOR).all(axis=-1).sum()
+    blue = (rgb == TRUTH_COLOR).all(axis=-1).sum()
+    # outlines two pixels thick inside each mask (written here with plain numpy shifts), the prediction over the truth
+    pred_band, truth_band = _band(pred[tiled]), _band(truth[tiled])
+    swatch = 12 * 10  # each colour's legend swatch
+    assert orange == pred_band.sum() + swatch and pred_band.sum() > 2 * border(pred[tiled], per_slice=True).sum() * 0.9
+    assert blue == (truth_band & ~pred_band).sum() + swatch > swatch
+
+
+def _band(masks: np.ndarray, width: int = 2) -> np.ndarray:
+    """Pixels of each slice's mask within ``width`` face steps of its outside (the image edge counts as outside)."""
+    inner = masks.copy()
+    for _ in range(width):
+        m = np.pad(inner, ((0, 0), (1, 1), (1, 1)))
+        inner = m[:, 1:-1, 1:-1] & m[:, :-2, 1:-1] & m[:, 2:, 1:-1] & m[:, 1:-1, :-2] & m[:, 1:-1, 2:]
+    return masks & ~inner
+
+
+def test_overlay_sheet_numbers_its_slices_and_has_a_legend(tmp_path):
+    """Slice numbers on the tiles and a legend under them, in the colour-blind-safe pair (no red, no green)."""
+    from segengine.engine.outputs.pictures import LEGEND_HEIGHT, contact_sheet
+    from segengine.engine.readers.volume import PatientVolume
+
+    image = np.full((6, 64, 64, 3), 90, np.uint8)
+    pred = np.zeros((6, 64, 64), bool)
+    pred[2, 20:40, 20:40] = True
+    with_truth, without = (contact_sheet(PatientVolume("p", tmp_path, [11, 12, 13, 14, 15, 16], image), pred, t)
+                           for t in (pred.copy(), None))
+    for sheet in (with_truth, without):
+        rgb = np.asarray(sheet.convert("RGB"))
+        tile, legend = rgb[:64, :64], rgb[-LEGEND_HEIGHT:]
+        assert rgb.shape[0] == 64 + LEGEND_HEIGHT  # one tile (slice 13), then the legend strip
+        assert (tile[:12, :16] == 255).all(axis=-1).any()  # the white slice number in the top-left corner
+        assert (tile[20:40, 20:40] == PRED_COLOR).all(axis=-1).sum() == 20 * 20 - 16 * 16
+        assert (legend == PRED_COLOR).all(axis=-1).any() and (legend == 255).all(axis=-1).sum() > 50  # swatch, text
+        assert not ((rgb == (255, 40, 40)).all(axis=-1).any() or (rgb == (0, 220, 0)).all(axis=-1).any())
+    assert (np.asarray(with_truth.convert("RGB"))[-LEGEND_HEIGHT:] == TRUTH_COLOR).all(axis=-1).any()
+    assert not (np.asarray(without.convert("RGB")) == TRUTH_COLOR).all(axis=-1).any()

@@ -60,7 +60,9 @@ def train_fold(data: Path, out: Path, n_folds: int, k: int, seed: int, train_arg
             "--fold-seed", str(seed), *(a.replace("{fold}", str(k)) for a in train_args)]
     if (run / "last.pt").exists():
         args.append("--resume")
-    train_main(args)
+    code = train_main(args)
+    if code:  # bad input, already said in one line: not a fold to resume
+        raise SystemExit(code)
     return (run / "final_weights.pt").exists()
 
 
@@ -347,10 +349,10 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["flair-only"]:
-        ap = argparse.ArgumentParser(prog="python -m segengine.train.cv flair-only")
-        ap.add_argument("run", type=Path)
-        ap.add_argument("--fold", type=int, default=0)
-        ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+        ap = argparse.ArgumentParser(prog="segengine cv flair-only", description=flair_only_scores.__doc__)
+        ap.add_argument("run", type=Path, help="CV run folder (fold*/model/, fold*/oof.json)")
+        ap.add_argument("--fold", type=int, default=0, help="the fold whose model and held-out patients are scored")
+        ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset root (default: %(default)s)")
         args = ap.parse_args(argv[1:])
         rows = flair_only_scores(args.run, args.data, args.fold)
         for p, a, b in rows:
@@ -359,18 +361,22 @@ def _main(argv: list[str] | None = None) -> int:
               f"FLAIR in all three channels {np.mean([r[2] for r in rows]):.4f}")
         return 0
     if argv[:1] == ["worst"]:
-        ap = argparse.ArgumentParser(prog="python -m segengine.train.cv worst")
+        ap = argparse.ArgumentParser(prog="segengine cv worst", description=worst_cases_figure.__doc__)
         ap.add_argument("run", type=Path, help="CV run folder (cv.json, fold*/oof/)")
-        ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-        ap.add_argument("--out", type=Path, default=Path("docs/cv_worst.png"))
-        ap.add_argument("-n", type=int, default=3)
+        ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset root (default: %(default)s)")
+        ap.add_argument("--out", type=Path, default=Path("docs/cv_worst.png"), help="the PNG to write (default: %(default)s)")
+        ap.add_argument("-n", type=int, default=3, help="how many of the worst patients (default: %(default)s)")
         args = ap.parse_args(argv[1:])
         print("worst:", ", ".join(worst_cases_figure(args.run, args.data, args.out, args.n)), "->", args.out)
         return 0
     if argv[:1] == ["compare"]:
-        ap = argparse.ArgumentParser(prog="python -m segengine.train.cv compare")
+        ap = argparse.ArgumentParser(prog="segengine cv compare",
+                                     description="Paired per-patient comparison of two CV runs: mean difference with "
+                                                 "its bootstrap CI, patients better and worse.")
         ap.add_argument("runs", nargs=2, help="two CV run folders (or their cv.json files)")
-        ap.add_argument("--variant", default="native_lcc")
+        ap.add_argument("--variant", default="native_lcc",
+                        help="scoring variant of cv.json to compare (native_lcc, native_lcc_tta, native_lcc_fill2d, "
+                             "native_none, reference_lcc; default: %(default)s)")
         ap.add_argument("--variant-b", default=None, help="score the second run with this variant (e.g. native_lcc_fill2d)")
         ap.add_argument("--by-kind", action="store_true",
                         help="also print a markdown table by failure kind (the patients issue 23 named in v2)")
@@ -390,13 +396,13 @@ def _main(argv: list[str] | None = None) -> int:
 
         return calibrate_main(argv[1:])
     if argv[:1] == ["rescore"]:
-        ap = argparse.ArgumentParser(prog="python -m segengine.train.cv rescore", description=rescore.__doc__)
+        ap = argparse.ArgumentParser(prog="segengine cv rescore", description=rescore.__doc__)
         ap.add_argument("manifest", type=Path, help="a fold ensemble's *.ensemble.json (members name their held-out fold)")
         ap.add_argument("--out", type=Path, required=True, help="CV run folder to write (fold*/oof.json, fold*/oof/, cv.json)")
-        ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-        ap.add_argument("--folds", type=int, default=5)
-        ap.add_argument("--fold-seed", type=int, default=DEFAULT_FOLD_SEED)
-        ap.add_argument("--threads", type=int, default=None)
+        ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset root (default: %(default)s)")
+        ap.add_argument("--folds", type=int, default=5, help="the fold split the members were trained on (default: 5)")
+        ap.add_argument("--fold-seed", type=int, default=DEFAULT_FOLD_SEED, help="its seed (default: %(default)s)")
+        ap.add_argument("--threads", type=int, default=None, help="scoring threads (default: all cores)")
         ap.add_argument("--native-only", action="store_true", help="skip the reference protocol (a third of the time)")
         args = ap.parse_args(argv[1:])
         results = rescore(args.manifest, args.data, args.out, args.folds, args.fold_seed, args.threads,
@@ -407,10 +413,11 @@ def _main(argv: list[str] | None = None) -> int:
             print(f"{variant:<16} {v['patients']:>3} patients  mean {v['mean']:.4f}  median {v['median']:.4f}")
         return 0
     if argv[:1] == ["thresholds"]:
-        ap = argparse.ArgumentParser(prog="python -m segengine.train.cv thresholds")
+        ap = argparse.ArgumentParser(prog="segengine cv thresholds", description=threshold_sweep.__doc__)
         ap.add_argument("run", type=Path, help="CV run folder (fold*/oof/*.npz)")
-        ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-        ap.add_argument("--thresholds", default="0.3,0.4,0.5,0.6,0.7,0.8")
+        ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset root (default: %(default)s)")
+        ap.add_argument("--thresholds", default="0.3,0.4,0.5,0.6,0.7,0.8",
+                        help="comma list of probability thresholds (default: %(default)s)")
         args = ap.parse_args(argv[1:])
         for line in threshold_sweep(args.run, args.data, [float(t) for t in args.thresholds.split(",")]):
             print(line)

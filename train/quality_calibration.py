@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from segengine.engine.core.atomic import write_json_atomic
-from segengine.engine.postprocessing.quality import FLAG_BELOW, QualityModel, channel_means, quality_features
+from segengine.engine.postprocessing.quality import (FLAG_BELOW, QualityModel, channel_means, contrast_stats,
+                                                     quality_features)
 
 LAMBDAS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 # the share of confident voxels stands for confidence (mean p and the uncertain margin are kept in
@@ -52,13 +53,25 @@ def input_reference(means: np.ndarray) -> dict:
             "head_mean_median": [round(float(v), 2) for v in np.exp(med)], "patients": int(len(means))}
 
 
+def reference_of(cases: list[dict]) -> dict:
+    """``input_reference`` of these patients; for a plan v2 model also the median and MAD of the log
+    scale-free contrast per channel (``quality.contrast_stats``), what its intensity z compares."""
+    ref = input_reference(np.array([c["means"] for c in cases]))
+    if cases and cases[0].get("scheme") == "head_zscore":
+        logs = np.log(np.maximum(np.array([c["contrast"] for c in cases]), 1e-3))
+        med = np.median(logs, axis=0)
+        ref.update({"scheme": "head_zscore", "contrast_median": [round(float(v), 4) for v in med],
+                    "contrast_mad": [round(float(v), 4) for v in np.median(np.abs(logs - med), axis=0)]})
+    return ref
+
+
 def dice_of(a: np.ndarray, b: np.ndarray) -> float:
     from segengine.engine.evaluation.metrics import dsc
 
     return float(dsc(a, b))
 
 
-def load_cases(cv_out: Path, data: Path, post) -> list[dict]:
+def load_cases(cv_out: Path, data: Path, post, scheme: str = "reference") -> list[dict]:
     """Everything the fit needs per patient, computed once (the input statistics depend on the
     reference, so their z-scores are filled in per split)."""
     from segengine.engine.postprocessing.postprocess import postprocess
@@ -75,7 +88,8 @@ def load_cases(cv_out: Path, data: Path, post) -> list[dict]:
         views = [prob > post.threshold, flipped > post.threshold]
         agreement = float(np.mean([dice_of(v, mean > post.threshold) for v in views]))
         case = {"patient": npz.stem, "fold": int(npz.parent.parent.name.removeprefix("fold")),
-                "means": channel_means(vol.image),
+                "means": channel_means(vol.image), "scheme": scheme,
+                "contrast": contrast_stats(vol.intensities if vol.intensities is not None else vol.image)[0],
                 "single": {"features": quality_features(vol.image, prob, plain_mask, post.threshold),
                            "dsc": dice_of(plain_mask, truth)},
                 "tta": {"features": quality_features(vol.image, mean, mean_mask, post.threshold,
@@ -90,7 +104,7 @@ def load_cases(cv_out: Path, data: Path, post) -> list[dict]:
 def _z(case: dict, reference: dict) -> float:
     from segengine.engine.postprocessing.quality import intensity_z
 
-    return intensity_z(case["means"], reference)[0]
+    return intensity_z(case["means"], reference, case.get("contrast"))[0]
 
 
 def design(cases: list[dict], mode: str, reference: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -127,7 +141,7 @@ def choose_lambda(cases: list[dict], mode: str) -> float:
         err = 0.0
         for k in folds:
             train, test = [c for c in cases if c["fold"] != k], [c for c in cases if c["fold"] == k]
-            ref = input_reference(np.array([c["means"] for c in train]))
+            ref = reference_of(train)
             params = ridge(*design(train, mode, ref), lam)
             x, y = design(test, mode, ref)
             err += float(np.abs(predict(params, x) - y).sum())
@@ -145,7 +159,7 @@ def fit_mode(cases: list[dict], mode: str) -> tuple[QualityModel, dict, np.ndarr
     for k in folds:
         train = [c for c in cases if c["fold"] != k]
         idx = [i for i, c in enumerate(cases) if c["fold"] == k]
-        ref = input_reference(np.array([c["means"] for c in train]))
+        ref = reference_of(train)
         params = ridge(*design(train, mode, ref), choose_lambda(train, mode))
         held[idx] = predict(params, design([cases[i] for i in idx], mode, ref)[0])
     y = np.array([c[mode]["dsc"] for c in cases])
@@ -161,7 +175,7 @@ def fit_mode(cases: list[dict], mode: str) -> tuple[QualityModel, dict, np.ndarr
               "interval_coverage": None}
     lo, hi = (float(v) for v in np.quantile(resid, [0.05, 0.95]))
     scores["interval_coverage"] = float(((resid >= lo) & (resid <= hi)).mean())
-    reference = input_reference(np.array([c["means"] for c in cases]))
+    reference = reference_of(cases)
     lam = choose_lambda(cases, mode)
     x, _ = design(cases, mode, reference)
     center, scale, coef, intercept = ridge(x, y, lam)
@@ -216,11 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     card_file = args.card or args.write_card
-    post = PostprocessConfig.from_card(json.loads(card_file.read_text())) if card_file else PostprocessConfig()
-    cases = load_cases(args.run, args.data, post)
+    card = json.loads(card_file.read_text()) if card_file else {}
+    post = PostprocessConfig.from_card(card) if card_file else PostprocessConfig()
+    scheme = str((card.get("preprocessing") or {}).get("scheme", "reference"))
+    cases = load_cases(args.run, args.data, post, scheme)
     if len({c["fold"] for c in cases}) < 2:
         raise SystemExit(f"{args.run}: need out-of-fold patients of at least two folds")
-    reference = input_reference(np.array([c["means"] for c in cases]))
+    reference = reference_of(cases)
     copies = [c for c in cases if c["single"]["features"]["flair_copies"]]
     models, record, held = {}, {"protocol": f"native, {len(cases)} out-of-fold patients",
                                 "command": "segengine cv calibrate-review " + " ".join(argv or []),

@@ -17,6 +17,8 @@ every transform treats one modality alike in every context slice, as a scan woul
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -113,9 +115,43 @@ def swap_contrast(images: torch.Tensor, p: float, gen: torch.Generator) -> torch
     return out.reshape(images.shape)
 
 
+def _unit_range(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each slice's per-modality (min, max) over its context slices and pixels, (N, 1, 3, 1, 1) each."""
+    lo = groups.amin(dim=(1, 3, 4), keepdim=True)
+    hi = groups.amax(dim=(1, 3, 4), keepdim=True)
+    return lo, hi
+
+
+def gamma(images: torch.Tensor, p: float, gen: torch.Generator, lo: float = 0.7, hi: float = 1.5) -> torch.Tensor:
+    """nnU-Net's gamma (0.7-1.5, log-uniform) on each modality's [min, max] range, every context slice
+    alike, in a share ``p`` of slices: a display transfer or another scanner's contrast curve."""
+    n = images.shape[0]
+    g = _groups(images)
+    vmin, vmax = _unit_range(g)
+    span = (vmax - vmin).clamp_min(1e-6)
+    unit = ((g - vmin) / span).clamp(0, 1)
+    gam = torch.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * torch.rand(n, 1, SLICE_CHANNELS, 1, 1, generator=gen))
+    picked = _pick(n, p, gen)[:, None, None, None, None]
+    return torch.where(picked, vmin + unit.pow(gam) * span, g).reshape(images.shape)
+
+
+def bias_field(images: torch.Tensor, p: float, gen: torch.Generator, strength: float = 0.3) -> torch.Tensor:
+    """A smooth multiplicative field (exp of a random quadratic over the slice, up to about
+    +-``strength``) on each modality above its minimum, in a share ``p`` of slices: coil shading."""
+    n, _, h, w = images.shape
+    g = _groups(images)
+    vmin, _ = _unit_range(g)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    basis = torch.stack([xx, yy, xx * yy, xx * xx - 1 / 3, yy * yy - 1 / 3])  # (5, H, W)
+    coef = (torch.rand(n, SLICE_CHANNELS, 5, generator=gen) * 2 - 1) * (strength / 2)
+    field = torch.exp(torch.einsum("nck,khw->nchw", coef, basis))[:, None]  # (N, 1, 3, H, W)
+    picked = _pick(n, p, gen)[:, None, None, None, None]
+    return torch.where(picked, vmin + (g - vmin) * field, g).reshape(images.shape)
+
+
 # option name -> transform, in the order train.py applies them (after the spatial augmentation)
 TRANSFORMS = {"brightness_p": brightness, "noise_p": noise, "blur_p": blur, "dark_channel_p": dark_channel,
-              "swap_contrast_p": swap_contrast}
+              "swap_contrast_p": swap_contrast, "gamma_p": gamma, "bias_field_p": bias_field}
 
 
 def apply(images: torch.Tensor, options: dict, gen: torch.Generator) -> torch.Tensor:
@@ -132,7 +168,8 @@ def describe(options: dict) -> str:
     """The card's words for the options used ("" for none)."""
     words = {"brightness_p": "brightness 0.75-1.25", "noise_p": "Gaussian noise (variance <= 0.1)",
              "blur_p": "Gaussian blur (sigma 0.5-1.0)", "dark_channel_p": "a modality re-quantized to 6-20 levels",
-             "swap_contrast_p": "two modalities swapped"}
+             "swap_contrast_p": "two modalities swapped", "gamma_p": "gamma 0.7-1.5 per modality",
+             "bias_field_p": "a smooth bias field (+-30%) per modality"}
     used = [f"{words[k]} on {float(options[k]):.0%} of slices" for k in TRANSFORMS if float(options.get(k) or 0) > 0]
     return ", ".join(used)
 

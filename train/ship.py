@@ -61,7 +61,10 @@ def ship_run(run: Path, out: Path, data_split: dict | None = None) -> dict:
         "architecture": arch,
         "input_size": 256,
         "context_slices": context,
-        "input": f"(N, {input_channels(context)}, 256, 256) float32: pre-contrast, FLAIR, post-contrast after the reference "
+        **({"preprocessing": config["preprocessing"]} if config.get("preprocessing", {}).get("scheme", "reference")
+           != "reference" else {}),
+        "input": f"(N, {input_channels(context)}, 256, 256) float32: pre-contrast, FLAIR, post-contrast after the "
+                 + ("v2 (head z-score)" if config.get("plan", "v1") == "v2" else "reference") + " "
                  "preprocessing" + (f", slices i-{context}..i+{context} in order" if context else ""),
         "output": "(N, 1, 256, 256) logits (exports add the sigmoid: probabilities)",
         "internal_resolution": 256 // arch.get("stem_stride", 2) if arch["name"] == "resunet" else 256,
@@ -96,6 +99,7 @@ def ship_run(run: Path, out: Path, data_split: dict | None = None) -> dict:
                        + (f" --crop {config['crop']}" if config.get("crop") else "")
                        + (f" --refine-channels {refine}" if refine else "")
                        + (f" --context-slices {context}" if context else "")
+                       + (f" --plan {config['plan']}" if config.get("plan", "v1") != "v1" else "")
                        + (" --intensity-aug" if config.get("intensity_aug") else "")
                        + (f" --loss {config['loss']}" if config.get("loss", "dice_bce") != "dice_bce" else "")
                        + (f" --tversky-alpha {config['tversky_alpha']} --tversky-beta {config['tversky_beta']}"

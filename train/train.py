@@ -24,6 +24,7 @@ from segengine.engine.evaluation.metrics import dsc
 from segengine.engine.model.network import build_model, count_flops
 from segengine.engine.model.spec import SLICE_CHANNELS, input_channels, sha256_file
 from segengine.engine.postprocessing.postprocess import largest_component
+from segengine.engine.preprocessing.plan import PLAN_V2, PreprocessingPlan
 from segengine.engine.preprocessing.preprocess import context_index, stack_context
 from segengine.engine.readers.volume import read_patient_list
 from segengine.train import robust_aug
@@ -31,6 +32,10 @@ from segengine.train.data import VolumeSet, load_volume_set
 from segengine.train.folds import split_for_fold, splits_dir
 
 DEFAULT_LR = 3e-3  # one-cycle peak; the card's command names --lr only when it differs
+
+
+# --plan: the preprocessing plans a model can be trained with (the card records the chosen one)
+PLANS = {"v1": PreprocessingPlan(), "v2": PLAN_V2}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,9 +71,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                        ("noise", "Gaussian noise of variance up to 0.1"),
                        ("blur", "one modality blurred, sigma 0.5-1.0"),
                        ("dark-channel", "one modality re-quantized to 6-20 grey levels (a very dark scan, normalized)"),
-                       ("swap-contrast", "two modalities swapped (contrast that looks swapped)")):
+                       ("swap-contrast", "two modalities swapped (contrast that looks swapped)"),
+                       ("gamma", "gamma 0.7-1.5 on each modality (nnU-Net's range)"),
+                       ("bias-field", "a smooth multiplicative bias field (up to +-30 percent) on each modality")):
         ap.add_argument(f"--{name}-p", type=float, default=0.0, metavar="P",
                         help=f"share of slices with {what} (train/robust_aug.py; 0: off)")
+    ap.add_argument("--plan", default="v1", choices=sorted(PLANS),
+                    help="preprocessing plan: v1 = the course's (threshold at 10%% of the maximum), v2 = head mask "
+                         "and z-score per sequence from robust statistics (engine/preprocessing/head.py)")
     ap.add_argument("--amp", default="none", choices=["none", "bf16"],
                     help="bf16: bfloat16 autocast and channels-last memory, ~2.3x faster on CPUs with AMX/AVX-512 "
                          "BF16; weights stay float32")
@@ -246,12 +256,35 @@ def init_weights(model: torch.nn.Module, path: str) -> None:
 
 
 def main(argv=None) -> int:
+    """Train; bad input (a patient list that is missing, a FIFO or names absent patients, bad folds) is
+    one line on stderr and exit 2, never a traceback."""
+    import sys
+
+    from segengine.engine.core.errors import DataError, FoldError
+
+    try:
+        return _main(argv)
+    except (DataError, FoldError) as exc:
+        print(f"segengine train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _absent_patients(data: Path, patients: list[str]) -> None:
+    """Every listed patient is under --data, checked before any patient is read."""
+    from segengine.engine.core.errors import DataError
+
+    absent = [p for p in patients if not (data / p).exists()]
+    if absent:
+        raise DataError(f"{data}: {len(absent)} listed patient(s) not found there ({', '.join(absent[:3])}"
+                        + (", ..." if len(absent) > 3 else "") + ")")
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data)
     splits = splits_dir(data)
     if args.average_init is not None and not (args.init_from and 0.0 < args.average_init < 1.0):
@@ -268,10 +301,13 @@ def main(argv=None) -> int:
         val_patients = read_patient_list(args.val_list or splits / "reference_validation.txt")
     if set(train_patients) & set(val_patients):
         raise SystemExit("train and validation patient lists overlap")
+    _absent_patients(data, train_patients + val_patients)
+    out.mkdir(parents=True, exist_ok=True)  # after the inputs are checked: a refused run leaves nothing
 
     t0 = time.time()
-    train_set = load_volume_set(data, train_patients, cache_dir=args.cache_dir)
-    val_set = load_volume_set(data, val_patients, cache_dir=args.cache_dir)
+    plan = PLANS[args.plan]
+    train_set = load_volume_set(data, train_patients, cache_dir=args.cache_dir, plan=plan)
+    val_set = load_volume_set(data, val_patients, cache_dir=args.cache_dir, plan=plan)
     print(f"data: {len(train_set.images)} train slices / {len(train_patients)} patients, "
           f"{len(val_set.images)} val slices / {len(val_patients)} patients ({time.time() - t0:.0f} s)", flush=True)
 
@@ -306,7 +342,7 @@ def main(argv=None) -> int:
         torch.set_rng_state(ck["torch_rng"])
         step, elapsed, history = ck["step"], ck["elapsed_s"], ck["history"]
         print(f"resumed at step {step}", flush=True)
-    config = {**vars(args), "architecture": arch, "flops_per_slice": flops,
+    config = {**vars(args), "architecture": arch, "flops_per_slice": flops, "preprocessing": plan.card_block(),
               "params": sum(p.numel() for p in model.parameters()),
               "train_patients": train_patients, "val_patients": val_patients}
     if args.init_from:  # the card must name the starting weights even after that file is replaced,

@@ -201,12 +201,29 @@ def check_out_dir(out: Path, inputs: list[Path]) -> None:
         raise OutputError(f"{out}: output folder is not writable ({exc.strerror or exc})") from None
 
 
+def require_regular_or_absent(path: Path, option: str) -> None:
+    """An output file we are given is a regular file (or a link to one) or absent: a FIFO, socket
+    or device there would be replaced by the temp-file-and-rename write (or, written to, block),
+    so it is refused with one line; its target is never opened."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):  # absent, a dangling link the rename replaces, or a
+        return  # path through a file (refused next, by check_writable_file's folder check)
+    except OSError as exc:
+        raise OutputError(f"{path}: {option}: cannot check the file ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"{path}: {option} names a folder, expected a file path")
+    if not stat.S_ISREG(st.st_mode):
+        raise OutputError(f"{path}: {option} names {describe(_kind_of_mode(st.st_mode))}, not a regular file; "
+                          "refused (it would be replaced)")
+
+
 def check_writable_file(path: Path, option: str) -> None:
-    """Before any work: ``path`` can be created or replaced (its folder exists and is writable)."""
+    """Before any work: ``path`` can be created or replaced (its folder exists and is writable),
+    and is a regular file or absent (require_regular_or_absent)."""
     path = Path(path)
     parent = path.parent
-    if path.is_dir():
-        raise OutputError(f"{path}: {option} names a folder, expected a file path")
+    require_regular_or_absent(path, option)
     if not parent.is_dir():
         why = "is not a folder" if parent.exists() else "does not exist"
         raise OutputError(f"{path}: {option}: {parent} {why}")

@@ -54,6 +54,22 @@ THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 BLAS_ENV_VARS = ("OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 
 
+# Third-party telemetry that writes outside OUT. ONNX Runtime's official builds (1DS) create
+# ~/.cache/Microsoft/DeveloperTools/.onnxruntime/{deviceid,onnxruntime.db} and write $TMPDIR/.ses,
+# following a symbolic link planted there, as soon as the native library initializes (a bare
+# ``import onnxruntime`` does it); ORT_DISABLE_TELEMETRY=1, read once at that moment, turns all of it
+# off. Forced, not defaulted: a segengine run writes into OUT and its private cache, nowhere else.
+# (OpenVINO's usage telemetry is kept out where OpenVINO is imported: openvino_backend._openvino.)
+TELEMETRY_OFF_ENV = {"ORT_DISABLE_TELEMETRY": "1"}
+
+
+def telemetry_off() -> None:
+    """Turn third-party telemetry off before any of those libraries loads: called when
+    ``segengine.engine`` is imported (every entry point: the CLI, training, export, bench, Ray
+    workers), which precedes every import of ONNX Runtime in the project."""
+    os.environ.update(TELEMETRY_OFF_ENV)
+
+
 def threads_from_argv(argv: list[str]) -> str | None:
     for i, arg in enumerate(argv):
         if arg == "--threads" and i + 1 < len(argv):

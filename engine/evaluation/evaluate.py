@@ -88,10 +88,101 @@ def read_prediction(pred_folder: Path, patient_id: str, slice_numbers: list[int]
     return np.stack(out)
 
 
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+
+
+def nifti_predictions(pred_root: Path) -> dict[str, Path]:
+    """``{case: file}`` of the NIfTI files directly in ``pred_root``: ``<case>.nii.gz`` as nnUNetv2_predict
+    writes them (and ``run`` beside its per-patient folders for nnU-Net input); empty if none."""
+    found: dict[str, Path] = {}
+    for entry in sorted(pred_root.iterdir()):
+        ending = next((e for e in NIFTI_ENDINGS if entry.name.lower().endswith(e)), None)
+        if ending is None or entry.name.startswith(".") or not entry.is_file():
+            continue
+        case = entry.name[: -len(ending)]
+        if case in found:
+            raise DataError(f"{entry}: a second prediction for case {case} (also {found[case].name})")
+        found[case] = entry
+    return found
+
+
+def read_nifti_prediction(path: Path, volume) -> np.ndarray:
+    """A NIfTI prediction of ``volume`` as a (D, H, W) bool mask in the Kaggle layout, foreground = label > 0.
+
+    It must lie on the case's own grid (its shape and affine: what nnUNetv2_predict and ``run``
+    write); for Kaggle slices, the (column, row, slice) array of ``run``'s mask NIfTI."""
+    from segengine.engine.readers import nifti
+
+    img = nifti._load(path)  # header checks: readable, finite affine, size, scaling
+    shape = tuple(int(n) for n in img.shape)
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
+        raise DataError(f"{path}: {len(shape)}D volume of shape {shape}, expected a 3D segmentation")
+    data = nifti._read_array(img, path).reshape(shape[:3])
+    grid = volume.source_grid
+    if isinstance(grid, nifti.NiftiGrid):
+        if shape[:3] != grid.shape:
+            raise DataError(f"{path}: shape {shape[:3]} differs from the case's {grid.shape} (a prediction must be on "
+                            "the input's grid)")
+        if not np.allclose(img.affine, grid.affine, atol=nifti.AFFINE_ATOL_MM):
+            raise DataError(f"{path}: affine differs from the case's (a prediction must be on the input's grid)")
+        return grid.to_kaggle(data) > 0
+    expected = tuple(volume.image.shape[:3][::-1])
+    if shape[:3] != expected:
+        raise DataError(f"{path}: shape {shape[:3]} differs from the case's {expected} (columns, rows, slices)")
+    return data.transpose(2, 1, 0) > 0
+
+
+NNUNET_METRICS = ("Dice", "IoU", "FP", "TP", "FN", "TN", "n_pred", "n_ref")
+
+
+def nnunet_case_metrics(pred: np.ndarray, truth: np.ndarray) -> dict:
+    """nnU-Net's per-label metrics of one case (its evaluator's definitions: Dice and IoU NaN when both are empty)."""
+    p, t = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
+    tp = int(np.count_nonzero(p & t))
+    fp, fn = int(np.count_nonzero(p)) - tp, int(np.count_nonzero(t)) - tp
+    tn = int(p.size) - tp - fp - fn
+    wrong_or_right = tp + fp + fn
+    return {"Dice": 2 * tp / (2 * tp + fp + fn) if wrong_or_right else math.nan,
+            "IoU": tp / wrong_or_right if wrong_or_right else math.nan,
+            "FP": fp, "TP": tp, "FN": fn, "TN": tn, "n_pred": fp + tp, "n_ref": fn + tp}
+
+
+def _nan_mean(values: list[float]) -> float:
+    defined = [float(v) for v in values if not math.isnan(v)]
+    return sum(defined) / len(defined) if defined else math.nan
+
+
+def nnunet_summary(cases: list[dict]) -> dict:
+    """nnU-Net's summary.json of label 1: ``metric_per_case``, ``mean`` and ``foreground_mean`` (NaN-skipping
+    means, as its evaluator computes them); ``cases``: ``{"metrics": ..., "prediction_file", "reference_file"}``."""
+    mean = {m: _nan_mean([c["metrics"][m] for c in cases]) for m in NNUNET_METRICS}
+    per_case = [{"metrics": {"1": c["metrics"]}, "prediction_file": c["prediction_file"],
+                 "reference_file": c["reference_file"]} for c in cases]
+    return {"foreground_mean": dict(mean), "mean": {"1": mean}, "metric_per_case": per_case}
+
+
+def _nnunet_data_root(data_root: Path) -> Path:
+    """``--data labelsTs``: the cases are those of ``imagesTs`` beside it (their labels are the ground truth)."""
+    name = data_root.name
+    if name.startswith("labels") and len(name) > len("labels"):
+        images = data_root.parent / ("images" + name[len("labels"):])
+        if images.is_dir():
+            return images
+    return data_root
+
+
 def score_predictions(data_root: Path, pred_root: Path, patients_file: str | None = None,
                       progress: Callable[[Iterable], Iterable] = lambda x: x,
                       limits: SliceLimits = DEFAULT_LIMITS) -> dict:
-    """Native-protocol scores of predicted mask folders against the ground truth."""
+    """Native-protocol scores of predicted mask folders against the ground truth.
+
+    A ``pred_root`` holding NIfTI files (``<case>.nii.gz``, nnUNetv2_predict's output or ``run``'s
+    for nnU-Net input) is scored file by file, matched by case name, and the result also carries
+    nnU-Net's ``summary.json`` (``nnunet_summary``), which ``write_result`` writes beside metrics.json."""
+    predictions = nifti_predictions(pred_root)
+    if predictions:
+        return _score_nifti_predictions(_nnunet_data_root(Path(data_root)), pred_root, predictions, patients_file,
+                                        progress, limits)
     rows = []
     for folder in progress(select_patients(data_root, patients_file)):
         vol = read_patient(folder, limits=limits)
@@ -101,6 +192,42 @@ def score_predictions(data_root: Path, pred_root: Path, patients_file: str | Non
         rows.append({"patient": vol.patient_id, **volume_metrics(pred, vol.mask > 0, spacing=vol.spacing_mm),
                      "hd95_unit": distance_unit(vol.spacing_mm)})
     return summarize_rows(rows, protocol="native", source=str(pred_root))
+
+
+def _score_nifti_predictions(data_root: Path, pred_root: Path, predictions: dict[str, Path], patients_file: str | None,
+                             progress: Callable[[Iterable], Iterable], limits: SliceLimits) -> dict:
+    from segengine.engine.readers.nnunet import case_of_file, label_file
+
+    rows, cases = [], []
+    for folder in progress(select_patients(data_root, patients_file)):
+        vol = read_patient(folder, limits=limits)
+        if vol.mask is None:
+            raise DataError(f"{folder}: no ground truth to score against (for nnU-Net cases: labelsTs/{vol.patient_id}"
+                            ".nii.gz beside imagesTs/)")
+        if vol.patient_id not in predictions:
+            raise DataError(f"{pred_root / (vol.patient_id + '.nii.gz')}: no prediction for case {vol.patient_id}")
+        pred, truth = read_nifti_prediction(predictions[vol.patient_id], vol), vol.mask > 0
+        rows.append({"patient": vol.patient_id, **volume_metrics(pred, truth, spacing=vol.spacing_mm),
+                     "hd95_unit": distance_unit(vol.spacing_mm)})
+        label = label_file(folder.parent, vol.patient_id) if not folder.is_dir() and case_of_file(folder) else None
+        cases.append({"metrics": nnunet_case_metrics(pred, truth), "prediction_file": str(predictions[vol.patient_id]),
+                      "reference_file": str(label or folder)})
+    if not rows:
+        raise DataError(f"{data_root}: no cases to score")
+    return {**summarize_rows(rows, protocol="native", source=str(pred_root), predictions="nifti"),
+            "nnunet_summary": nnunet_summary(cases)}
+
+
+NNUNET_SUMMARY = "summary.json"
+
+
+def write_nnunet_summary(path: Path, summary: dict) -> None:
+    """nnU-Net's summary.json as its evaluator writes it (sorted keys, NaN where a metric is undefined)."""
+    import json
+
+    from segengine.engine.core.atomic import write_bytes_atomic
+
+    write_bytes_atomic(path, (json.dumps(summary, indent=4, sort_keys=True) + "\n").encode())
 
 
 def summarize_rows(rows: list[dict], **meta) -> dict:
@@ -156,6 +283,10 @@ def dsc_chart(result: dict, path: Path, title: str | None = None) -> None:
 
 
 def write_result(result: dict, out_dir: Path, title: str | None = None) -> None:
+    """metrics.json and dsc.png in ``out_dir``; and nnU-Net's summary.json when NIfTI predictions were scored."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "metrics.json", result)
+    summary = result.get("nnunet_summary")
+    write_json_atomic(out_dir / "metrics.json", {k: v for k, v in result.items() if k != "nnunet_summary"})
     dsc_chart(result, out_dir / "dsc.png", title)
+    if summary is not None:
+        write_nnunet_summary(out_dir / NNUNET_SUMMARY, summary)

@@ -99,13 +99,15 @@ def _stderr(line: str) -> None:
 def run_patients(patient_dir: Path | None, patients_root: Path | None, out: Path, backend_name: str, model: Path | None,
                  batch_size: int = 32, threads: int | None = None, postprocess: bool = True, fill_holes: bool = False,
                  gif: bool = False, overwrite: bool = False, echo: Callable[..., None] = print,
-                 limits: SliceLimits = DEFAULT_LIMITS, ensemble: bool | Path | None = None, tta: bool = False) -> int:
+                 limits: SliceLimits = DEFAULT_LIMITS, ensemble: bool | Path | None = None, tta: bool = False,
+                 threshold: float = 0.5, patients_file: str | None = None) -> int:
     """Segment and write; returns the exit code (0 ok, 1 some patients failed).
 
     ``ensemble`` (True: the shipped one, or a manifest) and ``tta`` average several models
-    and/or mirrored slices: the accurate mode (see inference/ensemble.py)."""
+    and/or mirrored slices: the accurate mode (see inference/ensemble.py). ``threshold`` is the
+    probability above which a voxel is tumor; ``patients_file`` selects patients of ``patients_root``."""
     source = patient_dir if patient_dir is not None else patients_root
-    job = None
+    job, folders = None, None
     if patient_dir is not None:  # opened once: id, headers and OUT/<id> checked before loading anything
         job = PatientJob(patient_dir, out, overwrite, limits)
         job.refuse_existing()
@@ -114,13 +116,15 @@ def run_patients(patient_dir: Path | None, patients_root: Path | None, out: Path
             raise NotAFolderError(f"{source}: no such folder")
         if not source.is_dir():
             raise NotAFolderError(f"{source}: not a folder")
-        unique_patient_ids(list_patients(source))  # two patients sharing OUT/<id>: refused before the model loads
+        folders = select_batch(source, patients_file)
+        unique_patient_ids(folders)  # two patients sharing OUT/<id>: refused before the model loads
     check_out_dir(out, [source])
     for note in tidy_out(out):
         _stderr(f"segengine: {note}")
     spec = load_plan(model, ensemble, tta)
     name = registry.resolve(backend_name, spec, threads)
-    post = PostprocessConfig.from_card(spec.card, largest_component=postprocess, fill_holes_2d=fill_holes)
+    post = PostprocessConfig.from_card(spec.card, largest_component=postprocess, fill_holes_2d=fill_holes,
+                                       threshold=threshold)
     t = time.perf_counter()
     backend = registry.create(name, spec, threads=threads).load()
     load_s = time.perf_counter() - t
@@ -131,15 +135,25 @@ def run_patients(patient_dir: Path | None, patients_root: Path | None, out: Path
             rep = process_patient(job, out, setup, extra_timings={"model_load": load_s})
             echo(_summary_line(rep, time.perf_counter() - t0))
             return 0
-        return _run_many(patients_root, out, setup, load_s, echo)
+        return _run_many(patients_root, out, setup, load_s, echo, folders)
     finally:
         backend.close()
 
 
-def _run_many(root: Path, out: Path, setup: RunSetup, load_s: float, echo) -> int:
+def select_batch(root: Path, patients_file: str | None = None) -> list[Path]:
+    """The patients of ``root`` (an nnU-Net dataset folder: its imagesTs cases), only those of ``patients_file``
+    when given (by patient id, as OUT/<id> names them)."""
+    if not patients_file:
+        return list_patients(root)
+    from segengine.engine.evaluation.evaluate import select_patients
+
+    return select_patients(root, patients_file)
+
+
+def _run_many(root: Path, out: Path, setup: RunSetup, load_s: float, echo, folders: list[Path] | None = None) -> int:
     from tqdm import tqdm
 
-    folders = list_patients(root)
+    folders = list_patients(root) if folders is None else folders
     bar = tqdm(total=len(folders), desc="patients", unit="patient", file=sys.stderr, disable=None)
     summary = segment_patients(folders, out, setup, JobSummary(load_s=load_s), log=bar.write, progress=bar.update)
     bar.close()

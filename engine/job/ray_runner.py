@@ -26,12 +26,12 @@ from segengine.engine.core.fsguard import check_out_dir
 from segengine.engine.core.runtime import BLAS_ENV_VARS, THREAD_ENV_VARS
 from segengine.engine.inference import registry
 from segengine.engine.inference.ensemble import load_plan
-from segengine.engine.job.batch import JobSummary
+from segengine.engine.job.batch import JobSummary, select_batch
 from segengine.engine.job.options import RunOptions
 from segengine.engine.job.patient_job import RunSetup, process_patient
 from segengine.engine.outputs.results_dir import has_result, tidy_out
 from segengine.engine.postprocessing.postprocess import PostprocessConfig
-from segengine.engine.readers.registry import list_patients, unique_patient_ids
+from segengine.engine.readers.registry import unique_patient_ids
 from segengine.engine.readers.volume import DEFAULT_LIMITS, SliceLimits
 
 DEFAULT_MAX_ATTEMPTS = 3
@@ -101,7 +101,7 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
                      max_attempts: int = DEFAULT_MAX_ATTEMPTS, echo: Callable[..., None] = print,
                      on_submit: Callable[[str, int], None] | None = None,
                      limits: SliceLimits = DEFAULT_LIMITS, ensemble: bool | Path | None = None,
-                     tta: bool = False) -> JobSummary:
+                     tta: bool = False, threshold: float = 0.5, patients_file: str | None = None) -> JobSummary:
     """Segment every patient under ``patients_root`` on Ray; returns the job summary.
 
     ``address`` None starts a local Ray instance (or reuses one already initialised in this
@@ -123,7 +123,7 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
     spec = load_plan(model, ensemble, tta)
     name = registry.resolve(backend_name, spec, threads)  # timed at what each worker runs with
     # a bad patient's id is None: its worker reports it as failed; two patients sharing an id are refused
-    folders = list_patients(patients_root)
+    folders = select_batch(patients_root, patients_file)
     ids = unique_patient_ids(folders)
     summary = JobSummary()
     todo = []
@@ -153,7 +153,8 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
         n_workers = max(1, min(workers or cpus // max(threads, 1), len(todo)))
         check_workers(n_workers, threads, cpus)
         summary.workers = n_workers
-        post = asdict(PostprocessConfig.from_card(spec.card, largest_component=postprocess, fill_holes_2d=fill_holes))
+        post = asdict(PostprocessConfig.from_card(spec.card, largest_component=postprocess, fill_holes_2d=fill_holes,
+                                                  threshold=threshold))
         model_arg = None if model is None else str(Path(model).resolve())
         ensemble_arg = ensemble if ensemble in (None, True, False) else str(Path(ensemble).resolve())
         actor_cls = ray.remote(SegmentWorker).options(

@@ -46,7 +46,7 @@ def report_dict(volume: PatientVolume, seg: Segmentation, backend: str, model_sh
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
         "review": (review or Review("single", None, None)).assess(
             volume.image, seg.prob, seg.mask, postprocess.get("threshold", 0.5), seg.views_agreement,
-            seg.component_sizes),
+            seg.component_sizes, volume.intensities),
     }
     if volume.source_grid is not None:  # "nifti", or "dicom" for a DICOM study (readers.dicom.DicomGrid)
         rep[getattr(volume.source_grid, "REPORT_KEY", "nifti")] = volume.source_grid.report()

@@ -174,7 +174,8 @@ def patient_html(patient_id: str, report: dict) -> str:
     if isinstance(report.get("review"), dict) and report["review"].get("note"):
         review += f'<div class="why">{html.escape(str(report["review"]["note"])[:SHOWN_CHARS])}</div>'
     return PATIENT_TEMPLATE.format(pid=html.escape(patient_id), links=link_html, facts=fact_html, review=review,
-                                   has_truth="" if metrics else " hidden", data_src=f"{REVIEW_DIR}/{VIEWER_DATA}", style=STYLE)
+                                   has_truth="" if metrics else " hidden", data_src=f"{REVIEW_DIR}/{VIEWER_DATA}", style=STYLE,
+                                   legend=legend_html())
 
 
 # ---------------------------------------------------------------- the index
@@ -189,19 +190,149 @@ def _review_of(report: dict) -> tuple[bool | None, list[str]]:
     return flag, reasons
 
 
+def _input_anomalies(report: dict) -> list[str]:
+    """The input anomalies a report names (a sequence filled with FLAIR, intensities unlike the training
+    patients'), in words with their number: a patient with one is never shown as plain "ok"."""
+    from segengine.engine.postprocessing.quality import CHANNELS
+
+    review = report.get("review") if isinstance(report.get("review"), dict) else {}
+    features = review.get("features") if isinstance(review.get("features"), dict) else {}
+    found = []
+    copied = features.get("copied_channels")
+    filled = [*((report.get("nifti") or {}).get("filled_with_flair") or []),
+              *((report.get("dicom") or {}).get("filled_with_flair") or [])]
+    if isinstance(copied, list) and copied:
+        found.append(f"{' and '.join(str(c)[:20] for c in copied[:3])} copied from FLAIR")
+    elif isinstance(filled, list) and filled:
+        found.append(f"{' and '.join(str(f)[:20] for f in filled[:3])} filled with FLAIR")
+    z, limit = features.get("intensity_z"), _flag_rules()[1]
+    if _is_number(z) and z > limit:
+        channel = features.get("intensity_z_channel")
+        found.append(f"{channel if channel in CHANNELS else 'a channel'} intensity unlike the training patients' "
+                     f"(robust z {z:.1f} > {limit:g})")
+    return found
+
+
+def _flag_rules() -> tuple[float, float, float | None]:
+    """(expected DSC below which the flag is set, robust z beyond which the input's intensities are named
+    (and flag), share of the tumor mass whose removal by post-processing flags, None where that rule is absent)."""
+    from segengine.engine.postprocessing import quality
+
+    return quality.FLAG_BELOW, float(getattr(quality, "INTENSITY_Z_FLAG", 3.0)), getattr(quality, "REMOVED_SHARE_FLAG", None)
+
+
+def _explain(reason: str) -> str:
+    """What a reason of the estimate means, in plain words (the reason itself carries the number)."""
+    return next((why for key, why in REASON_EXPLANATIONS if key in reason),
+                "a feature of this run that pulls the expected DSC down; the number is this patient's, the "
+                "median the training patients'")
+
+
 def _review_cell(report: dict) -> str:
     from segengine.engine.postprocessing.quality import summary_text
 
+    FLAG_BELOW = _flag_rules()[0]
     flag, reasons = _review_of(report)
     review = report.get("review") if isinstance(report.get("review"), dict) else None
     proxy = str((review or {}).get("calibration") or "").startswith("proxy")  # no out-of-fold calibration: no green
-    label = {None: '<span class="na">—</span>' if review is None else '<span class="na">uncalibrated</span>',
-             True: '<span class="flag">⚑ review</span>',
-             False: '<span class="na">not flagged (proxy)</span>' if proxy else '<span class="ok">ok</span>'}[flag]
+    anomalies = _input_anomalies(report)
+    expected = (review or {}).get("expected_dsc")
+    expected = expected if _is_number(expected) else None
+    if flag:
+        tip = (f"flagged for review: the expected DSC {expected:.3f} is below {FLAG_BELOW:.2f}"
+               if expected is not None and expected < FLAG_BELOW
+               else "flagged for review whatever the estimate says: see the reasons below")
+        label = _span("flag", "⚑ review", tip)
+    elif anomalies:  # whatever the estimate says, the input itself is unusual: never plain "ok"
+        label = _span("check", "⚠ check input", "the input is unusual (" + "; ".join(anomalies) + "): look at it before "
+                      "trusting the mask or its estimate")
+        if flag is None and review is not None:
+            label += " " + _span("na", "uncalibrated", UNCALIBRATED_TIP)
+    elif flag is None:
+        label = _span("na", "—", "no quality estimate in this report") if review is None else \
+            _span("na", "uncalibrated", UNCALIBRATED_TIP)
+    elif proxy:
+        label = _span("na", "not flagged (proxy)", PROXY_TIP)
+    else:
+        label = _span("ok", "ok", f"not flagged: expected DSC {expected:.3f} is at or above {FLAG_BELOW:.2f} and "
+                      "nothing unusual was found in the input" if expected is not None else
+                      f"not flagged: expected DSC at or above {FLAG_BELOW:.2f}")
     estimate = summary_text({**review, "reasons": [], "flag": False}) if review else ""
-    if estimate and review.get("expected_dsc") is not None:
-        label += f' <span class="est">{html.escape(estimate)}</span>'
-    return label + "".join(f'<div class="why">{html.escape(r)}</div>' for r in reasons)
+    if estimate and expected is not None:
+        label += " " + _span("est", estimate, ESTIMATE_TIP)
+    shown = list(reasons)
+    for a in anomalies:  # the anomaly in words with its number, unless a reason already says it
+        words = ("intensity",) if "intensity" in a else ("copy of FLAIR", "copies of FLAIR", "with FLAIR", "from FLAIR")
+        if not any(w in r for r in shown for w in words):
+            shown.append(a)
+    return label + "".join(f'<div class="why" title="{html.escape(_explain(r))}">{html.escape(r)}</div>' for r in shown)
+
+
+def _span(cls: str, text: str, tip: str) -> str:
+    return f'<span class="{cls}" title="{html.escape(tip)}">{html.escape(text)}</span>'
+
+
+ESTIMATE_TIP = ("expected DSC: the Dice overlap (0 = none, 1 = perfect) this mask would most likely score against an "
+                "expert's outline, estimated from the run itself (the model's confidence, the mask's size and shape, "
+                "what post-processing removed, the input's intensities) by a regression fitted on cross-validation "
+                "patients the model never trained on; no ground truth is needed. 90% interval: for 90% of those "
+                "patients the true DSC fell within this range around the estimate")
+
+
+UNCALIBRATED_TIP = "no quality calibration for this model and mode: no estimate and no flag, which is not an ok"
+
+
+PROXY_TIP = ("not flagged, but the estimate is calibrated on a proxy (not out-of-fold patients): treat it as a hint, "
+             "not an ok")
+
+
+# (words a reason of quality.assess contains, what it means): shown as the reason's tooltip
+REASON_EXPLANATIONS = (
+    ("copy of FLAIR", "the input lacks this sequence and FLAIR stands in for it (as the reader fills a missing one); "
+                      "the model learned from three real sequences, so its mask is less reliable"),
+    ("copies of FLAIR", "the input lacks these sequences and FLAIR stands in for them; the model learned from three "
+                        "real sequences, so its mask is less reliable"),
+    ("copied from FLAIR", "the input lacks this sequence and FLAIR stands in for it"),
+    ("filled with FLAIR", "the input lacks this sequence and FLAIR stands in for it"),
+    ("intensity", "the input's brightness is far from the training patients' (robust z: how many typical deviations "
+                  "away; above 3 is unusual): another scanner, protocol or preprocessing"),
+    ("no tumor found", "the mask is empty: if the patient has a lesion, the model missed it"),
+    ("mean probability inside the mask", "how sure the model is of the voxels it marked (1 = certain); low "
+                                         "confidence goes with low DSC"),
+    ("is confident", "the share of marked voxels the model gives a probability above 0.9"),
+    ("mask of", "the mask's size: small masks lose DSC quickly to a few wrong voxels"),
+    ("uncertain margin", "voxels the model is unsure about (probability 0.2 to 0.8) relative to the mask's size: a "
+                         "fuzzy boundary"),
+    ("post-processing removed", "probable tumor that the component step discarded: the model also saw other "
+                                "candidate regions"),
+    ("candidate regions", "separate regions above the threshold before post-processing: a fragmented prediction"),
+    ("views disagree", "accurate mode: how much the averaged models or mirrored views disagree with their mean"),
+    ("example flag", "a flag set by hand or by a test"),
+)
+
+
+def legend_html() -> str:
+    """What the review column says, for the index and the patient pages."""
+    FLAG_BELOW, z_limit, removed = _flag_rules()
+    anomalies = f"input intensities more than {z_limit:g} robust z from the training patients'" + (
+        f", or post-processing removing more than {removed:.0%} of the probable tumor mass" if removed else "")
+    items = [
+        ("expected DSC", ESTIMATE_TIP.split(". 90% interval")[0].replace("expected DSC: ", "") + "."),
+        ("90% interval", "for 90% of the calibration patients the true DSC fell within this range around the "
+                         "estimate; a wide interval is an uncertain estimate."),
+        ("⚑ review", f"the flag: set when the expected DSC is below {FLAG_BELOW:.2f}, and whatever the estimate "
+                     f"for {anomalies}. The lines under it are the reasons, each with this patient's number and "
+                     "the training patients' median (or the limit it crossed)."),
+        ("⚠ check input", "the input itself is unusual (a sequence filled with FLAIR, intensities far from the "
+                          "training patients'): check it before trusting the mask, whatever the estimate says."),
+        ("ok", f"expected DSC at or above {FLAG_BELOW:.2f} and nothing unusual in the input."),
+        ("not flagged (proxy)", "not flagged, but calibrated on a proxy rather than out-of-fold patients."),
+        ("uncalibrated", "no calibration for this model and mode: no estimate, no flag."),
+        ("DSC, HD95", "measured against the ground truth, only for patients that came with it."),
+    ]
+    rows = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in items)
+    return (f'<details class="legend" id="legend"><summary>How to read the review column (hover a label or '
+            f'reason for more)</summary><dl>{rows}</dl></details>')
 
 
 REPORT_MAX_BYTES = 1 << 20  # a 512-slice report is ~20 kB; a larger report.json is not read (nor put on a page)
@@ -283,10 +414,14 @@ def collect_reports(out: Path) -> tuple[list[tuple[str, dict]], list[str]]:
 
     rows, bad = [], []
     for folder in sorted(p for p in out.iterdir() if not p.name.startswith(".")):
-        kind = entry_kind(folder)
-        if kind == "link" and (folder / "report.json").exists():
-            bad.append(f"{folder.name}: a symbolic link, not a result folder (not followed)")
-        if kind != "dir" or entry_kind(folder / "report.json") == "missing":
+        try:  # a patient folder this user cannot read is listed as unreadable, not a traceback
+            kind = entry_kind(folder)
+            if kind == "link" and (folder / "report.json").exists():
+                bad.append(f"{folder.name}: a symbolic link, not a result folder (not followed)")
+            if kind != "dir" or entry_kind(folder / "report.json") == "missing":
+                continue
+        except OSError as exc:
+            bad.append(f"{folder.name}: cannot be read ({exc.strerror or exc})")
             continue
         path = folder / "report.json"
         try:
@@ -364,7 +499,7 @@ def index_html(out: Path, refresh_patients: bool = True) -> tuple[str, int, int]
     if bad:
         summary += f" · {len(bad)} unreadable report(s): " + html.escape("; ".join(bad[:5]))
     page = INDEX_TEMPLATE.format(title=html.escape(out.resolve().name), summary=summary, rows="\n".join(body),
-                                 style=STYLE)
+                                 style=STYLE, legend=legend_html())
     return page, len(rows), flagged
 
 
@@ -388,7 +523,11 @@ img{display:block;background:#000}.flag{color:#b00;font-weight:600}.ok{color:#08
 .why{color:#666;font-size:.85em;max-width:22em}tr.hidden{display:none}
 .viewer{position:relative;display:inline-block}.viewer canvas{width:512px;height:auto;display:block}
 #outlines{position:absolute;left:0;top:0;image-rendering:pixelated}.facts{display:flex;flex-wrap:wrap;gap:.4em 1.4em;margin:.6em 0}
-.hidden{display:none}label{user-select:none}#slider{width:22em}#label{margin:.3em 0}.legend-pred{color:#e22}.legend-truth{color:#0a0}
+.hidden{display:none}label{user-select:none}#slider{width:22em}#label{margin:.3em 0}
+.legend-pred{color:#c77f00}.legend-truth{color:#2b8fcf}.check{color:#a65e00;font-weight:600}
+.legend{margin:.4em 0 .8em;max-width:60em;color:#444}.legend summary{cursor:pointer}
+.legend dl{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em;margin:.4em 0}.legend dt{font-weight:600}
+.legend dd{margin:0}[title]{cursor:help}
 """
 
 
@@ -397,10 +536,11 @@ INDEX_TEMPLATE = """<!DOCTYPE html>
 <link rel="icon" href="data:,"><style>{style}</style></head>
 <body><h1>segengine review: {title}</h1>
 <div class="summary" id="summary">{summary}</div>
+{legend}
 <div class="controls"><label>filter <input id="filter" type="search" placeholder="patient id"></label>
 <label><input id="flagged" type="checkbox"> flagged only</label><span id="shown"></span></div>
 <table id="patients"><thead><tr><th data-type="none">overlay</th><th>patient</th><th>slices</th><th>tumor slices</th>
-<th>tumor volume px</th><th>tumor volume mm³</th><th>review</th><th>DSC</th><th>HD95 (px or mm)</th><th>backend</th></tr></thead>
+<th>tumor volume px</th><th>tumor volume mm³</th><th title="the quality estimate and the flag: see How to read the review column">review</th><th>DSC</th><th>HD95 (px or mm)</th><th>backend</th></tr></thead>
 <tbody>
 {rows}
 </tbody></table>
@@ -439,10 +579,11 @@ PATIENT_TEMPLATE = """<!DOCTYPE html>
 <link rel="icon" href="data:,"><style>{style}</style></head>
 <body><div><a href="../index.html">← all patients</a></div>
 <h1>{pid}</h1><div class="facts">{facts}<div><b>review</b> {review}</div></div>
+{legend}
 <div class="links">{links}</div>
 <div class="controls"><input id="slider" type="range" min="0" step="1" aria-label="slice">
-<label class="legend-pred"><input id="show-pred" type="checkbox" checked> predicted</label>
-<label class="legend-truth{has_truth}"><input id="show-truth" type="checkbox" checked> ground truth</label>
+<label class="legend-pred" title="orange: the outline of the predicted mask"><input id="show-pred" type="checkbox" checked> predicted (orange)</label>
+<label class="legend-truth{has_truth}" title="sky blue: the outline of the ground truth"><input id="show-truth" type="checkbox" checked> ground truth (blue)</label>
 <span class="why">←/→ or ↑/↓ change the slice</span></div>
 <div id="label"></div>
 <div class="viewer"><canvas id="flair"></canvas><canvas id="outlines"></canvas></div>
@@ -463,8 +604,8 @@ PATIENT_TEMPLATE = """<!DOCTYPE html>
     if(sprite.complete&&sprite.naturalWidth)ctx.drawImage(sprite,c*tw,r*th,tw,th,0,0,D.width,D.height);
     const img=new ImageData(D.width,D.height);
     const paint=(idx,rgb)=>{{for(const p of idx){{const k=4*p;img.data[k]=rgb[0];img.data[k+1]=rgb[1];img.data[k+2]=rgb[2];img.data[k+3]=255;}}}};
-    if(D.truth&&showTruth.checked)paint(D.truth[i],[0,220,0]);
-    if(showPred.checked)paint(D.pred[i],[255,40,40]);
+    if(D.truth&&showTruth.checked)paint(D.truth[i],[86,180,233]);
+    if(showPred.checked)paint(D.pred[i],[230,159,0]);
     over.getContext("2d").putImageData(img,0,0);
     let text="slice "+D.slices[i]+" ("+(i+1)+" of "+D.slices.length+") · predicted "+D.area[i]+" px";
     if(D.truth_area)text+=" · ground truth "+D.truth_area[i]+" px";
@@ -488,7 +629,11 @@ def rewrite_index(out: Path) -> tuple[Path, int, int]:
     that holds no results (e.g. the inputs: nothing is written there)."""
     if not out.is_dir():
         raise NotAFolderError(f"{out}: no such folder" if not out.exists() else f"{out}: not a folder")
-    if collect_reports(out) == ([], []):
+    try:
+        found = collect_reports(out)
+    except OSError as exc:  # OUT itself cannot be listed
+        raise OutputError(f"{out}: cannot read the folder ({exc.strerror or exc})") from None
+    if found == ([], []):
         raise NoSlicesError(f"{out}: no patient results (OUT/<patient>/report.json) in this folder; nothing written")
     try:
         return write_index(out)

@@ -7,6 +7,7 @@ all. A writer that does not apply (no DICOM input, no --gif) writes nothing.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -123,6 +124,37 @@ def write_patient(out: Path, volume: PatientVolume, seg: Segmentation, report: d
     with atomic_dir(out, volume.patient_id, overwrite) as tmp:
         for _, writer in WRITERS:
             writer(tmp, outputs)
+        flat = nnunet_prediction_name(volume)
+        if flat:
+            report["nnunet_prediction"] = f"../{flat}"
         report["timings_s"]["write"] = round(time.perf_counter() - t, 4)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        if flat:
+            _nnunet_prediction(out, tmp, volume.patient_id, flat)
     return out / volume.patient_id
+
+
+def nnunet_prediction_name(volume: PatientVolume) -> str | None:
+    """``<case>.nii.gz`` for a case of a flat nnU-Net folder (``imagesTs/<case>_0000.nii.gz``), else None."""
+    from segengine.engine.readers.nnunet import case_of_file
+
+    source = Path(volume.folder)
+    return f"{volume.patient_id}.nii.gz" if not source.is_dir() and case_of_file(source) else None
+
+
+def _nnunet_prediction(out: Path, tmp: Path, patient_id: str, name: str) -> None:
+    """OUT/<case>.nii.gz, the mask NIfTI (uint8 0/1 on the input's grid and affine) where nnUNetv2_predict
+    puts its predictions, so nnU-Net's evaluator and tools read OUT as they read its output folder.
+
+    Written as the patient's folder is complete, just before that folder is renamed into place
+    (a run killed in between redoes the patient and rewrites both); a copy staged in the
+    temporary folder replaces the old file in one rename, so no reader sees half a file.
+    """
+    import shutil
+
+    from segengine.engine.core.atomic import fsync_path
+
+    staged = tmp / ".nnunet-prediction.nii.gz"
+    shutil.copyfile(tmp / f"{patient_id}_mask.nii.gz", staged)
+    fsync_path(staged)
+    os.replace(staged, out / name)

@@ -7,7 +7,8 @@ averaged views agree). It is fitted on out-of-fold cross-validation patients
 (``segengine cv calibrate-review``, ``train/quality_calibration.py``) and stored per mode
 (``single``, ``tta``, ``ensemble``) in the model card or ensemble manifest under ``review``,
 with the training patients' channel statistics. A mode without a calibration gets no
-estimate and no flag (``null``), never a silent "ok".
+estimate and no flag (``null``), never a silent "ok"; the anomalies that flag in every mode
+(``INTENSITY_Z_FLAG``, ``REMOVED_SHARE_FLAG``) set it there too.
 """
 from __future__ import annotations
 
@@ -28,6 +29,13 @@ FLAIR = 1
 
 
 FLAG_BELOW = 0.80  # the flag: expected DSC below this
+
+
+# Anomalies that set the flag in every mode, whatever the estimate (and even uncalibrated): each mode's
+# regression weighs them differently (--tta's and the ensemble's barely at all), so a patient flagged
+# in default mode for them must not pass unflagged in accurate mode.
+INTENSITY_Z_FLAG = 3.0  # a channel's head mean this many robust z from the training patients'
+REMOVED_SHARE_FLAG = 0.25  # post-processing removed more than this share of the probable tumor mass
 
 
 COPY_SHARE = 0.99  # a channel equal to FLAIR (within 1 grey level) on this share of head pixels is a copy
@@ -74,18 +82,59 @@ def flair_copies(image: np.ndarray, head: np.ndarray | None = None) -> list[str]
     return out
 
 
-def intensity_z(means: list[float], reference: dict | None) -> tuple[float | None, str | None]:
-    """Largest robust z-score of a channel's log head mean against the training patients'
-    (median and MAD stored in the card); and the channel's name. None without a reference."""
+def intensity_z(means: list[float], reference: dict | None,
+                contrast: list[float] | None = None) -> tuple[float | None, str | None]:
+    """Largest robust z-score of a channel's input statistic against the training patients'
+    (median and MAD stored in the card); and the channel's name. None without a reference.
+
+    A plan v2 card's reference holds ``contrast_median``: the statistic is then the scale-free
+    contrast (``contrast_shape``), since float intensities have no fixed grey levels; a plan v1
+    card's is the log head mean of the 8-bit input."""
     if not reference:
         return None, None
+    scale_free = "contrast_median" in reference and contrast is not None
+    values = [math.log(max(v, 1e-3)) for v in contrast] if scale_free else [math.log(max(m, 0.5)) for m in means]
+    medians = reference["contrast_median"] if scale_free else reference["log_mean_median"]
+    mads = reference["contrast_mad"] if scale_free else reference["log_mean_mad"]
     best, which = 0.0, None
-    for c, m in enumerate(means):
-        med, mad = reference["log_mean_median"][c], reference["log_mean_mad"][c]
-        z = abs(math.log(max(m, 0.5)) - med) / max(1.4826 * mad, 1e-3)
+    for c, v in enumerate(values):
+        z = abs(v - medians[c]) / max(1.4826 * mads[c], 1e-3)
         if z > best:
             best, which = z, CHANNELS[c]
     return best, which
+
+
+CONTRAST_PERCENTILE = 99.0  # a sequence's bright level inside the head
+OUTSIDE_PEAK_NOTE = 3.0  # voxels outside the head brighter than this many times the head's bright level are named
+
+
+def contrast_stats(intensities: np.ndarray) -> tuple[list[float], float]:
+    """(per-sequence head mean / head 99th percentile, the brightest voxel outside the head over the
+    head's 99th percentile, largest over sequences) of a (D, H, W, 3) volume of any scale.
+
+    Scale-free, so a 12-bit NIfTI and the 8-bit Kaggle slices of one patient give the same numbers;
+    a gamma curve or a bias field moves the first; a few hot voxels outside the head the second.
+    The head is plan v2's (``preprocessing.head``)."""
+    from segengine.engine.core.errors import EmptyVolumeError
+    from segengine.engine.preprocessing.head import head_mask as robust_head
+    from segengine.engine.preprocessing.stats import percentiles
+
+    try:
+        head = robust_head(intensities, 0.1, CONTRAST_PERCENTILE)
+    except EmptyVolumeError:
+        return [0.0] * intensities.shape[-1], 0.0
+    shape, outside_peak = [], 0.0
+    for c in range(intensities.shape[-1]):
+        inside = np.asarray(intensities[..., c][head], dtype=np.float32)
+        top = percentiles(inside, (CONTRAST_PERCENTILE,))[0] if inside.size else 0.0
+        if not top > 0:
+            shape.append(0.0)
+            continue
+        shape.append(float(inside.mean(dtype=np.float64)) / top)
+        outside = intensities[..., c][~head]
+        if outside.size:
+            outside_peak = max(outside_peak, float(outside.max()) / top)
+    return shape, outside_peak
 
 
 def prediction_features(prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5,
@@ -111,14 +160,17 @@ def prediction_features(prob: np.ndarray, mask: np.ndarray, threshold: float = 0
 
 def quality_features(image: np.ndarray, prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5,
                      reference: dict | None = None, views_agreement: float | None = None,
-                     component_sizes: np.ndarray | None = None) -> dict[str, Any]:
-    """Every feature of one patient, from its (D, H, W, 3) input, native probabilities and mask."""
+                     component_sizes: np.ndarray | None = None, intensities: np.ndarray | None = None) -> dict[str, Any]:
+    """Every feature of one patient, from its (D, H, W, 3) input, native probabilities and mask.
+    ``intensities``: the volume at its source's own depth (NIfTI, DICOM), else ``image`` stands in."""
     head = head_mask(image)  # once for both input features
     means = channel_means(image, head)
-    z, z_channel = intensity_z(means, reference)
+    contrast, outside_peak = contrast_stats(intensities if intensities is not None else image)
+    z, z_channel = intensity_z(means, reference, contrast)
     copies = flair_copies(image, head)
     return {**prediction_features(prob, mask, threshold, component_sizes), "flair_copies": len(copies), "copied_channels": copies,
-            "channel_means": [round(m, 2) for m in means], "intensity_z": z, "intensity_z_channel": z_channel,
+            "channel_means": [round(m, 2) for m in means], "contrast": [round(v, 4) for v in contrast],
+            "outside_peak": round(outside_peak, 2), "intensity_z": z, "intensity_z_channel": z_channel,
             "views_disagreement": None if views_agreement is None else 1.0 - views_agreement}
 
 
@@ -210,29 +262,51 @@ def assess(features: dict, model: QualityModel | None, mode: str, reference: dic
 
     Input anomalies are named whatever the estimate says; the other reasons are the features
     that pull the estimate down most (each with the value and the training patients' median).
+    The flag is an expected DSC below FLAG_BELOW, or an anomaly that flags in every mode (input
+    intensities beyond INTENSITY_Z_FLAG, post-processing removing more than REMOVED_SHARE_FLAG of
+    the mass): then it is set even where the mode has no calibration (else ``null`` there).
     """
-    reasons = []
+    reasons, flagging = [], []
     if features.get("copied_channels"):
         copied = features["copied_channels"]
         reasons.append(f"{' and '.join(copied)} {'is a copy' if len(copied) == 1 else 'are copies'} of FLAIR "
                        "(a missing sequence filled in)" + (f": {reference['flair_copy_cv']}" if reference and
                                                            reference.get("flair_copy_cv") else ""))
-    if features.get("intensity_z") is not None and features["intensity_z"] > 3:
+    scale_free = bool(reference and "contrast_median" in reference and features.get("contrast"))
+    if features.get("intensity_z") is not None and features["intensity_z"] > INTENSITY_Z_FLAG:
         i = CHANNELS.index(features["intensity_z_channel"])
-        reasons.append(f"{features['intensity_z_channel']} intensity far from the training patients' "
-                       f"(head mean {features['channel_means'][i]:.1f}, robust z {features['intensity_z']:.1f})")
+        if scale_free:
+            reasons.append(f"{features['intensity_z_channel']} contrast unlike the training patients' (head mean at "
+                           f"{features['contrast'][i]:.0%} of its bright level, training median "
+                           f"{math.exp(reference['contrast_median'][i]):.0%}; robust z {features['intensity_z']:.1f})")
+        else:
+            reasons.append(f"{features['intensity_z_channel']} intensity far from the training patients' "
+                           f"(head mean {features['channel_means'][i]:.1f}, robust z {features['intensity_z']:.1f})")
+        flagging.append("intensity_z")
+    if float(features.get("outside_peak") or 0.0) > OUTSIDE_PEAK_NOTE:
+        robust = bool(reference and reference.get("scheme") == "head_zscore")
+        reasons.append(f"voxels outside the head up to {features['outside_peak']:.1f} x the head's bright level "
+                       + ("(left out by the head mask)" if robust else "(they set the intensity threshold of this "
+                                                                     "model's preprocessing: the head may be lost)"))
+        if not robust:
+            flagging.append("outside_peak")
+    if float(features.get("removed_share") or 0.0) > REMOVED_SHARE_FLAG:
+        reasons.append(f"post-processing removed {features['removed_share']:.1%} of the probable tumor mass "
+                       f"(more than {REMOVED_SHARE_FLAG:.0%})")
+        flagging.append("removed_share")
     if features.get("volume_px") == 0:
         reasons.append("no tumor found: if this patient has a lesion, it was missed")
     if model is None:
-        return {"expected_dsc": None, "interval": None, "flag": None, "reasons": reasons,
+        return {"expected_dsc": None, "interval": None, "flag": True if flagging else None, "reasons": reasons,
                 "calibration": None, "features": features,
                 "note": f"uncalibrated: no quality calibration for mode {mode!r} in this model's card or manifest"}
     expected = model.estimate(features)
     lo, hi = model.residual_quantiles
     interval = [round(float(np.clip(expected + lo, 0, 1)), 3), round(float(np.clip(expected + hi, 0, 1)), 3)]
-    flag = expected < FLAG_BELOW
-    if flag:
-        pulls = sorted((c, f) for f, c in model.contributions(features).items() if c < -0.01 and f in _DESCRIBE)
+    flag = expected < FLAG_BELOW or bool(flagging)
+    if expected < FLAG_BELOW:
+        pulls = sorted((c, f) for f, c in model.contributions(features).items()
+                       if c < -0.01 and f in _DESCRIBE and f not in flagging)
         for _, f in pulls[:3]:
             reasons.append(_DESCRIBE[f](float(features[f]), float(model.typical.get(f, 0.0))))
     return {"expected_dsc": round(expected, 3), "interval": interval, "flag": bool(flag), "reasons": reasons,
@@ -244,7 +318,7 @@ def summary_text(review: dict | None) -> str:
     if not isinstance(review, dict):
         return ""
     if review.get("expected_dsc") is None:
-        text = "quality uncalibrated"
+        text = "quality uncalibrated" + (" REVIEW" if review.get("flag") else "")
     else:
         lo, hi = review.get("interval") or (None, None)
         proxy = str(review.get("calibration") or "").startswith("proxy")
@@ -275,6 +349,8 @@ class Review:
         return cls(mode, QualityModel.from_card(card, mode, where), reference_stats(card))
 
     def assess(self, image: np.ndarray, prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5,
-               views_agreement: float | None = None, component_sizes: np.ndarray | None = None) -> dict:
-        features = quality_features(image, prob, mask, threshold, self.reference, views_agreement, component_sizes)
+               views_agreement: float | None = None, component_sizes: np.ndarray | None = None,
+               intensities: np.ndarray | None = None) -> dict:
+        features = quality_features(image, prob, mask, threshold, self.reference, views_agreement, component_sizes,
+                                    intensities)
         return assess(features, self.model, self.mode, self.reference)

@@ -4,6 +4,11 @@ In nnU-Net's spirit one object owns the plan instead of constants scattered thro
 code. The model card carries it (``input_size``, ``context_slices`` and an optional
 ``preprocessing`` block overriding the reference program's constants), so training, the
 export checks and the engine preprocess a model's inputs the way it was trained.
+
+Two schemes: ``reference`` (plan v1, the course program's: zero below 10% of the volume's
+maximum, joint-percentile clip) and ``head_zscore`` (plan v2: a head mask from per-sequence
+robust scales, z-score per sequence inside the head). v1 stays for the models trained with it;
+a card names its scheme, so each model gets the inputs it learned on.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 REFERENCE_SIZE = 256
+SCHEMES = ("reference", "head_zscore")
 
 
 @dataclass(frozen=True)
@@ -20,13 +26,22 @@ class PreprocessingPlan:
     threshold_fraction: float = 0.1  # voxels below this share of the volume's maximum are zeroed, then cropped away
     percentiles: tuple[float, float] = (10.0, 99.0)  # intensities clipped to these, then z-normalized per channel
     image_order: int = 2  # spline order of the image resize (the mask is resized with order 0)
+    # plan v2 ("head_zscore"): the head is where a sequence reaches head_fraction of its own
+    # robust top (its head_percentile-th percentile), holes filled, specks away from it dropped;
+    # each sequence is clipped to clip_percentiles inside the head and z-scored there
+    scheme: str = "reference"
+    head_fraction: float = 0.1
+    head_percentile: float = 99.0
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
 
     @classmethod
     def from_card(cls, card: dict[str, Any]) -> "PreprocessingPlan":
         """The plan a model card states; a card without a ``preprocessing`` block uses the reference constants."""
         extra = card.get("preprocessing") if isinstance(card.get("preprocessing"), dict) else {}
         known = {f.name for f in fields(cls)} - {"input_size", "context_slices"}
-        given = {k: (tuple(v) if k == "percentiles" else v) for k, v in extra.items() if k in known}
+        given = {k: (tuple(v) if k in ("percentiles", "clip_percentiles") else v) for k, v in extra.items() if k in known}
+        if given.get("scheme", "reference") not in SCHEMES:
+            raise ValueError(f"unknown preprocessing scheme {given['scheme']!r} (known: {', '.join(SCHEMES)})")
         return cls(input_size=int(card.get("input_size", REFERENCE_SIZE)),
                    context_slices=int(card.get("context_slices", 0)), **given)
 
@@ -37,3 +52,16 @@ class PreprocessingPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def card_block(self) -> dict[str, Any]:
+        """The card's ``preprocessing`` block: every constant but the two the card holds at top level."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()
+                if k not in ("input_size", "context_slices")}
+
+    @property
+    def robust(self) -> bool:
+        """Plan v2: float intensities at the source's own depth, no maximum-based threshold."""
+        return self.scheme == "head_zscore"
+
+
+PLAN_V2 = PreprocessingPlan(scheme="head_zscore")

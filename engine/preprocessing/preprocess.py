@@ -15,6 +15,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from segengine.engine.core.errors import EmptyVolumeError
+from segengine.engine.preprocessing.head import head_mask, normalize_in_head
+from segengine.engine.preprocessing.stats import percentiles  # noqa: F401  (the one percentile rule; imported from here too)
 from segengine.engine.preprocessing.plan import PreprocessingPlan
 from segengine.engine.readers.volume import PatientVolume
 
@@ -24,8 +26,9 @@ def preprocess_patient(volume: PatientVolume, protocol: str, plan: Preprocessing
     reference plan at that size); the ground truth is resized too only in the reference protocol,
     the one protocol that scores on the grid (native scores on the original slices)."""
     reference = protocol == "reference"
-    return preprocess_volume(volume.image, volume.mask if reference else None, drop_ends=reference,
-                             plan=PreprocessingPlan.of(plan))
+    plan = PreprocessingPlan.of(plan)
+    image = volume.intensities if plan.robust and volume.intensities is not None else volume.image
+    return preprocess_volume(image, volume.mask if reference else None, drop_ends=reference, plan=plan)
 
 
 # Spline weights smaller than this are dropped from the resize matrices (see resize_matrix).
@@ -140,43 +143,6 @@ def crop_box(nonzero: np.ndarray) -> tuple[int, int, int, int, int, int]:
     return int(zs[0]), int(zs[-1]) + 1, int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
 
 
-def percentiles(values: np.ndarray, qs: tuple[float, ...], sample_size: int = 20_000) -> list[float]:
-    """``np.percentile(values, qs)`` (linear method) to the bit, without partitioning all of ``values``.
-
-    A strided sample brackets each needed order statistic; one pass counts the values below
-    the bracket and gathers those inside it, and only those are partitioned (about 3% of a
-    volume instead of all of it). A bracket that misses falls back to ``np.percentile``, so
-    the sample only decides the speed, never the result. ``values`` must be finite.
-    """
-    flat = values.reshape(-1)
-    n = flat.size
-    if n < 10 * sample_size:
-        return [float(v) for v in np.percentile(flat, qs)]
-    sample = np.sort(flat[:: n // sample_size])
-    m = sample.size
-    out = []
-    for q in qs:
-        p = q / 100
-        virtual = (n - 1) * p  # numpy's "linear" method: order statistics k and k + 1, weight gamma
-        k = min(int(math.floor(virtual)), n - 1)
-        k1 = min(k + 1, n - 1)
-        gamma = virtual - k
-        at = p * (m - 1)
-        margin = 6 * math.sqrt(m * p * (1 - p)) + 0.002 * m + 8
-        lo = sample[int(at - margin)] if at - margin >= 0 else -np.inf
-        hi = sample[int(at + margin) + 1] if at + margin + 1 <= m - 1 else np.inf
-        below = int(np.count_nonzero(flat < lo))
-        inside = flat[(flat >= lo) & (flat <= hi)]
-        if not below <= k <= k1 < below + inside.size:
-            return [float(v) for v in np.percentile(flat, qs)]
-        inside.partition((k - below, k1 - below))
-        a, b = inside[k - below], inside[k1 - below]
-        diff = b - a  # in the input's precision, then the weighting in float64, as numpy's _lerp
-        out.append(float(np.float64(a) + np.float64(diff) * gamma if gamma < 0.5
-                         else np.float64(b) - np.float64(diff) * (1 - gamma)))
-    return out
-
-
 def normalize_volume(volume: np.ndarray, clip_percentiles: tuple[float, float] = (10.0, 99.0)) -> np.ndarray:
     """Rescale (D, C, H, W) between its 10th and 99th percentile, clip, z-normalize per channel (in place).
 
@@ -224,6 +190,8 @@ def preprocess_volume(
     if hi - lo < 1:
         raise EmptyVolumeError(f"volume has {d} slices, too few after dropping the first and last")
     slab = image[lo:hi]
+    if plan.robust:
+        return _preprocess_head_zscore(slab, mask, lo, hi, d, h, w, size, plan)
     brightest = np.maximum(np.maximum(slab[..., 0], slab[..., 1]), slab[..., 2])  # over channels, (D', H, W)
     top = brightest.max()
     if not top > 0:
@@ -235,13 +203,7 @@ def preprocess_volume(
     box = (slice(z0, z1), slice(y0, y1), slice(x0, x1))
     volume = slab[box]
     volume = np.where(volume >= threshold, volume, np.zeros((), slab.dtype))
-    a, b = volume.shape[1], volume.shape[2]
-    diff = abs(a - b) / 2.0
-    pad_y = pad_x = (0, 0)
-    if a > b:
-        pad_x = (int(np.floor(diff)), int(np.ceil(diff)))
-    elif b > a:
-        pad_y = (int(np.floor(diff)), int(np.ceil(diff)))
+    pad_y, pad_x = square_padding(volume.shape[1], volume.shape[2])
     images = normalize_volume(resize_slices(volume.transpose(0, 3, 1, 2), size, plan.image_order, pad_y, pad_x),
                               plan.percentiles)  # channels first
     grid_mask = None
@@ -252,6 +214,40 @@ def preprocess_volume(
         num_slices=d, height=h, width=w, z0=lo + z0, z1=lo + z1, y0=y0, y1=y1, x0=x0, x1=x1,
         pad_y=pad_y, pad_x=pad_x, size=size,
     )
+    return Preprocessed(images=images, mask=grid_mask, geometry=geometry)
+
+
+def square_padding(a: int, b: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(pad_y, pad_x) that make an a x b plane square, split as the reference program does."""
+    diff = abs(a - b) / 2.0
+    half = (int(np.floor(diff)), int(np.ceil(diff)))
+    return ((0, 0), half) if a > b else (half, (0, 0)) if b > a else ((0, 0), (0, 0))
+
+
+def _preprocess_head_zscore(slab: np.ndarray, mask: np.ndarray | None, lo: int, hi: int, d: int, h: int, w: int,
+                            size: int, plan: PreprocessingPlan) -> Preprocessed:
+    """Plan v2 (``head.py``): crop to the head found by robust scales, zero only outside it, resize,
+    then clip and z-score each sequence inside the head. Any numeric input; float32 throughout."""
+    if not np.issubdtype(slab.dtype, np.number) or np.issubdtype(slab.dtype, np.complexfloating):
+        raise ValueError(f"expected real intensities, got {slab.dtype}")
+    if np.issubdtype(slab.dtype, np.floating) and not np.isfinite(slab).all():
+        slab = np.nan_to_num(slab, nan=0.0, posinf=0.0, neginf=0.0)  # a NaN voxel is no signal
+    head = head_mask(slab, plan.head_fraction, plan.head_percentile)
+    z0, z1, y0, y1, x0, x1 = crop_box(head)
+    box = (slice(z0, z1), slice(y0, y1), slice(x0, x1))
+    inside = head[box]
+    volume = slab[box].astype(np.float32)  # a copy: the input is never modified
+    volume *= inside[..., None]
+    pad_y, pad_x = square_padding(volume.shape[1], volume.shape[2])
+    grid = resize_slices(volume.transpose(0, 3, 1, 2), size, plan.image_order, pad_y, pad_x)
+    grid_head = resize_slices(inside.astype(np.float32), size, 1, pad_y, pad_x) > 0.5
+    images = normalize_in_head(grid, grid_head, plan.clip_percentiles)
+    grid_mask = None
+    if mask is not None:
+        m = (mask[lo:hi][box] > 0).astype(np.float32)
+        grid_mask = (resize_slices(m, size, 0, pad_y, pad_x) > 0.5).astype(np.uint8)
+    geometry = Geometry(num_slices=d, height=h, width=w, z0=lo + z0, z1=lo + z1, y0=y0, y1=y1, x0=x0, x1=x1,
+                        pad_y=pad_y, pad_x=pad_x, size=size)
     return Preprocessed(images=images, mask=grid_mask, geometry=geometry)
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, BinaryIO, ClassVar, Iterator
 
 import numpy as np
 
-from segengine.engine.core.errors import DataError, DicomError, SliceLimitError
+from segengine.engine.core.errors import DataError, DicomError, MemoryBudgetError, SliceLimitError
 from segengine.engine.readers.kaggle import SLICE_NAME
 from segengine.engine.readers.nifti import MAX_VOXELS, SEQUENCES, NiftiGrid, check_limits, to_uint8
 from segengine.engine.readers.volume import DEFAULT_LIMITS, PatientVolume, SliceLimits
@@ -145,6 +145,68 @@ DEFER_BYTES = 4096
 NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit / explicit VR little endian, uncompressed
 
 
+# What a header may cost before it is parsed into memory. pydicom parses every element in front of the
+# pixel data into Python objects (~50 bytes of memory per byte of tiny elements), so the bytes it reads
+# there (values longer than DEFER_BYTES are skipped, not read) are capped per file, and over the study
+# by --max-memory; a Deflated file is inflated whole by pydicom, so its inflated size is measured first,
+# incrementally, and refused above --max-memory.
+DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+HEADER_MAX_BYTES = 1 << 20
+HEADER_MEMORY_PER_BYTE = 50
+
+
+class _HeaderTooLarge(Exception):
+    pass
+
+
+class _CappedReader:
+    """A file object whose reads stop with _HeaderTooLarge past ``cap`` bytes (seeks are free)."""
+
+    def __init__(self, fh, cap: int) -> None:
+        self._fh, self._cap, self.count, self.exceeded = fh, cap, 0, False
+
+    def read(self, size: int = -1) -> bytes:
+        whole = size is None or size < 0
+        if not whole and self.count + size > self._cap:
+            self.exceeded = True
+            raise _HeaderTooLarge()
+        data = self._fh.read(self._cap + 1 - self.count if whole else size)
+        self.count += len(data)
+        if self.count > self._cap:
+            self.exceeded = True
+            raise _HeaderTooLarge()
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+
+def _check_inflated_size(fh, path: Path, cap: int) -> bool:
+    """Whether the file is Deflated; refuses one whose dataset inflates to more than ``cap`` bytes,
+    measured by inflating in steps of 1 MiB that are counted and dropped (nothing kept)."""
+    import zlib
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    fh.seek(0)
+    read_preamble(fh, False)
+    syntax = str(_read_file_meta_info(fh).get("TransferSyntaxUID", "") or "")
+    if syntax != DEFLATED_LE:
+        return False
+    inflate, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    while not inflate.eof:
+        data = fh.read(1 << 16)
+        if not data:
+            break
+        while data and not inflate.eof:
+            total += len(inflate.decompress(data, 1 << 20))
+            if total > cap:
+                raise MemoryBudgetError(f"{path}: a Deflated DICOM file that inflates to more than {cap / 1e9:.2f} GB "
+                                        "(--max-memory); refused before inflating it")
+            data = inflate.unconsumed_tail
+    return True
+
+
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 
 
@@ -158,12 +220,14 @@ def _quiet_pydicom() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 
 
-def _read_header(path: Path) -> tuple[Dataset, int | None] | None:
-    """(dataset without pixels, file offset of its PixelData element or None), or None for a
-    file that is not a regular DICOM Part-10 file (one open per file).
+def _read_header(path: Path, max_memory: int = DEFAULT_LIMITS.max_memory,
+                 header_cap: int = HEADER_MAX_BYTES) -> tuple[Dataset, int | None, int] | None:
+    """(dataset without pixels, file offset of its PixelData element or None, header bytes parsed),
+    or None for a file that is not a regular DICOM Part-10 file (one open per file).
 
     pydicom stops in front of the pixel data element; for uncompressed little-endian files that
-    offset lets the pixels be read later without parsing the header a second time.
+    offset lets the pixels be read later without parsing the header a second time. At most
+    ``header_cap`` bytes are parsed, and a Deflated file is refused if it inflates past ``max_memory``.
     """
     import pydicom
 
@@ -171,18 +235,26 @@ def _read_header(path: Path) -> tuple[Dataset, int | None] | None:
     fh = _open_regular(path)
     if fh is None:
         return None
+    reader = None
     try:
         with fh:
             if fh.read(DICM_OFFSET + 4)[DICM_OFFSET:] != b"DICM":
                 return None
+            deflated = _check_inflated_size(fh, path, max_memory)
             fh.seek(0)
-            ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=DEFER_BYTES)
+            reader = _CappedReader(fh, max_memory if deflated else header_cap)  # Deflated: inflated size checked
+            ds = pydicom.dcmread(reader, stop_before_pixels=True, defer_size=DEFER_BYTES)
             offset = fh.tell()
             _drop_deferred(ds)
+    except MemoryBudgetError:
+        raise
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
+        if isinstance(exc, _HeaderTooLarge) or (reader is not None and reader.exceeded):
+            raise MemoryBudgetError(f"{path}: a DICOM header of more than {header_cap:,} bytes in front of the pixel "
+                                    "data (values under 4 KB each); refused before it is parsed") from None
         raise DicomError(f"{path}: not a readable DICOM file ({_first_line(exc)})") from None
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
-    return ds, (offset if syntax in NATIVE_LE else None)
+    return ds, (offset if syntax in NATIVE_LE else None), (0 if deflated else reader.count)
 
 
 def _drop_deferred(ds) -> None:
@@ -231,16 +303,23 @@ def _header_number(ds, key: str, path: Path, default: float, kind: type = int) -
         raise DicomError(f"{path}: {key} {_shown(value)!r} is not a number") from None
 
 
-def scan_study(folder: Path) -> list[Series]:
-    """The study's image series, grouped by SeriesInstanceUID (headers only)."""
+def scan_study(folder: Path, max_memory: int = DEFAULT_LIMITS.max_memory) -> list[Series]:
+    """The study's image series, grouped by SeriesInstanceUID (headers only); the headers kept
+    (HEADER_MEMORY_PER_BYTE per byte parsed) must fit ``max_memory`` (--max-memory)."""
     series: dict[str, Series] = {}
+    parsed = 0
     for i, path in enumerate(_walk(folder)):
         if i == MAX_STUDY_FILES:
             raise SliceLimitError(f"{folder}: more than {MAX_STUDY_FILES} files in the study folder; give one study")
-        header = _read_header(path)
+        left = (max_memory // HEADER_MEMORY_PER_BYTE) - parsed
+        if left <= 0:
+            raise MemoryBudgetError(f"{folder}: the study's DICOM headers alone need more than {max_memory / 1e9:.2f} GB "
+                                    "(--max-memory); refused before parsing more")
+        header = _read_header(path, max_memory, min(HEADER_MAX_BYTES, left))
         if header is None:
             continue
-        ds, offset = header
+        ds, offset, size = header
+        parsed += size
         uid = str(ds.get("SeriesInstanceUID", "") or "")
         if not uid or "Rows" not in ds:
             continue  # DICOMDIR, structured reports, presentation states: no image
@@ -410,6 +489,9 @@ def _check_pixel_encoding(ds, path: Path) -> None:
 
     A slope of 0 or NaN would turn the image into a constant (a black FLAIR, segmented
     without complaint); BitsStored above BitsAllocated leaves which bits hold the value open.
+    The rescale is computed in float64 and kept in float32 (``_read_series``), so it must fit
+    float32 too (``RESCALE_SLOPE_RANGE``, ``RESCALE_INTERCEPT_STEPS``): a slope of 1e-300 would
+    round to 0, an intercept of 1e10 would round the stored values together (another mask).
     """
     bits = _header_number(ds, "BitsAllocated", path, 16)
     if bits not in (8, 16, 32):
@@ -423,6 +505,16 @@ def _check_pixel_encoding(ds, path: Path) -> None:
     slope, intercept = _rescale(ds, path)
     if slope == 0 or not np.isfinite(slope) or not np.isfinite(intercept):
         raise DicomError(f"{path}: RescaleSlope {slope:g} / RescaleIntercept {intercept:g} give no usable image")
+    low, high = RESCALE_SLOPE_RANGE
+    if not low <= abs(slope) <= high or abs(intercept) > abs(slope) * RESCALE_INTERCEPT_STEPS:
+        raise DicomError(f"{path}: RescaleSlope {slope:g} / RescaleIntercept {intercept:g} give no usable image "
+                         f"(supported: {low:g} <= |slope| <= {high:g}, |intercept| <= {RESCALE_INTERCEPT_STEPS} x |slope|)")
+
+
+# The modality rescale's bounds: values stay normal float32 numbers (|slope| in range, stored values up to
+# 32 bits), and float32's 24-bit mantissa still tells stored values one step apart at the intercept.
+RESCALE_SLOPE_RANGE = (1e-20, 1e20)
+RESCALE_INTERCEPT_STEPS = 2 ** 22
 
 
 def _rescale(ds, path: Path) -> tuple[float, float]:
@@ -523,8 +615,9 @@ def _check_size(grid: SeriesGrid, limits: SliceLimits) -> None:
     from segengine.engine.readers.budget import check_memory
 
     voxels = int(np.prod(grid.shape))
-    # three channels decoded and rescaled as float32, then the uint8 volume and the mask (as for NIfTI)
-    check_memory(where, len(grid.order), voxels, voxels * (3 * 4 + 4), limits.max_memory,
+    # three channels decoded and rescaled as float32, their float32 copy in the Kaggle layout (plan v2),
+    # then the uint8 volume and the mask (as for NIfTI)
+    check_memory(where, len(grid.order), voxels, voxels * (3 * 4 + 3 * 4 + 4), limits.max_memory,
                  f"{len(grid.order)} slices of {grid.columns}x{grid.rows}")
 
 
@@ -597,7 +690,7 @@ def plan_study(folder: str | Path, limits: SliceLimits = DEFAULT_LIMITS) -> Stud
 
 
 def _plan_study(folder: Path, limits: SliceLimits) -> StudyPlan:
-    series = scan_study(folder)
+    series = scan_study(folder, limits.max_memory)
     chosen = choose_series(folder, series, dict(getattr(limits, "series", ()) or ()))
     flair = check_series(chosen.pop("flair")[0], limits)
     grids = {"flair": flair}
@@ -689,8 +782,7 @@ def _read_series(grid: SeriesGrid) -> np.ndarray:
             raise DicomError(f"{path}: pixel data of shape {frame.shape}, header says {grid.rows}x{grid.columns}")
         slope, intercept = _rescale(ds, path)
         sign = -1.0 if str(ds.get("PhotometricInterpretation")) == "MONOCHROME1" else 1.0  # bright = low values
-        np.multiply(frame, np.float32(slope * sign), out=out[k], casting="unsafe")
-        out[k] += np.float32(intercept * sign)
+        out[k] = frame * (slope * sign) + intercept * sign  # in float64 (bounded by _check_pixel_encoding), kept float32
     return out.transpose(2, 1, 0)
 
 
@@ -741,12 +833,16 @@ def read_dicom_study(folder: str | Path, with_mask: bool = True, limits: SliceLi
                      series={r: {"uid": g.series.uid, "description": g.series.description, "images": len(g.order)}
                              for r, g in plan.grids.items()},
                      ignored=tuple((s.uid, s.description) for s in plan.ignored))
-    # separate series, separate units: each rescaled to 8 bits on its own, as NIfTI files are
-    # (8 bits before reorienting: min/max do not depend on the axes, and the copy is 4x smaller)
-    channels = {r: grid.to_kaggle(to_uint8(_read_series(g))) for r, g in plan.grids.items()}
+    # separate series, separate units: each rescaled to 8 bits on its own for display and plan v1,
+    # as NIfTI files are; plan v2 reads the rescaled values themselves (``intensities``)
+    raw = {r: _read_series(g) for r, g in plan.grids.items()}
+    channels = {r: grid.to_kaggle(to_uint8(v)) for r, v in raw.items()}
     image = np.empty(channels["flair"].shape + (len(SEQUENCES),), dtype=np.uint8)  # C order whatever the views' axes
+    intensities = np.empty(image.shape, dtype=np.float32)
     for c, r in enumerate(SEQUENCES):
         image[..., c] = channels.get(r, channels["flair"])
+        intensities[..., c] = grid.to_kaggle(raw.get(r, raw["flair"]))
+    del raw
     return PatientVolume(patient_id=study_id(plan.folder), folder=plan.folder,
-                         slice_numbers=list(range(1, image.shape[0] + 1)), image=image,
+                         slice_numbers=list(range(1, image.shape[0] + 1)), image=image, intensities=intensities,
                          mask=None, spacing_mm=grid.spacing_mm(), source_grid=grid)

@@ -326,7 +326,8 @@ def _check_memory(path: Path, images: dict, limits: SliceLimits) -> None:
     size = {int(axis): int(n) for (axis, _), n in zip(io_orientation(img.affine), img.shape[:3])}
     cols, rows, slices = size[0], size[1], size[2]
     voxels = cols * rows * slices
-    decoded = sum(decoded_bytes(i) for i in images.values()) + voxels * 4  # + the uint8 volume and mask
+    # + the uint8 volume and mask, and the float32 intensities (plan v2)
+    decoded = sum(decoded_bytes(i) for i in images.values()) + voxels * 4 + voxels * 3 * 4
     check_memory(path, slices, voxels, decoded, limits.max_memory,
                  f"{slices} slices of {cols}x{rows}, {np.dtype(img.get_data_dtype())} voxels")
 
@@ -351,7 +352,7 @@ def read_nifti_case(path: str | Path, with_mask: bool = True, limits: SliceLimit
         channels = [_read_array(img, path, (..., c)) for c in range(3)]
         lo, hi = min(float(c.min()) for c in channels), max(float(c.max()) for c in channels)
         image = np.stack([grid.to_kaggle(to_uint8(c, lo, hi)) for c in channels], axis=-1)
-        return _volume(case_id(path), path, image, None, grid)
+        return _volume(case_id(path), path, image, None, grid, _intensities([grid.to_kaggle(c) for c in channels]))
     filled = tuple(s for s in ("pre", "post") if s not in images)
     grid = _grid(images["flair"], {s: str(files[s if s in images else "flair"]) for s in SEQUENCES}, filled)
 
@@ -359,13 +360,25 @@ def read_nifti_case(path: str | Path, with_mask: bool = True, limits: SliceLimit
         return grid.to_kaggle(_read_array(images[seq], files[seq]).reshape(grid.shape))
 
     # separate series, separate units: each sequence is rescaled on its own
-    flair = to_uint8(voxels("flair"))
-    image = np.stack([flair if s == "flair" or s in filled else to_uint8(voxels(s)) for s in SEQUENCES], axis=-1)
+    raw = {s: voxels(s) for s in SEQUENCES if s in images}
+    flair = to_uint8(raw["flair"])
+    image = np.stack([flair if s == "flair" or s in filled else to_uint8(raw[s]) for s in SEQUENCES], axis=-1)
+    intensities = _intensities([raw.get(s, raw["flair"]) for s in SEQUENCES])
+    del raw
     mask = np.where(voxels("mask") > 0, np.uint8(255), np.uint8(0)) if "mask" in images else None
-    return _volume(case_id(path), path, image, mask, grid)
+    return _volume(case_id(path), path, image, mask, grid, intensities)
 
 
-def _volume(patient_id: str, source: Path, image: np.ndarray, mask: np.ndarray | None, grid: NiftiGrid) -> PatientVolume:
+def _intensities(channels: list[np.ndarray]) -> np.ndarray:
+    """(D, H, W, 3) float32 at the file's own depth (its scaling applied), for plan v2: no windowing."""
+    out = np.empty(channels[0].shape + (len(channels),), dtype=np.float32)
+    for c, ch in enumerate(channels):
+        out[..., c] = ch
+    return out
+
+
+def _volume(patient_id: str, source: Path, image: np.ndarray, mask: np.ndarray | None, grid: NiftiGrid,
+            intensities: np.ndarray | None = None) -> PatientVolume:
     return PatientVolume(patient_id=patient_id, folder=source, slice_numbers=list(range(1, image.shape[0] + 1)),
                          image=np.ascontiguousarray(image), mask=None if mask is None else np.ascontiguousarray(mask),
-                         spacing_mm=grid.spacing_mm(), source_grid=grid)
+                         spacing_mm=grid.spacing_mm(), source_grid=grid, intensities=intensities)

@@ -7,7 +7,9 @@ and ``--patients imagesTs`` lists one patient per case.
 The channel order comes from a ``dataset.json`` beside the files (in the case folder, or the
 folder or dataset folder above it: ``channel_names`` of nnU-Net v2 or ``modality`` of v1),
 otherwise the Kaggle order (0000 pre-contrast, 0001 FLAIR, 0002 post-contrast). The files
-are then read by readers.nifti as a three-file case.
+are then read by readers.nifti as a three-file case. A case in a flat ``imagesTs/`` (or ``imagesTr/``) with
+``labelsTs/<case>.nii.gz`` beside it gets that label as its ground truth; a dataset folder holding
+``imagesTs/`` stands for its test cases (:func:`images_folder`).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import json
 import re
 from pathlib import Path
 
-from segengine.engine.core.errors import NnunetError
+from segengine.engine.core.errors import DataError, NnunetError
+from segengine.engine.core.fsguard import read_regular
 
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(?:\.gz)?$", re.IGNORECASE)
 
@@ -24,6 +27,11 @@ KAGGLE_ORDER = {0: "pre", 1: "flair", 2: "post"}
 
 
 DATASET_JSON = "dataset.json"
+
+
+# nnU-Net's dataset.json is a few KB (v1's lists every training case: ~100 bytes each); read with this cap,
+# never whole: a 2 GB file is refused before it is read, a deeply nested one is refused, not a traceback
+DATASET_JSON_MAX_BYTES = 16 << 20
 
 
 # after spaces, '-' and '_' are removed: "T1 pre-contrast" -> "t1precontrast"
@@ -61,9 +69,13 @@ def channel_roles(folder: Path) -> tuple[dict[int, str], Path | None]:
     if path is None:
         return dict(KAGGLE_ORDER), None
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(read_regular(path, DATASET_JSON, DATASET_JSON_MAX_BYTES))
         names = meta.get("channel_names") or meta.get("modality")
         channels = {int(k): str(v) for k, v in names.items()}
+    except RecursionError:
+        raise NnunetError(f"{path}: not a dataset.json (nested too deeply to read)") from None
+    except DataError as exc:  # not a regular file, or larger than the cap
+        raise NnunetError(str(exc)) from None
     except (OSError, ValueError, AttributeError, TypeError) as exc:
         raise NnunetError(f"{path}: not a dataset.json with channel_names (or modality) ({exc})") from None
     roles: dict[int, str] = {}
@@ -81,6 +93,29 @@ def channel_roles(folder: Path) -> tuple[dict[int, str], Path | None]:
 
 def is_nnunet_name(name: str) -> bool:
     return bool(CHANNEL_FILE.match(name))
+
+
+IMAGES_TS, LABELS_TS = "imagesTs", "labelsTs"
+
+
+def images_folder(root: Path) -> Path | None:
+    """The ``imagesTs/`` of an nnU-Net dataset folder (``DatasetXXX/imagesTs``, ``labelsTs``, ``dataset.json``),
+    or None: ``--patients DatasetXXX`` segments its test cases, as ``nnUNetv2_predict -i imagesTs`` does."""
+    images = root / IMAGES_TS
+    return images if images.is_dir() and not images.is_symlink() else None
+
+
+def label_file(folder: Path, case: str) -> Path | None:
+    """A case's ground truth ``labelsXx/<case>.nii[.gz]`` beside the flat ``imagesXx/`` folder that holds
+    its channel files (nnU-Net's layout: labelsTs beside imagesTs), or None."""
+    if not folder.name.startswith("images") or len(folder.name) <= len("images"):
+        return None
+    labels = folder.parent / ("labels" + folder.name[len("images"):])
+    for ending in (".nii.gz", ".nii"):
+        path = labels / f"{case}{ending}"
+        if path.is_file():
+            return path
+    return None
 
 
 def _cases(folder: Path) -> dict[str, dict[int, Path]]:
@@ -129,4 +164,7 @@ def channel_files(folder: Path, case: str | None = None) -> dict[str, Path]:
         elif source is None:
             raise NnunetError(f"{path}: channel {ch:04d} has no role in the Kaggle order (0000 pre-contrast, "
                               "0001 FLAIR, 0002 post-contrast); add a dataset.json with channel_names")
+    label = label_file(folder, next(iter(cases)))
+    if label is not None:  # labelsTs/<case>.nii.gz: the case is scored (report.json's metrics)
+        found["mask"] = label
     return found

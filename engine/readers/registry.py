@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from segengine.engine.core.errors import DataError, NoSlicesError, NotAFolderError
 from segengine.engine.readers import dicom, kaggle, nifti
-from segengine.engine.readers.nnunet import other_channel_files
+from segengine.engine.readers.nnunet import images_folder, other_channel_files
 from segengine.engine.readers.volume import DEFAULT_LIMITS, PatientVolume, SliceLimits, check_patient_id
 
 
@@ -120,10 +120,12 @@ def unique_patient_ids(folders: list[Path]) -> dict[Path, str | None]:
 
 
 def list_patients(root: str | os.PathLike) -> list[Path]:
-    """Patient folders and NIfTI case files under a dataset root (sorted); other files (data.csv) are ignored."""
+    """Patient folders and NIfTI case files under a dataset root (sorted); other files (data.csv) are ignored.
+    An nnU-Net dataset folder (holding ``imagesTs/``) lists the cases of its ``imagesTs/``."""
     root = Path(root)
     if not root.is_dir():
         raise NotAFolderError(f"{root}: no such folder" if not root.exists() else f"{root}: not a folder")
+    root = images_folder(root) or root  # an nnU-Net dataset folder: its imagesTs/ cases (labelsTs/ is their truth)
     channels = other_channel_files(root)  # a flat nnU-Net folder: one patient per case, its <case>_0000 file
     folders = sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p.is_dir() or nifti.is_nifti_file(p))
                      and p not in channels)

@@ -32,6 +32,13 @@ _PATH_SEPARATORS = {"/", "\\", os.sep, os.altsep} - {None}
 PATIENT_ID_MAX_LEN = 200
 
 
+# OUT's own entries beside the patients' folders, never a patient id (compared case-insensitively: a
+# case-insensitive filesystem has one INDEX.HTML): the review page (outputs.review_page.INDEX_PAGE; a
+# test holds them equal) and the nnU-Net-layout predictions OUT/<case>.nii.gz (outputs.writer).
+RESERVED_OUT_NAMES = ("index.html",)
+RESERVED_OUT_SUFFIXES = (".nii.gz",)
+
+
 ACCEPTED_LAYOUTS = ("Kaggle slices <patient>_<n>.tif/.png/.webp; a 4D case.nii[.gz]; a folder of "
                     "<case>_flair.nii[.gz] (+ _pre, _post, _mask); nnU-Net <case>_0000/_0001/_0002.nii[.gz] "
                     "(+ dataset.json); a DICOM study (one folder or sub-folders per series)")
@@ -49,6 +56,9 @@ class PatientVolume:
     image_paths: list[Path] = field(default_factory=list)
     spacing_mm: tuple[float, float, float] | None = None  # (slice, row, column); unknown for Kaggle slices
     source_grid: object | None = None  # NIfTI input: readers.nifti.NiftiGrid, to write masks back onto its grid
+    # (D, H, W, 3) float32 at the source's own depth (NIfTI, DICOM: rescaled, not windowed), for
+    # plan v2; None where the source is 8-bit already (Kaggle slices: ``image`` is the data)
+    intensities: np.ndarray | None = None
 
     @property
     def num_slices(self) -> int:
@@ -59,7 +69,7 @@ SLICE_PREFIX_ID = ("the slices' name prefix", "rename the slices <patient>_<n>.t
 
 
 def check_patient_id(patient_id: str, folder: Path, source: tuple[str, str] = SLICE_PREFIX_ID) -> str:
-    """The one rule for patient ids: a plain, visible folder name in OUT.
+    """The one rule for patient ids: a plain, visible folder name in OUT, not one of OUT's own files.
 
     ``source`` says where the id came from and how to change it (the slices' prefix here;
     a NIfTI case's file or folder name in ``readers.nifti``).
@@ -73,6 +83,8 @@ def check_patient_id(patient_id: str, folder: Path, source: tuple[str, str] = SL
         why = f"is longer than {PATIENT_ID_MAX_LEN} characters"
     elif not patient_id.isprintable():
         why = "contains control characters"
+    elif patient_id.casefold() in RESERVED_OUT_NAMES or patient_id.casefold().endswith(RESERVED_OUT_SUFFIXES):
+        why = "is the name of a file segengine writes in OUT beside the patients' folders"
     if why:
         raise PatientIdError(f"{folder}: patient id {patient_id[:60]!r} ({source[0]}) {why}; {source[1]}")
     return patient_id

@@ -10,6 +10,19 @@ from segengine.engine.inference.backends.base import Backend
 from segengine.engine.model.spec import check_export
 
 
+def _onnxruntime():
+    """ONNX Runtime with its telemetry off. ORT_DISABLE_TELEMETRY (set when segengine.engine was
+    imported: core.runtime.telemetry_off) keeps the native library from writing its device id,
+    event database and $TMPDIR/.ses; where ONNX Runtime was loaded before segengine (a user's
+    script), the API call still stops the events it would send from here on."""
+    import onnxruntime as ort
+
+    off = getattr(ort, "disable_telemetry_events", None)
+    if off is not None:
+        off()
+    return ort
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     export_kind = "onnx"
@@ -22,7 +35,7 @@ class OnnxRuntimeBackend(Backend):
         return cls.missing_export(spec)
 
     def providers(self) -> list[str]:
-        import onnxruntime as ort
+        ort = _onnxruntime()
 
         available = ort.get_available_providers()
         wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -33,7 +46,7 @@ class OnnxRuntimeBackend(Backend):
         return str(path)
 
     def load(self):
-        import onnxruntime as ort
+        ort = _onnxruntime()
 
         path = check_export(self.spec, self.export_kind)
         opts = ort.SessionOptions()

@@ -89,7 +89,8 @@ def compiled_cache_dir() -> Path | None:
     file passed: so the folder is used only if no one else can put a blob there (a real folder, not
     a link, of this user, not writable by others, in a parent of this user or root that others
     cannot swap it in: fsguard's rule for OUT). A shared or planted cache folder means compiling
-    every time, same result."""
+    every time, same result. So does an entry that is not a regular file of one link (``_plain_entries``):
+    OpenVINO opens a blob by name with a blocking open, and a FIFO under that name would hang the run."""
     import stat
 
     from segengine.engine.inference.speed import cache_path
@@ -107,7 +108,23 @@ def compiled_cache_dir() -> Path | None:
             or parent.st_uid not in (os.geteuid(), 0)
             or (parent.st_mode & stat.S_IWOTH and not parent.st_mode & stat.S_ISVTX)):
         return None
-    return folder if os.access(folder, os.W_OK) else None
+    return folder if os.access(folder, os.W_OK) and _plain_entries(folder) else None
+
+
+def _plain_entries(folder: Path) -> bool:
+    """Every entry of the cache folder is a regular file with one link (by lstat: nothing opened, no link
+    followed); a FIFO, socket, device, link or folder there, or an unreadable folder, is False."""
+    import stat
+
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                    return False
+    except OSError:
+        return False
+    return True
 
 
 class OpenVinoBackend(Backend):

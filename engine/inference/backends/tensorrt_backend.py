@@ -198,7 +198,7 @@ class TensorRTBackend(Backend):
         built_with = str(side.get("tensorrt_version", ""))
         if built_with and built_with.split(".")[:2] != trt.__version__.split(".")[:2]:
             raise BackendUnavailable(f"{path.name} was built with TensorRT {built_with}, this is {trt.__version__}; "
-                                     "rebuild it with `segengine export --kinds tensorrt-fp16`")
+                                     "rebuild it with `segengine export --kinds tensorrt`")
         built_for = side.get("device", {}).get("compute_capability")
         here = gpu_identity(0)["compute_capability"]
         if built_for and list(built_for) != here:
