@@ -160,8 +160,36 @@ AUTO_HELP = ("auto = the fastest on this CPU (ms/slice from `segengine bench` or
              "triton = the model served by a Triton server at $SEGENGINE_TRITON_URL")
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _cap_threads(ctx, param, value):
+    """More threads than cores only oversubscribe them (issue 30: --threads 256 on 2 cores took 115 s
+    instead of 2 s): the value is capped at the cores available, with one note on stderr."""
+    cores = available_cores()
+    if value is not None and value > cores:
+        click.echo(f"note: --threads {value} is more than the {cores} cores available here; using {cores}", err=True)
+        return cores
+    return value
+
+
 def threads_option(fn):
-    return click.option("--threads", type=click.IntRange(1, 256), default=None, help=THREADS_HELP)(fn)
+    return click.option("--threads", type=click.IntRange(1, 256), default=None, callback=_cap_threads,
+                        help=THREADS_HELP + "; capped at the cores available")(fn)
+
+
+class OutPath(click.Path):
+    """An output folder: ``--out ""`` is refused (click.Path would make it ``.``, the current folder)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty: name the output folder (e.g. --out results)", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 class ModelPath(click.Path):
@@ -271,7 +299,7 @@ def _load_spec(model: str | None):
 @click.option("--patients", "patients_root", type=click.Path(path_type=Path),
               help="a folder of patients (kaggle_3m; NIfTI cases, nnU-Net imagesTs cases and DICOM study "
                    "folders may sit beside tif folders)")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="results go to OUT/<patient>/")
+@click.option("--out", required=True, type=OutPath(path_type=Path), help="results go to OUT/<patient>/")
 @click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto", show_default=True, help=AUTO_HELP)
 @model_option()
 @accurate_mode_options
@@ -346,7 +374,7 @@ def run(patient_dir, patients_root, out, backend, model, ensemble, tta, batch_si
         from segengine.engine.job.ray_runner import run_patients_ray
 
         summary = run_patients_ray(patients_root, out, backend, model, address=ray_address or None, workers=workers,
-                                   threads=threads or 1, batch_size=batch_size, postprocess=not no_postprocess,
+                                   threads=threads, batch_size=batch_size, postprocess=not no_postprocess,
                                    fill_holes=fill_holes, gif=gif, overwrite=overwrite, echo=click.echo, limits=limits,
                                    ensemble=ensemble, tta=tta, threshold=threshold, patients_file=patients_file)
         _write_review_index(out)
@@ -408,7 +436,7 @@ def _write_review_index(out: Path) -> None:
 def network_job_options(fn):
     """What `listen` and `pull` share with `run`: the model, its backend, the mask, the limits, OUT."""
     for option in reversed((
-            click.option("--out", required=True, type=click.Path(path_type=Path),
+            click.option("--out", required=True, type=OutPath(path_type=Path),
                          help="results go to OUT/<StudyInstanceUID>/, as `run` writes them"),
             click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto", show_default=True,
                          help=AUTO_HELP),
@@ -639,7 +667,7 @@ def report(out):
 @click.option("--backend", type=click.Choice(BACKEND_NAMES), default="auto", show_default=True,
               help="with --model: as for run (" + AUTO_HELP.split(";")[0] + "; ...); torch scores the PyTorch weights")
 @patients_file_option()
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="write metrics.json and dsc.png here (and "
+@click.option("--out", "out_dir", type=OutPath(path_type=Path), help="write metrics.json and dsc.png here (and "
               "nnU-Net's summary.json when --pred holds NIfTI predictions)")
 @threads_option
 @threshold_option("with --model: " + THRESHOLD_HELP)
@@ -709,9 +737,11 @@ def evaluate(data_root, pred_root, model, protocol, backend, patients_file, out_
 @threads_option
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write every figure here")
 @click.option("--record", is_flag=True, help="store the verdict in the export's sidecar (what --backend auto trusts)")
+@click.option("--batch-size", type=click.IntRange(1, 512), default=32, show_default=True,
+              help="as `run`'s: a patient's slices are split into equal batches of at most this")
 @max_memory_option
 @user_errors
-def validate(data_root, patients_file, backend, against, model, threads, json_path, record, max_memory):
+def validate(data_root, patients_file, backend, against, model, threads, json_path, record, batch_size, max_memory):
     """Prove an exported backend segments like PyTorch, patient by patient (native protocol).
 
     \b
@@ -734,7 +764,7 @@ def validate(data_root, patients_file, backend, against, model, threads, json_pa
     from segengine.engine.readers.volume import SliceLimits
 
     result = compute(spec, data_root, patients_file, backend, against, threads,
-                             limits=SliceLimits(max_memory=_gb(max_memory)))
+                     limits=SliceLimits(max_memory=_gb(max_memory)), batch_size=batch_size)
     click.echo(verdict.format_result(result))
     if json_path:
         write_json_atomic(json_path, result)

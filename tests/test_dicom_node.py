@@ -145,7 +145,7 @@ def orthanc(tmp_path_factory):
     why = _missing()
     if why:
         if running_in_ci():  # CI must exercise the network node, not report it skipped
-            pytest.fail(f"{why}: CI installs it (.ci/run)")
+            pytest.fail(f"{why}: CI installs it (.ci/setup)")
         pytest.skip(why)
     server = Orthanc(tmp_path_factory.mktemp("orthanc"))
     yield server

@@ -552,3 +552,56 @@ def test_dicom_headers_are_read_within_a_cap(small_study, tmp_path, edit, flags,
     assert words in line, line
     assert not out.exists() or [p.name for p in out.iterdir()] in ([], ["index.html"])
     assert tree_hashes(folder) == before
+
+
+# ------------------------------------------------------------------ class 7: explicit backend over a FAIL member
+def test_explicit_backend_with_a_failed_ensemble_member_is_refused(kaggle_root, tmp_path):
+    """An ensemble run on a backend that one member's recorded verdict FAILED is one line, exit 2,
+    nothing written; auto (which never picks it) still runs. The FAIL is planted in a copy."""
+    from segengine.engine.inference.ensemble import shipped_ensemble_path
+
+    manifest = shipped_ensemble_path()
+    folder = tmp_path / "models"
+    folder.mkdir()
+    doc = json.loads(manifest.read_text())
+    for member in doc["members"]:
+        stem = member[: -len(".pt")]
+        for f in manifest.parent.glob(stem + "*"):
+            shutil.copy(f, folder / f.name)
+    shutil.copy(manifest, folder / manifest.name)
+    stem = doc["members"][0][: -len(".pt")]
+    side_path = folder / f"{stem}.int8.onnx.json"
+    side = json.loads(side_path.read_text())
+    from segengine.engine.inference.verdict import verdict_key
+
+    side[verdict_key("onnxruntime-int8")]["passed"] = False  # ONNX Runtime's verdict on the INT8 file
+    side_path.write_text(json.dumps(side))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["run", "--patient", str(kaggle_root / VAL_PATIENTS[1]), "--out", str(out),
+                                    "--ensemble", str(folder / manifest.name), "--backend", "onnxruntime-int8",
+                                    "--threads", "1"])
+    assert res.exit_code == 2, res.output
+    assert "failed `segengine validate` for ensemble member" in res.output and stem in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not any(out.rglob("*.*"))
+
+
+@pytest.mark.parametrize("command", [["run", "--patient", "P"], ["evaluate", "--data", "D"]])
+def test_empty_out_is_refused_not_the_current_folder(command, tmp_path, monkeypatch):
+    """``--out ""`` would be "." to click.Path: refused in one line before anything is read."""
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, [*command, "--out", ""])
+    assert res.exit_code == 2 and "is empty: name the output folder" in res.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_threads_beyond_the_cores_are_capped_with_a_note(kaggle_root, tmp_path):
+    from segengine.engine.cli import available_cores
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["run", "--patient", str(kaggle_root / VAL_PATIENTS[1]), "--out", str(out),
+                                    "--backend", "torch", "--threads", "256"])
+    assert res.exit_code == 0, res.output
+    cores = available_cores()
+    if cores < 256:
+        assert f"--threads 256 is more than the {cores} cores available here; using {cores}" in res.output
+    assert json.loads(next(out.rglob("report.json")).read_text())["backend"] == "torch"

@@ -152,6 +152,14 @@ def _corrupt_sidecar(p, out):
     return ["--model", str(w), "--backend", "onnxruntime"]
 
 
+def _sidecar_without_sha(p, out):
+    """Issue 30: a sidecar whose export hash was removed would skip the export's file check."""
+    def edit(w):
+        side = w.with_name(w.stem + ".onnx.json")
+        side.write_text(json.dumps({k: v for k, v in json.loads(side.read_text()).items() if k != "sha256"}))
+    return ["--model", str(_model_edit(out.parent, edit)), "--backend", "onnxruntime"]
+
+
 def _sidecar_wrong_types(p, out):
     def edit(w):
         side = w.with_name(w.stem + ".onnx.json")
@@ -193,6 +201,7 @@ CASES = [
     (_dangling_link_slice, "dangling symbolic link"),
     (_corrupt_sidecar, "unreadable sidecar"),
     (_sidecar_wrong_types, "source_sha256 must be a SHA-256"),
+    (_sidecar_without_sha, "sha256 must be a SHA-256 (64 lowercase hex digits), got 'None'"),
     (_card_input_size, "input_size = 100000 is outside 32..1024"),
     (_card_edit(base_channels=1000000), "base_channels = 1000000 is outside 1..256"),
     (_card_edit(base_channels="16"), "base_channels is '16' (str), expected int"),

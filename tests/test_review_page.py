@@ -1,6 +1,6 @@
 """The review page of a real 3-patient run, opened from file:// in a real headless Chromium.
 
-Chromium is Debian's ``chromium`` package (``.ci/run`` installs it), driven by Playwright
+Chromium is Debian's ``chromium`` package (``.ci/setup`` installs it), driven by Playwright
 pointed at that executable: nothing is downloaded at run time. Under CI=true a missing
 browser or driver fails the test; elsewhere it skips and says why. The run and the page
 driving are bench/docs_pictures.py's (the command that regenerates docs/review_*.png);
@@ -32,7 +32,7 @@ ORANGE, BLUE = (230, 159, 0), (86, 180, 233)  # the viewer's predicted and groun
 
 def _missing(reason: str):
     if running_in_ci():
-        pytest.fail(f"{reason} (CI must run the browser test; .ci/run installs it)")
+        pytest.fail(f"{reason} (CI must run the browser test; .ci/setup installs it)")
     pytest.skip(reason)
 
 

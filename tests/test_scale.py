@@ -446,3 +446,76 @@ def test_ray_auto_picks_by_the_figures_for_the_workers_thread_count(kaggle_root,
     with pytest.raises(BackendUnavailable, match="stop before Ray starts"):
         run_patients_ray(kaggle_root, tmp_path / "out", "auto", MODEL, threads=1)
     assert picked == ["onnxruntime-int8"]
+
+
+def test_auto_is_one_choice_per_run_the_same_with_and_without_ray(kaggle_root, ray_cluster, tmp_path, monkeypatch):
+    """issue 33: the same `run --backend auto` command with and without `--ray` resolves auto once, in
+    the process that starts the run, at the same --threads (none given: the whole machine's figures),
+    so it names the same backend in report.json and writes identical masks; the 1-thread figures a
+    worker would probe by itself must not decide it."""
+    from segengine.engine.inference import registry, speed
+
+    spec = load_model_spec(MODEL)
+    trusted = registry.trusted_candidates(registry.AUTO_CANDIDATES, spec)
+    if len(trusted) < 2:
+        pytest.skip(f"needs two trusted exports of the shipped model, has {trusted}")
+    machine_pick, one_thread_pick = trusted[-1], trusted[0]
+    monkeypatch.setenv(speed.CACHE_ENV, str(tmp_path / "cache"))
+    slow = {c: 50.0 for c in trusted}
+    speed.record_ms(speed.cpu_key(), spec.sha256, None, {**slow, machine_pick: 1.0}, "test")
+    speed.record_ms(speed.cpu_key(), spec.sha256, 1, {**slow, one_thread_pick: 1.0}, "test")
+    plist = tmp_path / "one.txt"
+    plist.write_text(VAL_PATIENTS[1] + "\n")
+    outs = {}
+    for how, extra in (("local", []), ("ray", ["--ray", "--workers", "1"])):
+        outs[how] = tmp_path / how
+        res = CliRunner().invoke(main, ["run", "--patients", str(kaggle_root), "--patients-file", str(plist), "--out",
+                                        str(outs[how]), "--model", str(MODEL), "--backend", "auto", *extra])
+        assert res.exit_code == 0, res.output
+    names = {how: json.loads((out / VAL_PATIENTS[1] / "report.json").read_text())["backend"] for how, out in outs.items()}
+    assert names == {"local": machine_pick, "ray": machine_pick}
+    local, ray_masks = _masks(outs["local"] / VAL_PATIENTS[1]), _masks(outs["ray"] / VAL_PATIENTS[1])
+    assert local.keys() == ray_masks.keys() and all(np.array_equal(local[k], ray_masks[k]) for k in local)
+
+
+def test_ray_workers_get_the_drivers_resolved_backend_and_never_probe(kaggle_root, tmp_path, monkeypatch):
+    """The driver hands each worker the name it resolved; a worker refuses 'auto' (it would probe on its own)."""
+    from segengine.engine.core.errors import BackendUnavailable
+    from segengine.engine.job import ray_runner
+    from segengine.engine.inference import registry
+
+    with pytest.raises(BackendUnavailable, match="never 'auto'"):
+        ray_runner.SegmentWorker(str(MODEL), "auto", 1, {}, 32, False, False)
+    ray = pytest.importorskip("ray")
+    handed = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_remote(cls):
+        class Options:
+            def options(self, **kw):
+                return self
+
+            def remote(self, model, name, *rest):
+                handed.append(name)
+                raise Stop
+        return Options()
+
+    monkeypatch.setattr(registry, "resolve", lambda name, spec, threads=None: "onnxruntime")
+    monkeypatch.setattr(ray, "remote", fake_remote)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2})
+    with pytest.raises(Stop):
+        ray_runner.run_patients_ray(kaggle_root, tmp_path / "out", "auto", MODEL, workers=1, echo=lambda *_: None)
+    assert handed == ["onnxruntime"]
+
+
+def test_worker_gpu_share():
+    from segengine.engine.core.errors import BackendUnavailable
+    from segengine.engine.job.ray_runner import worker_gpus
+
+    assert worker_gpus("onnxruntime", 4, 1) == 0
+    assert worker_gpus("torch-cuda", 4, 1) == 0.25 and worker_gpus("torch-cuda", 1, 2) == 1.0
+    with pytest.raises(BackendUnavailable, match="Ray cluster has none"):
+        worker_gpus("torch-cuda-graphs", 2, 0)

@@ -192,18 +192,19 @@ def probe(spec, names: list[str], threads: int | None, create: Callable, batch: 
 
 
 def fastest(model, candidates: list[str], threads: int | None = None, log: Callable[[str], Any] | None = None,
-            measure: Callable | None = None, create: Callable | None = None) -> str | None:
+            measure: Callable | None = None, create: Callable | None = None, machine: str | None = None) -> str | None:
     """The fastest of ``candidates`` (available and trusted) for ``model`` (a ModelSpec; for a plan
-    its first member: the members share one architecture) on this CPU: from the recorded figures,
-    probing (``measure``, default ``probe`` with ``create``) and recording the ones not measured yet."""
+    its first member: the members share one architecture) on this CPU (``machine``: another key, a
+    GPU's from inference/gpu.machine_key): from the recorded figures, probing (``measure``, default
+    ``probe`` with ``create``) and recording the ones not measured yet."""
     if len(candidates) <= 1:
         return candidates[0] if candidates else None
-    cpu = cpu_key()
+    cpu = machine or cpu_key()
     ms = recorded_ms(cpu, model.sha256, threads)
     missing = [c for c in candidates if c not in ms]
     if missing:
         if log:
-            log(f"auto: timing {', '.join(missing)} once on this CPU ({cpu}); cached in {cache_path()}")
+            log(f"auto: timing {', '.join(missing)} once on this machine ({cpu}); cached in {cache_path()}")
         new = measure(model, missing, threads) if measure else probe(model, missing, threads, create)
         if new:
             record_ms(cpu, model.sha256, threads, new, "probe")

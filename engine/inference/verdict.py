@@ -27,6 +27,7 @@ TOLERANCES = {
     "fp32": {"max_abs_delta_dsc": 0.001, "min_agreement": 0.999},
     "fp16": {"max_abs_delta_dsc": 0.002, "min_agreement": 0.995},
     "int8": {"max_abs_delta_dsc": 0.005, "min_agreement": 0.98},
+    "bf16": {"max_abs_delta_dsc": 0.002, "min_agreement": 0.995},  # as fp16 (issue 33 measured 0.00097 on an H200)
 }
 
 
@@ -60,7 +61,7 @@ def _refuse(backend: str, against: str, export_kind: str | None) -> None:
         raise VerdictError(f"a verdict is recorded only against {REFERENCE} (this run compares {backend} with {against})")
     if backend == REFERENCE:
         raise VerdictError(f"{REFERENCE} is the reference; there is no verdict to record for it")
-    if export_kind is None:
+    if export_kind is None and not _device_verdict(backend):
         raise VerdictError(f"backend {backend} has no export file to record a verdict in")
 
 
@@ -105,6 +106,8 @@ def record(spec: ModelSpec, result: dict[str, Any]) -> Path:
     if result.get("model_sha256") != spec.sha256:
         raise VerdictError(f"this verdict is for weights {str(result.get('model_sha256'))[:12]}..., "
                            f"not {spec.weights.name} ({spec.sha256[:12]}...)")
+    if kind is None:  # a GPU runner of the weights themselves: one verdict per GPU model
+        return _record_device(spec, result)
     current = _export_sha256(spec, kind)
     if result.get("export_sha256") != current:
         raise VerdictError(f"{spec.export_path(kind).name} changed since it was validated; validate it again")
@@ -127,6 +130,18 @@ def verdict_key(backend: str) -> str:
     return getattr(backend_class(backend), "verdict_key", DEFAULT_VERDICT_KEY)
 
 
+def recorded_fail(spec: ModelSpec, backend: str) -> bool:
+    """``backend`` holds a recorded FAIL verdict for these very weights (not merely none)."""
+    kind = getattr(backend_class(backend), "export_kind", None)
+    if kind is None:
+        return False
+    try:
+        v = (spec.sidecar(kind) or {}).get(verdict_key(backend)) or {}
+    except ModelError:
+        return False
+    return v.get("passed") is False and v.get("source_sha256") == spec.sha256
+
+
 def why_untrusted(spec: ModelSpec, backend: str) -> str | None:
     """None when ``backend`` has a recorded PASS that still holds for ``spec``, else why not."""
 
@@ -134,6 +149,8 @@ def why_untrusted(spec: ModelSpec, backend: str) -> str | None:
         return None
     cls = backend_class(backend)
     kind = getattr(cls, "export_kind", None)
+    if kind is None and getattr(cls, "device_verdict", False):
+        return _why_untrusted_on_device(spec, backend, cls)
     if kind is None:
         return f"{backend} has no export to hold a verdict"
     try:
@@ -154,3 +171,81 @@ def why_untrusted(spec: ModelSpec, backend: str) -> str | None:
         mismatch = cls.verdict_mismatch(v)
         why = f"{backend}: {mismatch}" if mismatch else None
     return why
+
+
+# --------------------------------------------------------------------------- verdicts per GPU model
+# A backend that runs the weights themselves on a GPU (torch-cuda: ``device_verdict``) has no export
+# file to hold its verdict, and its numerics depend on the GPU model. Its verdicts live beside the
+# weights in ``<model>.gpu-verdicts.json``: {"schema", "verdicts": {backend: {GPU model: verdict}}},
+# each with the GPU's identity (model, capability, driver, CUDA, torch; inference/gpu.py), and only
+# the one for this GPU model is trusted.
+DEVICE_VERDICTS_SUFFIX = ".gpu-verdicts.json"
+
+
+DEVICE_VERDICTS_SCHEMA = "segengine-gpu-verdicts/1"
+
+
+def _device_verdict(backend: str) -> bool:
+    try:
+        return bool(getattr(backend_class(backend), "device_verdict", False))
+    except Exception:  # noqa: BLE001 - an unknown name is simply not such a backend
+        return False
+
+
+def device_verdicts_path(spec: ModelSpec) -> Path:
+    return spec.weights.with_name(spec.name + DEVICE_VERDICTS_SUFFIX)
+
+
+def read_device_verdicts(spec: ModelSpec) -> dict[str, dict[str, dict]]:
+    """backend -> GPU model -> verdict; empty without a file. A malformed file is a ModelError."""
+    from segengine.engine.model.spec import read_json
+
+    path = device_verdicts_path(spec)
+    if not path.exists():
+        return {}
+    data = read_json(path, "GPU verdicts")
+    verdicts = data.get("verdicts") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or data.get("schema") != DEVICE_VERDICTS_SCHEMA or not isinstance(verdicts, dict) \
+            or not all(isinstance(v, dict) and all(isinstance(x, dict) for x in v.values()) for v in verdicts.values()):
+        raise ModelError(f"{path}: not a {DEVICE_VERDICTS_SCHEMA} file")
+    return verdicts
+
+
+def _record_device(spec: ModelSpec, result: dict[str, Any]) -> Path:
+    from segengine.engine.core.atomic import now_iso, write_json_atomic
+
+    device = result.get("device")
+    if not isinstance(device, dict) or not isinstance(device.get("gpu"), str):
+        raise VerdictError(f"a {result.get('backend')} verdict must name the GPU it ran on")
+    if result.get("tolerances") != tolerances_for(result.get("precision", "fp32")):
+        raise VerdictError(f"this verdict used tolerances {result.get('tolerances')}, not those of "
+                           f"{result.get('precision')} ({tolerances_for(result.get('precision', 'fp32'))})")
+    verdicts = read_device_verdicts(spec)
+    entry = {**{k: result.get(k) for k in RECORDED_KEYS}, "passed": bool(result["passed"]), "device": device,
+             "source_sha256": spec.sha256, "recorded": now_iso()}
+    verdicts.setdefault(result["backend"], {})[device["gpu"]] = entry
+    path = device_verdicts_path(spec)
+    write_json_atomic(path, {"schema": DEVICE_VERDICTS_SCHEMA, "verdicts": verdicts})
+    return path
+
+
+def _why_untrusted_on_device(spec: ModelSpec, backend: str, cls) -> str | None:
+    from segengine.engine.inference.gpu import same_gpu
+
+    try:
+        mine = read_device_verdicts(spec).get(backend, {})
+    except ModelError as exc:
+        return f"{backend}: {exc}"
+    here = cls.device_identity()
+    v = next((v for v in mine.values() if same_gpu(v.get("device"), here)), None)
+    if v is None:
+        others = ", ".join(sorted(mine)) or "none"
+        return (f"{backend}: no verdict for this GPU model ({here.get('gpu')}; recorded for: {others}); "
+                f"segengine validate --backend {backend} --record on it")
+    checks = [
+        (v.get("passed") is True, "its recorded verdict on this GPU is FAIL"),
+        (v.get("against") == REFERENCE, f"its verdict was not against {REFERENCE} ({v.get('against')})"),
+        (v.get("source_sha256") == spec.sha256, "its verdict is for other weights"),
+        (v.get("tolerances") == tolerances_for(cls.precision), f"its verdict used other tolerances than {cls.precision}'s"),
+    ]
+    return next((f"{backend}: {why}" for ok, why in checks if not ok), None)

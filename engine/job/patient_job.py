@@ -205,14 +205,16 @@ def process_patient(job: PatientJob | Path, out: Path, setup: RunSetup,
 
 
 def segment(volume: PatientVolume, backend: Backend, protocol: str = "native", batch_size: int = 32,
-            post: PostprocessConfig = PostprocessConfig()) -> Segmentation:
+            post: PostprocessConfig = PostprocessConfig(), pre=None) -> Segmentation:
     """Segment a patient already in memory with the job's own stage functions; ``protocol`` is
-    "native" (every slice, original grid) or "reference" (the course's grid, for its scores)."""
+    "native" (every slice, original grid) or "reference" (the course's grid, for its scores).
+    ``pre``: the patient already preprocessed for this protocol (validate runs two backends on one)."""
     if protocol not in ("native", "reference"):
         raise ValueError(f"unknown protocol {protocol!r}")
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    pre = preprocess_patient(volume, protocol, backend.spec.preprocessing)
+    if pre is None:
+        pre = preprocess_patient(volume, protocol, backend.spec.preprocessing)
     timings["preprocess"] = time.perf_counter() - t
     t = time.perf_counter()
     grid_prob = predict_patient(backend, pre, batch_size)

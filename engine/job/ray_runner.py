@@ -8,6 +8,11 @@ mid-patient (node lost, OOM, killed) is replaced and its patient is put back at 
 of the queue for the next free worker, up to ``max_attempts`` tries. Patients whose
 results already exist in OUT are skipped, so re-running a job resumes it.
 
+``--backend auto`` is resolved once, here in the driver, as a local run with the same ``--threads``
+resolves it (no ``--threads``: by the figures for the whole machine), and each worker is handed
+that name: workers never probe, so the same command gives the same backend, and the same masks,
+with or without ``--ray`` and with any number of workers; report.json names it.
+
 ROOT, OUT and a non-default ``--model`` must be reachable under the same paths from every
 node (a shared filesystem), and every node needs segengine installed.
 """
@@ -49,6 +54,19 @@ def check_workers(workers: int, threads: int, cpus: int) -> None:
                                  f"Ray cluster has {cpus}; {hint}")
 
 
+def worker_gpus(name: str, workers: int, cluster_gpus: float) -> float:
+    """The GPU share of each worker actor: 0 for a CPU backend; for a GPU backend the cluster's GPUs
+    split among the workers (at most one each). Ray hides the GPUs from an actor that asks for none."""
+    if not registry.runs_on_gpu(name):
+        return 0
+    if cluster_gpus <= 0 and name == "torch":  # the reference runs where it is placed (here: CPUs only)
+        return 0
+    if cluster_gpus <= 0:
+        raise BackendUnavailable(f"backend {name} runs on a GPU but the Ray cluster has none; "
+                                 "pick a CPU backend with --backend")
+    return min(1.0, cluster_gpus / workers)
+
+
 def _id_or_name(folder: Path) -> str:
     """The patient's id, or its folder's name when the input is gone or ill by now."""
     from segengine.engine.readers.registry import patient_id_of
@@ -65,6 +83,8 @@ class SegmentWorker:
     def __init__(self, model: str | None, backend_name: str, threads: int, post: dict, batch_size: int,
                  overwrite: bool, gif: bool, limits: dict | None = None, ensemble: bool | str | None = None,
                  tta: bool = False):
+        if backend_name == "auto":  # the driver resolves auto once for the whole run (run_patients_ray)
+            raise BackendUnavailable("a Ray worker is given the run's resolved backend, never 'auto'")
         t = time.perf_counter()
         self.spec = load_plan(model, ensemble, tta)
         self.backend = registry.create(backend_name, self.spec, threads=threads).load()
@@ -96,7 +116,7 @@ class SegmentWorker:
 
 
 def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: Path | None, address: str | None = None,
-                     workers: int | None = None, threads: int = 1, batch_size: int = 32, postprocess: bool = True,
+                     workers: int | None = None, threads: int | None = None, batch_size: int = 32, postprocess: bool = True,
                      fill_holes: bool = False, gif: bool = False, overwrite: bool = False,
                      max_attempts: int = DEFAULT_MAX_ATTEMPTS, echo: Callable[..., None] = print,
                      on_submit: Callable[[str, int], None] | None = None,
@@ -107,6 +127,8 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
     ``address`` None starts a local Ray instance (or reuses one already initialised in this
     process); otherwise it is passed to ``ray.init`` ("auto", "ray://head:10001", ...).
     ``on_submit(patient, worker_pid)`` is called as each patient is handed to a worker.
+    ``threads``: intra-op threads of each worker (None: 1); ``auto`` is resolved at ``threads`` as
+    given, as a local run resolves it, so both pick the same backend.
     """
     try:
         import ray
@@ -121,7 +143,8 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
     for note in tidy_out(out):
         echo(f"segengine: {note}")
     spec = load_plan(model, ensemble, tta)
-    name = registry.resolve(backend_name, spec, threads)  # timed at what each worker runs with
+    name = registry.resolve(backend_name, spec, threads)  # the run's one choice, as a local run's with these --threads
+    threads = threads or 1
     # a bad patient's id is None: its worker reports it as failed; two patients sharing an id are refused
     folders = select_batch(patients_root, patients_file)
     ids = unique_patient_ids(folders)
@@ -152,13 +175,14 @@ def run_patients_ray(patients_root: Path, out: Path, backend_name: str, model: P
         cpus = int(ray.cluster_resources().get("CPU", 1))
         n_workers = max(1, min(workers or cpus // max(threads, 1), len(todo)))
         check_workers(n_workers, threads, cpus)
+        gpus = worker_gpus(name, n_workers, float(ray.cluster_resources().get("GPU", 0)))
         summary.workers = n_workers
         post = asdict(PostprocessConfig.from_card(spec.card, largest_component=postprocess, fill_holes_2d=fill_holes,
                                                   threshold=threshold))
         model_arg = None if model is None else str(Path(model).resolve())
         ensemble_arg = ensemble if ensemble in (None, True, False) else str(Path(ensemble).resolve())
         actor_cls = ray.remote(SegmentWorker).options(
-            num_cpus=threads, max_restarts=0, runtime_env={"env_vars": {**{var: str(threads) for var in THREAD_ENV_VARS},
+            num_cpus=threads, num_gpus=gpus, max_restarts=0, runtime_env={"env_vars": {**{var: str(threads) for var in THREAD_ENV_VARS},
                                                          **{var: "1" for var in BLAS_ENV_VARS}}})
 
         def new_worker():

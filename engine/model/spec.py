@@ -107,7 +107,8 @@ def check_sidecar(side: Any, where: Path) -> dict[str, Any]:
     if not isinstance(side, dict):
         raise ModelError(f"{where}: sidecar must be a JSON object")
     _check_sha(where, "source_sha256", side.get("source_sha256"), required=True)
-    _check_sha(where, "sha256", side.get("sha256"), required=False)
+    # required: without the export's own hash its file could be swapped unseen (issue 30)
+    _check_sha(where, "sha256", side.get("sha256"), required=True)
     _check_fields(where, "", side, SIDECAR_FIELDS)
     for key in [k for k in side if k.startswith("validation")]:  # one verdict per runtime (verdict.verdict_key)
         verdict = side[key]
@@ -258,7 +259,7 @@ def check_export(spec: ModelSpec, kind: str) -> Path:
     if side.get("source_sha256") != spec.sha256:
         raise ModelError(f"{path}: stale export (made from weights {str(side.get('source_sha256'))[:12]}..., "
                          f"model is {spec.sha256[:12]}...); re-export")
-    if side.get("sha256") and side["sha256"] != sha256_file(path):
+    if side["sha256"] != sha256_file(path):
         raise ModelError(f"{path}: SHA-256 does not match its sidecar: corrupt export file")
     return path
 

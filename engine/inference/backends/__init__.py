@@ -15,6 +15,9 @@ REGISTRY: dict[str, str] = {
     "openvino-int8": "segengine.engine.inference.backends.openvino_backend:OpenVinoInt8Backend",
     "tensorrt": "segengine.engine.inference.backends.tensorrt_backend:TensorRTBackend",
     "triton": "segengine.engine.inference.backends.triton_backend:TritonBackend",  # remote; never picked by auto
+    "torch-cuda": "segengine.engine.inference.backends.torch_cuda_backend:TorchCudaBackend",
+    "torch-cuda-bf16": "segengine.engine.inference.backends.torch_cuda_backend:TorchCudaBf16Backend",
+    "torch-cuda-graphs": "segengine.engine.inference.backends.torch_cuda_backend:TorchCudaGraphsBackend",
 }
 
 
@@ -24,6 +27,11 @@ NAMES = ["auto", *REGISTRY]
 # What auto chooses among, by ms/slice measured on this CPU (inference/speed.py), once trusted and
 # available; torch, the reference of every verdict, when none of them is.
 AUTO_CANDIDATES = ["tensorrt", "openvino-int8", "openvino", "onnxruntime-int8", "onnxruntime"]
+
+
+# What auto chooses among where a CUDA GPU is usable (inference/gpu.py), by ms/slice measured on this
+# GPU, once available and trusted for this GPU model; torch (on the GPU, fp32) when none of them is.
+GPU_CANDIDATES = ["tensorrt", "torch-cuda-graphs", "torch-cuda", "torch-cuda-bf16"]
 
 
 def backend_class(name: str) -> type[Backend]:
