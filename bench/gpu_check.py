@@ -39,6 +39,8 @@ SCHEMA = "segengine-gpu-check/1"
 GPU_BACKENDS = ("torch-cuda", "torch-cuda-graphs", "torch-cuda-bf16")
 CPU_SCALING_BACKEND = "onnxruntime-int8"
 EXIT_BAD_INPUT = 2
+SCALING_PATIENTS = 80  # the table: the ten validation patients copied to 80
+RUN_PATH_MODULES = ("numpy", "scipy", "skimage", "tifffile", "PIL", "click", "tqdm", "nibabel")
 NO_PEAKS = {"fp32": {"gflops": None}, "int8": {"gops": None}}  # a GPU's nominal peak is not modelled
 
 
@@ -64,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--record-into", type=Path, default=None, help="record the verdicts into a copy of the model here")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: check the script without a GPU")
     p.add_argument("--workers", default="1,2,4,8,16", help="process counts of the scaling table (comma list)")
-    p.add_argument("--copies", type=int, default=8, help="the patients are copied this many times for the scaling table")
+    p.add_argument("--copies", type=int, default=None,
+                   help="the patients are copied this many times for the scaling table (default: to about 80 patients)")
     p.add_argument("--batch-sizes", default="1,32,128", help="model-only batch sizes")
     p.add_argument("--budget-s", type=float, default=270.0, help="stop starting steps after this many seconds")
     p.add_argument("--dry-run", action="store_true", help="one patient, small sizes: checks the script, measures nothing")
@@ -74,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.batch_sizes = sorted({int(v) for v in a.batch_sizes.split(",") if v.strip()})
     except ValueError:
         p.error("--workers and --batch-sizes are comma lists of whole numbers")
-    if not a.workers or min(a.workers) < 1 or not a.batch_sizes or min(a.batch_sizes) < 1 or a.copies < 1:
+    if not a.workers or min(a.workers) < 1 or not a.batch_sizes or min(a.batch_sizes) < 1 or (a.copies is not None and a.copies < 1):
         p.error("--workers, --batch-sizes and --copies must be positive")
     if a.dry_run:
         a.workers, a.batch_sizes, a.copies = a.workers[:1], a.batch_sizes[:2], 1
@@ -258,7 +261,7 @@ def run_check(a: argparse.Namespace, pythonpath: str | None, log=print) -> dict:
         result["auto"] = auto
         result["cold_start"] = cold_start(folders[0], auto_model, "auto", work, pythonpath) if budget.allows(30) else \
             {"status": "skipped: time budget"}
-        copies = copy_patients(folders, a.copies, work / "copies")
+        copies = copy_patients(folders, a.copies or -(-SCALING_PATIENTS // len(folders)), work / "copies")
         rows = []
         scaling_backends = [auto] + ([CPU_SCALING_BACKEND] if a.device == "cuda" and auto != CPU_SCALING_BACKEND
                                      and registry.why_unavailable(CPU_SCALING_BACKEND, spec) is None else [])
@@ -284,11 +287,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     pythonpath = _importable()
     try:
+        import importlib
+
+        for module in RUN_PATH_MODULES:  # some load only when a patient is written (nibabel): check them now
+            importlib.import_module(module)
         from segengine.engine.inference import gpu
         from segengine.engine.job import batch  # noqa: F401 - the run path's imports, all at once
         from segengine.engine.evaluation import validate  # noqa: F401
     except ImportError as exc:
-        print(f"gpu_check: missing Python package {exc.name!r}: carry its wheel (.ci or the device README)", file=sys.stderr)
+        print(f"gpu_check: missing Python package {exc.name!r}: install it, or carry its wheel to a machine without an index",
+              file=sys.stderr)
         return EXIT_BAD_INPUT
     if a.device == "cuda" and gpu.why_no_cuda():
         print(f"gpu_check: --device cuda, but {gpu.why_no_cuda()} (--device cpu checks the script)", file=sys.stderr)

@@ -14,7 +14,7 @@ from segengine.engine.inference import gpu
 
 def test_arguments_and_dry_run_trimming(tmp_path):
     a = gpu_check.parse_args([str(tmp_path), "--workers", "16,1,4,4", "--batch-sizes", "128,1,32"])
-    assert a.workers == [1, 4, 16] and a.batch_sizes == [1, 32, 128] and a.device == "cuda" and a.copies == 8
+    assert a.workers == [1, 4, 16] and a.batch_sizes == [1, 32, 128] and a.device == "cuda" and a.copies is None
     d = gpu_check.parse_args([str(tmp_path), "--dry-run", "--device", "cpu"])
     assert d.workers == [1] and d.batch_sizes == [1, 32] and d.copies == 1
 
