@@ -26,7 +26,8 @@ def two_member_ensemble(tmp_path_factory) -> Path:
     side by side with a manifest."""
     folder = tmp_path_factory.mktemp("ensemble")
     shipped = load_model_spec(copy_model(shipped_model_path(), folder))
-    save_random_model(folder, "random16", shipped.architecture, context_slices=shipped.context_slices)
+    save_random_model(folder, "random16", shipped.architecture, context_slices=shipped.context_slices,
+                      **({"preprocessing": shipped.card["preprocessing"]} if "preprocessing" in shipped.card else {}))
     manifest = folder / "pair.ensemble.json"
     manifest.write_text(json.dumps({"name": "pair", "kind": "ensemble", "members": ["resunet16.pt", "random16.pt"]}))
     return manifest

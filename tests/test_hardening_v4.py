@@ -178,8 +178,11 @@ def small_segmentation(kaggle_root):
     return volume.image, seg.prob, seg.mask
 
 
-def _darkened_input(image, prob, mask):  # the scanner's scale a quarter of the training patients'
-    return (image // 4).astype(image.dtype), prob, mask, "intensity far from the training patients'"
+def _contrast_curved_input(image, prob, mask):  # a display curve (gamma 2) on every sequence
+    # the shipped plan v2 model compares scale-free contrast (a darker or 12-bit scan is no anomaly);
+    # a curve that squeezes the head's mean against its bright level is one
+    curved = np.rint(255.0 * (image.astype(np.float64) / 255.0) ** 2.0).astype(image.dtype)
+    return curved, prob, mask, "contrast unlike the training patients'"
 
 
 def _half_the_mass_removed(image, prob, mask):  # post-processing kept only the upper half of the tumor's slices
@@ -192,7 +195,7 @@ def _half_the_mass_removed(image, prob, mask):  # post-processing kept only the 
 
 @pytest.mark.parametrize("mode, ensemble, tta", [("single", None, False), ("tta", None, True),
                                                  ("ensemble", True, False)])
-@pytest.mark.parametrize("anomaly", [_darkened_input, _half_the_mass_removed])
+@pytest.mark.parametrize("anomaly", [_contrast_curved_input, _half_the_mass_removed])
 def test_an_anomaly_flags_the_patient_in_every_mode(small_segmentation, anomaly, mode, ensemble, tta):
     """Each mode's calibration weighs intensity and removed mass differently (--tta's and the
     ensemble's barely): the anomaly itself sets the flag, with its reason, in every mode."""

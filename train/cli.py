@@ -198,7 +198,7 @@ class CvCommand(ForwardingCommand):
 @click.option("--data", default=None, metavar="ROOT",
               help="dataset root with splits/train.txt (default: ../shared/data/lgg beside the checkout)")
 @click.option("--out", required=True, metavar="RUN", help="CV run folder: fold0..foldN-1 (each a training run), cv.json")
-@click.option("--folds", type=POSITIVE, default=5, help="number of patient folds of splits/train.txt")
+@click.option("--folds", type=int, default=5, help="number of patient folds of splits/train.txt (2 or more)")
 @click.option("--fold-seed", type=int, default=0, help="seed of the fold split (train/folds/cv<N>_seed<S>/)")
 @click.option("--only", default=None, metavar="K,...", callback=lambda ctx, param, value: _fold_list(value),
               help="comma list of the folds to train and score (screening: 0 or 0,1; default: every fold)")
@@ -229,7 +229,7 @@ def cv(ctx: click.Context, **_options) -> None:
       segengine cv --out runs/cv/a1 --folds 5 --record docs/cv/a1.json -- --steps 4000
       segengine cv --out runs/cv/a1 --folds 5 --only 0,1 --score-only
       segengine cv compare runs/cv/a1 runs/cv/b1 --by-kind
-      segengine cv rescore models/resunet16v3_folds.ensemble.json --out runs/cv/v3_rescore
+      segengine cv rescore models/resunet16v4_folds.ensemble.json --out runs/cv/v4_rescore
     """
     from segengine.train.cv import main as cv_main
 

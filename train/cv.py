@@ -3,7 +3,7 @@
     python -m segengine.train.cv --data ../shared/data/lgg --out runs/cv/a1 --folds 5 -- --steps 4000
     python -m segengine.train.cv --out runs/cv/a1 --folds 5 --only 0,1 --score-only
     python -m segengine.train.cv compare runs/cv/a1 runs/cv/b0
-    python -m segengine.train.cv rescore models/resunet16v3_folds.ensemble.json --out runs/cv/v3_rescore
+    python -m segengine.train.cv rescore models/resunet16v4_folds.ensemble.json --out runs/cv/v4_rescore
     python -m segengine.train.cv component-rule runs/cv/v2_rescore --data DATA
     python -m segengine.train.cv calibrate-review runs/cv/v2_rescore --data DATA --write-card models/resunet16.json
 

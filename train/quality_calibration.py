@@ -1,7 +1,7 @@
 """Fit the quality estimate (``engine/postprocessing/quality.py``) on out-of-fold CV patients, per mode.
 
-    segengine cv calibrate-review runs/cv/v3 --data DATA --record docs/cv/v3_quality.json \\
-        --write-card models/resunet16.json --write-manifest models/resunet16v3_folds.ensemble.json
+    segengine cv calibrate-review runs/cv/v4 --data DATA --record docs/cv/v4_quality.json \\
+        --write-card models/resunet16.json --write-manifest models/resunet16v4_folds.ensemble.json
 
 For every stored out-of-fold patient (``fold*/oof/*.npz``: the fold model's plain and mirrored
 probabilities) the features are computed by the engine's own ``quality_features`` and the

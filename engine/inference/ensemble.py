@@ -4,8 +4,8 @@ slices (flip test-time augmentation), behind the same Backend interface as one m
 An ensemble is a manifest ``<name>.ensemble.json`` beside ordinary member models (each a
 ``.pt`` with its card and SHA-256, verified on load like any model)::
 
-    {"name": "resunet16v3_folds", "kind": "ensemble",
-     "members": ["resunet16v3_folds_fold0.pt", ...], "review": {"modes": {"ensemble": ...}}, "cross_validation": {...}}
+    {"name": "resunet16v4_folds", "kind": "ensemble",
+     "members": ["resunet16v4_folds_fold0.pt", ...], "review": {"modes": {"ensemble": ...}}, "cross_validation": {...}}
 
 Averaging happens on the model grid, before the result is mapped back and post-processed,
 so every code path (run, Ray, bench, validate) stays the one pipeline.
@@ -135,8 +135,9 @@ def load_ensemble(manifest: str | os.PathLike | None = None, tta: bool = False) 
     QualityModel.from_card(card, "ensemble", str(path))  # a manifest's calibration is checked before any work
     plans = {s.preprocessing for s in specs}
     if len(plans) != 1:
-        shown = sorted((p.input_size, p.context_slices) for p in plans)
-        raise ModelError(f"{path}: members differ in their preprocessing plan (input size, context slices: {shown})")
+        shown = sorted((p.input_size, p.context_slices, p.scheme) for p in plans)
+        raise ModelError(f"{path}: members differ in their preprocessing plan (input size, context slices, "
+                         f"scheme: {shown})")
     return InferencePlan(members=specs, tta=tta, card=card, source=path)
 
 

@@ -205,7 +205,8 @@ def _input_anomalies(report: dict) -> list[str]:
         found.append(f"{' and '.join(str(c)[:20] for c in copied[:3])} copied from FLAIR")
     elif isinstance(filled, list) and filled:
         found.append(f"{' and '.join(str(f)[:20] for f in filled[:3])} filled with FLAIR")
-    z, limit = features.get("intensity_z"), _flag_rules()[1]
+    z, limit = features.get("intensity_z"), features.get("intensity_z_limit")
+    limit = limit if _is_number(limit) else _flag_rules()[1]
     if _is_number(z) and z > limit:
         channel = features.get("intensity_z_channel")
         found.append(f"{channel if channel in CHANNELS else 'a channel'} intensity unlike the training patients' "
@@ -314,7 +315,10 @@ REASON_EXPLANATIONS = (
 def legend_html() -> str:
     """What the review column says, for the index and the patient pages."""
     FLAG_BELOW, z_limit, removed = _flag_rules()
-    anomalies = f"input intensities more than {z_limit:g} robust z from the training patients'" + (
+    from segengine.engine.postprocessing.quality import CONTRAST_Z_FLAG
+
+    anomalies = (f"input intensities more than {z_limit:g} robust z from the training patients' (a plan v2 model "
+                 f"compares each sequence's contrast: {CONTRAST_Z_FLAG:g})") + (
         f", or post-processing removing more than {removed:.0%} of the probable tumor mass" if removed else "")
     items = [
         ("expected DSC", ESTIMATE_TIP.split(". 90% interval")[0].replace("expected DSC: ", "") + "."),

@@ -35,6 +35,10 @@ FLAG_BELOW = 0.80  # the flag: expected DSC below this
 # regression weighs them differently (--tta's and the ensemble's barely at all), so a patient flagged
 # in default mode for them must not pass unflagged in accurate mode.
 INTENSITY_Z_FLAG = 3.0  # a channel's head mean this many robust z from the training patients'
+# plan v2 cards compare the scale-free contrast instead (``contrast_stats``): its spread over the 90
+# training patients is narrower, so 4 robust z flag about as many of them (4 of 90) as 3 did for
+# the 8-bit head mean; the limit a run used is stored in its features (``intensity_z_limit``)
+CONTRAST_Z_FLAG = 4.0
 REMOVED_SHARE_FLAG = 0.25  # post-processing removed more than this share of the probable tumor mass
 
 
@@ -167,11 +171,12 @@ def quality_features(image: np.ndarray, prob: np.ndarray, mask: np.ndarray, thre
     means = channel_means(image, head)
     contrast, outside_peak = contrast_stats(intensities if intensities is not None else image)
     z, z_channel = intensity_z(means, reference, contrast)
+    limit = CONTRAST_Z_FLAG if reference and "contrast_median" in reference else INTENSITY_Z_FLAG
     copies = flair_copies(image, head)
     return {**prediction_features(prob, mask, threshold, component_sizes), "flair_copies": len(copies), "copied_channels": copies,
             "channel_means": [round(m, 2) for m in means], "contrast": [round(v, 4) for v in contrast],
             "outside_peak": round(outside_peak, 2), "intensity_z": z, "intensity_z_channel": z_channel,
-            "views_disagreement": None if views_agreement is None else 1.0 - views_agreement}
+            "intensity_z_limit": limit, "views_disagreement": None if views_agreement is None else 1.0 - views_agreement}
 
 
 @dataclass(frozen=True)
@@ -273,7 +278,8 @@ def assess(features: dict, model: QualityModel | None, mode: str, reference: dic
                        "(a missing sequence filled in)" + (f": {reference['flair_copy_cv']}" if reference and
                                                            reference.get("flair_copy_cv") else ""))
     scale_free = bool(reference and "contrast_median" in reference and features.get("contrast"))
-    if features.get("intensity_z") is not None and features["intensity_z"] > INTENSITY_Z_FLAG:
+    z_limit = float(features.get("intensity_z_limit") or INTENSITY_Z_FLAG)
+    if features.get("intensity_z") is not None and features["intensity_z"] > z_limit:
         i = CHANNELS.index(features["intensity_z_channel"])
         if scale_free:
             reasons.append(f"{features['intensity_z_channel']} contrast unlike the training patients' (head mean at "
