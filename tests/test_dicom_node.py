@@ -465,6 +465,17 @@ def test_listener_refuses_a_host_not_on_the_allow_list(tmp_path):
     assert node.summary.refused_callers == 1 and not node.summary.done
 
 
+def _mr_association(port: int):
+    """An MR-storage association from STORESCU to the in-process listener on ``port`` (5 s timeouts)."""
+    from pynetdicom import AE
+    from pydicom.uid import MRImageStorage
+
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(MRImageStorage)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
+    return ae.associate("127.0.0.1", port, ae_title="SEGENGINE")
+
+
 def _tiny_mr(study_uid: str):
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
@@ -487,8 +498,6 @@ def test_listener_full_spool_answers_out_of_resources_in_one_line(tmp_path, monk
         pytest.skip(_missing())
     import errno
 
-    from pynetdicom import AE
-    from pydicom.uid import MRImageStorage
 
     from segengine.engine.network.listener import Listener
 
@@ -507,10 +516,7 @@ def test_listener_full_spool_answers_out_of_resources_in_one_line(tmp_path, monk
     node = Listener(NoModel(), tmp_path / "out", port=0, allow_aets=("STORESCU",), quiet=0.2,
                     log=lines.append).start()
     try:
-        ae = AE(ae_title="STORESCU")
-        ae.add_requested_context(MRImageStorage)
-        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="SEGENGINE")
+        assoc = _mr_association(node.port)
         assert assoc.is_established
         statuses = [int(assoc.send_c_store(_tiny_mr("1.2.3.4.5")).Status) for _ in range(3)]
         assoc.release()
@@ -531,9 +537,6 @@ def test_listener_on_release_completes_a_study_without_waiting_for_quiet(tmp_pat
     is released, long before a 60 s quiet period; every instance is in its folder, once."""
     if _missing() and not running_in_ci():
         pytest.skip(_missing())
-    from pynetdicom import AE
-    from pydicom.uid import MRImageStorage
-
     from segengine.engine.network.listener import Listener
     from segengine.engine.network.study_job import StudyOutcome
 
@@ -552,10 +555,7 @@ def test_listener_on_release_completes_a_study_without_waiting_for_quiet(tmp_pat
     node = Listener(Recorder(), tmp_path / "out", port=0, allow_aets=("STORESCU",), quiet=60, on_release=True,
                     log=lines.append).start()
     try:
-        ae = AE(ae_title="STORESCU")
-        ae.add_requested_context(MRImageStorage)
-        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="SEGENGINE")
+        assoc = _mr_association(node.port)
         sent = [_tiny_mr("1.2.3.4.6") for _ in range(3)]
         assert [int(assoc.send_c_store(ds).Status) for ds in sent + sent[:1]] == [0] * 4  # one re-sent
         assoc.release()
@@ -573,9 +573,6 @@ def test_listener_resumes_its_spool_and_survives_a_caller_gone_mid_study(tmp_pat
     a caller that aborts mid-study costs one line, and what it sent is segmented after the quiet period."""
     if _missing() and not running_in_ci():
         pytest.skip(_missing())
-    from pynetdicom import AE
-    from pydicom.uid import MRImageStorage
-
     from segengine.engine.network.listener import Listener
     from segengine.engine.network.study_job import StudyOutcome
 
@@ -599,10 +596,7 @@ def test_listener_resumes_its_spool_and_survives_a_caller_gone_mid_study(tmp_pat
     node = Listener(Recorder(), out, port=0, allow_aets=("STORESCU",), quiet=0.3, spool=spool,
                     log=lines.append).start()
     try:
-        ae = AE(ae_title="STORESCU")
-        ae.add_requested_context(MRImageStorage)
-        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="SEGENGINE")
+        assoc = _mr_association(node.port)
         sent = [_tiny_mr("1.2.3.4.8") for _ in range(2)]
         assert [int(assoc.send_c_store(ds).Status) for ds in sent] == [0, 0]
         assoc.abort()
@@ -621,9 +615,6 @@ def test_listener_keeps_a_study_that_met_a_full_out_disk_and_tries_again(tmp_pat
     """In-process, a stand-in for the model: OUT's disk full is one line; the study waits in the spool, then succeeds."""
     if _missing() and not running_in_ci():
         pytest.skip(_missing())
-    from pynetdicom import AE
-    from pydicom.uid import MRImageStorage
-
     from segengine.engine.network.listener import Listener
     from segengine.engine.network.study_job import StudyOutcome
 
@@ -646,10 +637,7 @@ def test_listener_keeps_a_study_that_met_a_full_out_disk_and_tries_again(tmp_pat
     node.disk_full_retry_s = 0.3
     node.start()
     try:
-        ae = AE(ae_title="STORESCU")
-        ae.add_requested_context(MRImageStorage)
-        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="SEGENGINE")
+        assoc = _mr_association(node.port)
         assert int(assoc.send_c_store(_tiny_mr("1.2.3.4.9")).Status) == 0
         assoc.release()
         deadline = time.monotonic() + WAIT_S
