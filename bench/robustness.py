@@ -114,8 +114,12 @@ def perturbed_intensities(image: np.ndarray, name: str | None, strength: float |
 
 
 def write_case(intensities: np.ndarray, folder: Path, case: str) -> Path:
-    """One int16 NIfTI per sequence (``<case>_pre/_flair/_post.nii.gz``), as scanners store them;
-    a volume that would overflow int16 is stored with a header scale factor (nibabel's slope)."""
+    """One int16 NIfTI per sequence (``<case>_pre/_flair/_post.nii.gz``), as scanners store them.
+
+    Whole numbers within int16 are stored as they are; anything else (a perturbation's fractions,
+    a range beyond int16) spans the int16 range with a header scale factor (nibabel's slope), as a
+    scanner's rescale slope does. Rounding fractions to whole numbers would not be a change of
+    scale but of bit depth: FLAIR at a sixteenth of 8 bits would keep 16 grey levels."""
     import nibabel as nib
 
     from segengine.bench.nifti_agreement import kaggle_to_input_grid
@@ -125,7 +129,8 @@ def write_case(intensities: np.ndarray, folder: Path, case: str) -> Path:
     for c, seq in enumerate(SEQUENCE_NAMES):
         data, affine = kaggle_to_input_grid(intensities[..., c], ("L", "P", "I"))
         top = float(np.abs(data).max())
-        slope = 1.0 if top <= INT16_MAX else top / INT16_MAX
+        whole = top <= INT16_MAX and bool(np.all(data == np.rint(data)))
+        slope = 1.0 if whole or top == 0 else top / INT16_MAX
         img = nib.Nifti1Image(np.rint(data / slope).astype(np.int16), affine)
         img.header.set_slope_inter(slope, 0.0)
         img.set_qform(affine, code="scanner")

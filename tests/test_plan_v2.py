@@ -130,3 +130,49 @@ def test_fill_holes_per_slice_is_scipys_2d_fill(shape, density):
         m = ndi.binary_opening(rng.random(shape) > density)
         expected = np.stack([ndi.binary_fill_holes(s) for s in m])
         np.testing.assert_array_equal(fill_holes_per_slice(m), expected)
+
+
+def _dice(a, b):
+    return 2.0 * float(np.count_nonzero(a & b)) / max(int(a.sum()) + int(b.sum()), 1)
+
+
+# patients of CV whose v4 masks collapsed under these perturbations with the fraction rule
+# (docs/robustness/v4_cv.json): the head grew from about a third of the volume to most of it
+@pytest.mark.parametrize("patient,name,strength", [
+    ("TCGA_DU_7306_19930512", "gamma", 0.7),
+    ("TCGA_DU_5871_19941206", "noise", 0.05),
+    ("TCGA_CS_5397_20010315", "gamma", 0.7),
+])
+def test_log_otsu_head_stays_where_the_fraction_rule_spills(lgg_root, patient, name, strength):
+    """Kaggle backgrounds are low-level noise: a gamma curve or added noise lifts them over a fixed
+    share of the top, and the fraction rule's head spreads into the background. Otsu's cut of the
+    smoothed log intensities moves with the histogram and keeps the clean head."""
+    from segengine.engine.preprocessing.head import head_mask
+
+    image = read_patient(lgg_root / patient).image
+    moved = perturbed_intensities(image, name, strength)
+    otsu = [head_mask(x, 0.1, 99.0, "log_otsu", 1.5) for x in (image, moved)]
+    frac = [head_mask(x, 0.1, 99.0) for x in (image, moved)]
+    assert _dice(*frac) < 0.9 and frac[1].mean() > 1.3 * frac[0].mean()
+    assert _dice(*otsu) > 0.97
+    assert 0.2 < otsu[0].mean() < 0.5  # a head, not the volume
+
+
+def test_one_odd_sequence_cannot_spill_the_head(lgg_root):
+    """TCGA_FG_5962's pre-contrast sequence is bright across the background: the fraction rule (any
+    sequence) takes the whole volume as head; log_otsu's majority of sequences does not."""
+    from segengine.engine.preprocessing.head import head_mask
+
+    image = read_patient(lgg_root / "TCGA_FG_5962_20000626").image
+    assert head_mask(image, 0.1, 99.0).mean() > 0.99
+    assert 0.25 < head_mask(image, 0.1, 99.0, "log_otsu", 1.5).mean() < 0.5
+
+
+def test_card_names_its_head_threshold():
+    """v4's card predates the field and keeps the fraction rule; a new plan v2 card names log_otsu;
+    an unknown one is refused."""
+    v4_block = {k: v for k, v in PLAN_V2.card_block().items() if k not in ("head_threshold", "head_smooth")}
+    assert PreprocessingPlan.from_card({"preprocessing": v4_block}).head_threshold == "fraction"
+    assert PreprocessingPlan.from_card({"preprocessing": PLAN_V2.card_block()}).head_threshold == "log_otsu"
+    with pytest.raises(ValueError, match="unknown head threshold"):
+        PreprocessingPlan.from_card({"preprocessing": {**PLAN_V2.card_block(), "head_threshold": "max"}})

@@ -40,3 +40,18 @@ def test_shipped_model_reads_plan_v2():
 def test_each_perturbation_class_stays_within_target(scored, name):
     assert scored["clean"] > 0.8
     assert scored[name] >= scored["clean"] - TARGET, scored
+
+
+def test_cases_keep_their_precision(lgg_root, tmp_path):
+    """write_case stores whole numbers as they are and fractions with a header slope: FLAIR at a
+    sixteenth of its scale reads back at that scale, not rounded to 16 grey levels."""
+    import numpy as np
+
+    image = read_patient(lgg_root / VAL_PATIENTS[0]).image
+    clean = read_patient(write_case(perturbed_intensities(image, None, None), tmp_path, "clean")).intensities
+    np.testing.assert_array_equal(np.sort(clean[..., 1].ravel()), np.sort(image[..., 1].ravel().astype(np.float32)))
+    scaled = perturbed_intensities(image, "sequence_scale", 16.0)
+    back = read_patient(write_case(scaled, tmp_path, "scaled")).intensities
+    flair = np.sort(back[..., 1].ravel())
+    assert np.unique(flair).size > 100  # 8-bit levels survive; rounding would leave 17
+    np.testing.assert_allclose(flair, np.sort(scaled[..., 1].ravel()), atol=255 / 16 / 32767)

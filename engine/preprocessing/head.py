@@ -2,9 +2,11 @@
 
 Why: the reference plan zeroes every voxel below 10% of the volume's brightest voxel. A few
 bright voxels outside the head (vessel, fat, artifact) then zero the whole brain, and a dark
-FLAIR loses its tumor (TCGA_HT_A61A: 90% of it). Here each sequence is scaled by its own high
-percentile, which six voxels out of a million cannot move; the head is filled so that
-nothing inside it is zeroed, and specks far from it are dropped so they cannot widen the crop.
+FLAIR loses its tumor (TCGA_HT_A61A: 90% of it). Here each sequence is judged on its own scale,
+which six voxels out of a million cannot move; the head is filled so that nothing inside it is
+zeroed, and specks far from it are dropped so they cannot widen the crop. v4 was trained with a
+fixed share of each sequence's 99th percentile ("fraction"); a gamma curve or noise lifts a noisy
+background over that share, so v4's card now names "log_otsu" (Otsu in log space, most sequences).
 """
 from __future__ import annotations
 
@@ -32,23 +34,35 @@ def robust_top(channel: np.ndarray, q: float) -> float:
     return float(top) if top > 0 else float(positive.max())
 
 
-def head_mask(slab: np.ndarray, fraction: float, q: float) -> np.ndarray:
+def head_mask(slab: np.ndarray, fraction: float, q: float, threshold: str = "fraction",
+              smooth: float = 1.5) -> np.ndarray:
     """(D, H, W) bool: the head in a (D, H, W, C) volume of any numeric type.
 
-    A voxel is head where any sequence reaches ``fraction`` of its own robust top; holes are
-    filled slice by slice (dark ventricles, a dark tumor) and pieces under MIN_PIECE_SHARE of
-    the largest 3D piece are dropped. Raises EmptyVolumeError when no sequence has signal.
+    ``threshold="fraction"``: a voxel is head where any sequence reaches ``fraction`` of its own
+    robust top. ``"log_otsu"``: each sequence is smoothed in-plane (``smooth`` pixels' sigma) and cut
+    at Otsu's threshold of its log intensities, and a voxel is head where most sequences pass.
+    Holes are filled slice by slice (dark ventricles, a dark tumor) and pieces under
+    MIN_PIECE_SHARE of the largest 3D piece are dropped. Raises EmptyVolumeError when no sequence
+    has signal.
     """
-    found = np.zeros(slab.shape[:3], dtype=bool)
-    any_signal = False
+    if threshold not in ("fraction", "log_otsu"):
+        raise ValueError(f"unknown head threshold {threshold!r}")
+    votes = np.zeros(slab.shape[:3], dtype=np.uint8)
+    n_signal = 0
     for c in range(slab.shape[-1]):
         ch = slab[..., c]
         top = robust_top(ch, q)
         if not top > 0 or not math.isfinite(top):
             continue
-        any_signal = True
-        found |= ch >= top * fraction
-    if not any_signal or not found.any():
+        n_signal += 1
+        if threshold == "fraction":
+            votes |= ch >= top * fraction
+        else:
+            smoothed = ndi.gaussian_filter(np.asarray(ch, dtype=np.float32), sigma=(0.0, smooth, smooth))
+            votes += smoothed >= log_otsu(smoothed, top)
+    need = 1 if threshold == "fraction" else (n_signal + 1) // 2
+    found = votes >= need
+    if not n_signal or not found.any():
         raise EmptyVolumeError("no head found: every sequence is empty (no voxel above zero)")
     labels, n = ndi.label(found)
     if n > 1:
@@ -56,6 +70,36 @@ def head_mask(slab: np.ndarray, fraction: float, q: float) -> np.ndarray:
         keep = np.flatnonzero(sizes >= MIN_PIECE_SHARE * sizes.max()) + 1
         found = np.isin(labels, keep)
     return fill_holes_per_slice(found)
+
+
+LOG_OTSU_FLOOR = 1e-3  # below this share of the robust top a voxel is background for certain
+LOG_OTSU_CEIL = 2.0  # above this multiple of the robust top a voxel is an outlier, not a histogram bin
+LOG_OTSU_BINS = 256  # over ln(CEIL / FLOOR): bins about 3% apart
+LOG_OTSU_SAMPLE = 400_000  # Otsu needs a histogram, not every voxel: a strided sample of about this many
+
+
+def log_otsu(smoothed: np.ndarray, top: float) -> float:
+    """Otsu's threshold of log(``smoothed``) over its voxels between LOG_OTSU_FLOOR and LOG_OTSU_CEIL
+    times the robust ``top``.
+
+    In log space a gamma curve or a scale is an affine map, which moves Otsu's threshold with the
+    histogram: the head/background cut stays where it was, unlike a fixed share of the top. The bins
+    hang on ``top`` (a percentile), so a few extreme voxels add a few counts but move no bin edge."""
+    flat = smoothed.reshape(-1)
+    sample = flat[:: max(1, flat.size // LOG_OTSU_SAMPLE)]
+    lo, hi = math.log(top * LOG_OTSU_FLOOR), math.log(top * LOG_OTSU_CEIL)
+    sample = sample[(sample > top * LOG_OTSU_FLOOR) & (sample < top * LOG_OTSU_CEIL)]
+    if sample.size == 0:
+        return float(top)
+    counts, edges = np.histogram(np.log(sample.astype(np.float64)), bins=LOG_OTSU_BINS, range=(lo, hi))
+    centers = (edges[:-1] + edges[1:]) / 2
+    mass = np.cumsum(counts * centers)[:-1]
+    w0 = np.cumsum(counts)[:-1].astype(np.float64)  # below each cut between bins i and i+1
+    w1 = counts.sum() - w0
+    m0 = mass / np.maximum(w0, 1)
+    m1 = ((counts * centers).sum() - mass) / np.maximum(w1, 1)
+    between = w0 * w1 * (m0 - m1) ** 2
+    return float(np.exp(edges[1:-1][int(np.argmax(between))]))
 
 
 # 4-connectivity within a slice, none across slices: scipy's 2D binary_fill_holes, for every slice at once

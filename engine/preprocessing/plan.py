@@ -17,6 +17,7 @@ from typing import Any
 
 REFERENCE_SIZE = 256
 SCHEMES = ("reference", "head_zscore")
+HEAD_THRESHOLDS = ("fraction", "log_otsu")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,12 @@ class PreprocessingPlan:
     scheme: str = "reference"
     head_fraction: float = 0.1
     head_percentile: float = 99.0
+    # how a sequence's head threshold is found: "fraction" (head_fraction x robust top; v4 was trained
+    # so) or "log_otsu" (Otsu's threshold of the in-plane smoothed log intensities, head_smooth
+    # pixels' sigma; a voxel is head where most sequences pass): a gamma curve, a scale or noise
+    # moves the first with the background, the second with the whole histogram
+    head_threshold: str = "fraction"
+    head_smooth: float = 1.5
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
 
     @classmethod
@@ -42,6 +49,8 @@ class PreprocessingPlan:
         given = {k: (tuple(v) if k in ("percentiles", "clip_percentiles") else v) for k, v in extra.items() if k in known}
         if given.get("scheme", "reference") not in SCHEMES:
             raise ValueError(f"unknown preprocessing scheme {given['scheme']!r} (known: {', '.join(SCHEMES)})")
+        if given.get("head_threshold", "fraction") not in HEAD_THRESHOLDS:
+            raise ValueError(f"unknown head threshold {given['head_threshold']!r} (known: {', '.join(HEAD_THRESHOLDS)})")
         return cls(input_size=int(card.get("input_size", REFERENCE_SIZE)),
                    context_slices=int(card.get("context_slices", 0)), **given)
 
@@ -64,4 +73,4 @@ class PreprocessingPlan:
         return self.scheme == "head_zscore"
 
 
-PLAN_V2 = PreprocessingPlan(scheme="head_zscore")
+PLAN_V2 = PreprocessingPlan(scheme="head_zscore", head_threshold="log_otsu")
