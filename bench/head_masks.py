@@ -21,13 +21,10 @@ DEFAULT_PATIENTS = ("TCGA_DU_5871_19941206", "TCGA_DU_7306_19930512", "TCGA_CS_5
 RULES = ("fraction", "log_otsu")
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float(np.count_nonzero(a & b)) / max(int(a.sum()) + int(b.sum()), 1)
-
-
 def measure(image: np.ndarray) -> dict[str, dict[str, dict[str, float]]]:
     """condition -> rule -> {share, dice_with_clean} for one (D, H, W, 3) Kaggle volume."""
     from segengine.bench.robustness import conditions, label, perturbed_intensities
+    from segengine.engine.evaluation.metrics import dsc
     from segengine.engine.preprocessing.head import head_mask
     from segengine.engine.preprocessing.plan import PLAN_V2
 
@@ -39,7 +36,7 @@ def measure(image: np.ndarray) -> dict[str, dict[str, dict[str, float]]]:
         for rule in RULES:
             head = head_mask(x, PLAN_V2.head_fraction, PLAN_V2.head_percentile, rule, PLAN_V2.head_smooth)
             clean.setdefault(rule, head)
-            row[rule] = {"share": round(float(head.mean()), 4), "dice_with_clean": round(_dice(head, clean[rule]), 4)}
+            row[rule] = {"share": round(float(head.mean()), 4), "dice_with_clean": round(dsc(head, clean[rule]), 4)}
         out[label(name, strength)] = row
     return out
 

@@ -130,7 +130,7 @@ def write_case(intensities: np.ndarray, folder: Path, case: str) -> Path:
         data, affine = kaggle_to_input_grid(intensities[..., c], ("L", "P", "I"))
         top = float(np.abs(data).max())
         whole = top <= INT16_MAX and bool(np.all(data == np.rint(data)))
-        slope = 1.0 if whole or top == 0 else top / INT16_MAX
+        slope = 1.0 if whole else top / INT16_MAX
         img = nib.Nifti1Image(np.rint(data / slope).astype(np.int16), affine)
         img.header.set_slope_inter(slope, 0.0)
         img.set_qform(affine, code="scanner")

@@ -316,6 +316,7 @@ def test_torch_cuda_segments_like_torch_on_a_real_patient(kaggle_root, name):
     """The verdict's own quantity, re-earned on one patient: run's path (segment(), the card's
     post-processing) on both, masks compared on the original slices. (Raw grid masks of bf16 agree
     0.998 on this patient, below the verdict's 0.999: the verdict is about run's masks, not logits.)"""
+    from segengine.engine.evaluation.metrics import dsc
     from segengine.engine.job.patient_job import segment
     from segengine.engine.postprocessing.postprocess import PostprocessConfig
     from segengine.engine.preprocessing.preprocess import preprocess_patient
@@ -330,7 +331,7 @@ def test_torch_cuda_segments_like_torch_on_a_real_patient(kaggle_root, name):
     post = PostprocessConfig.from_card(spec.card)
     with registry.create("torch", spec, threads=1) as ref, registry.create(name, spec) as other:
         a, b = (segment(vol, r, "native", 32, post, pre=pre).mask > 0 for r in (ref, other))
-    agreement = 2 * float((a & b).sum()) / (a.sum() + b.sum())
+    agreement = dsc(a, b)  # validate's agreement
     assert a.sum() > 0 and agreement >= verdict.tolerances_for(registry.backend_class(name).precision)["min_agreement"]
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from segengine.bench.robustness import PERTURBATIONS, perturbed_intensities, write_case
 from segengine.engine.core.errors import EmptyVolumeError
+from segengine.engine.evaluation.metrics import dsc
 from segengine.engine.preprocessing.plan import PLAN_V2, PreprocessingPlan
 from segengine.engine.preprocessing.preprocess import preprocess_patient, preprocess_volume
 from segengine.engine.readers.registry import read_patient
@@ -132,10 +133,6 @@ def test_fill_holes_per_slice_is_scipys_2d_fill(shape, density):
         np.testing.assert_array_equal(fill_holes_per_slice(m), expected)
 
 
-def _dice(a, b):
-    return 2.0 * float(np.count_nonzero(a & b)) / max(int(a.sum()) + int(b.sum()), 1)
-
-
 # patients of CV whose v4 masks collapsed under these perturbations with the fraction rule
 # (docs/robustness/v4_cv.json): the head grew from about a third of the volume to most of it
 @pytest.mark.parametrize("patient,name,strength", [
@@ -153,8 +150,8 @@ def test_log_otsu_head_stays_where_the_fraction_rule_spills(lgg_root, patient, n
     moved = perturbed_intensities(image, name, strength)
     otsu = [head_mask(x, 0.1, 99.0, "log_otsu", 1.5) for x in (image, moved)]
     frac = [head_mask(x, 0.1, 99.0) for x in (image, moved)]
-    assert _dice(*frac) < 0.9 and frac[1].mean() > 1.3 * frac[0].mean()
-    assert _dice(*otsu) > 0.97
+    assert dsc(*frac) < 0.9 and frac[1].mean() > 1.3 * frac[0].mean()
+    assert dsc(*otsu) > 0.97
     assert 0.2 < otsu[0].mean() < 0.5  # a head, not the volume
 
 

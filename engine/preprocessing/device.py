@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from segengine.engine.core.errors import EmptyVolumeError
-from segengine.engine.preprocessing.head import head_mask
+from segengine.engine.preprocessing.head import plan_head_mask
 from segengine.engine.preprocessing.plan import PreprocessingPlan
 from segengine.engine.preprocessing.preprocess import (Geometry, context_index, crop_box, resize_matrix,
                                                        square_padding)
@@ -136,7 +136,7 @@ def preprocess_on_device(image: np.ndarray, plan: PreprocessingPlan, device="cpu
             raise ValueError(f"expected real intensities, got {slab.dtype}")
         if np.issubdtype(slab.dtype, np.floating) and not np.isfinite(slab).all():
             slab = np.nan_to_num(slab, nan=0.0, posinf=0.0, neginf=0.0)
-        head = head_mask(slab, plan.head_fraction, plan.head_percentile, plan.head_threshold, plan.head_smooth)
+        head = plan_head_mask(slab, plan)
         z0, z1, y0, y1, x0, x1 = crop_box(head)
         box = (slice(z0, z1), slice(y0, y1), slice(x0, x1))
         up = _upload(slab[box], device)

@@ -16,6 +16,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from segengine.engine.core.errors import EmptyVolumeError
+from segengine.engine.preprocessing.plan import HEAD_THRESHOLDS, PreprocessingPlan
 from segengine.engine.preprocessing.stats import percentiles
 
 # connected pieces smaller than this share of the largest are specks (outlier voxels, noise)
@@ -45,7 +46,7 @@ def head_mask(slab: np.ndarray, fraction: float, q: float, threshold: str = "fra
     MIN_PIECE_SHARE of the largest 3D piece are dropped. Raises EmptyVolumeError when no sequence
     has signal.
     """
-    if threshold not in ("fraction", "log_otsu"):
+    if threshold not in HEAD_THRESHOLDS:
         raise ValueError(f"unknown head threshold {threshold!r}")
     votes = np.zeros(slab.shape[:3], dtype=np.uint8)
     n_signal = 0
@@ -72,6 +73,11 @@ def head_mask(slab: np.ndarray, fraction: float, q: float, threshold: str = "fra
     return fill_holes_per_slice(found)
 
 
+def plan_head_mask(slab: np.ndarray, plan: PreprocessingPlan) -> np.ndarray:
+    """``head_mask`` with the plan's constants: the head every plan v2 path (numpy, device) crops to."""
+    return head_mask(slab, plan.head_fraction, plan.head_percentile, plan.head_threshold, plan.head_smooth)
+
+
 LOG_OTSU_FLOOR = 1e-3  # below this share of the robust top a voxel is background for certain
 LOG_OTSU_CEIL = 2.0  # above this multiple of the robust top a voxel is an outlier, not a histogram bin
 LOG_OTSU_BINS = 256  # over ln(CEIL / FLOOR): bins about 3% apart
@@ -92,12 +98,12 @@ def log_otsu(smoothed: np.ndarray, top: float) -> float:
     if sample.size == 0:
         return float(top)
     counts, edges = np.histogram(np.log(sample.astype(np.float64)), bins=LOG_OTSU_BINS, range=(lo, hi))
-    centers = (edges[:-1] + edges[1:]) / 2
-    mass = np.cumsum(counts * centers)[:-1]
+    weighted = counts * ((edges[:-1] + edges[1:]) / 2)  # each bin's count times its center
+    mass = np.cumsum(weighted)[:-1]
     w0 = np.cumsum(counts)[:-1].astype(np.float64)  # below each cut between bins i and i+1
     w1 = counts.sum() - w0
     m0 = mass / np.maximum(w0, 1)
-    m1 = ((counts * centers).sum() - mass) / np.maximum(w1, 1)
+    m1 = (weighted.sum() - mass) / np.maximum(w1, 1)
     between = w0 * w1 * (m0 - m1) ** 2
     return float(np.exp(edges[1:-1][int(np.argmax(between))]))
 

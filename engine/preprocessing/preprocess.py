@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from segengine.engine.core.errors import EmptyVolumeError
-from segengine.engine.preprocessing.head import head_mask, normalize_in_head
+from segengine.engine.preprocessing.head import normalize_in_head, plan_head_mask
 from segengine.engine.preprocessing.stats import percentiles  # noqa: F401  (the one percentile rule; imported from here too)
 from segengine.engine.preprocessing.plan import PreprocessingPlan
 from segengine.engine.readers.volume import PatientVolume
@@ -232,7 +232,7 @@ def _preprocess_head_zscore(slab: np.ndarray, mask: np.ndarray | None, lo: int, 
         raise ValueError(f"expected real intensities, got {slab.dtype}")
     if np.issubdtype(slab.dtype, np.floating) and not np.isfinite(slab).all():
         slab = np.nan_to_num(slab, nan=0.0, posinf=0.0, neginf=0.0)  # a NaN voxel is no signal
-    head = head_mask(slab, plan.head_fraction, plan.head_percentile, plan.head_threshold, plan.head_smooth)
+    head = plan_head_mask(slab, plan)
     z0, z1, y0, y1, x0, x1 = crop_box(head)
     box = (slice(z0, z1), slice(y0, y1), slice(x0, x1))
     inside = head[box]
